@@ -1,0 +1,38 @@
+# jaxllm — every target that needs the virtual environment depends on it, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-all check fmt lint types clean
+
+setup: $(STAMP)
+
+# Rebuilt only when the package's declared dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,ckpt,plot,hf]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+fmt: $(STAMP)
+	$(BIN)/ruff format jaxllm tests experiments
+	$(BIN)/ruff check --fix jaxllm tests experiments
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check jaxllm tests experiments
+	$(BIN)/ruff check jaxllm tests experiments
+
+types: $(STAMP)
+	$(BIN)/pyright
+
+check: lint types test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

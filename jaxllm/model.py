@@ -1,0 +1,342 @@
+"""The decoder transformer as Flax Linen modules, applied as a pure function by every phase.
+
+Dimension letters, used in einsum equations, shape comments and docstrings across jaxllm:
+  B batch, T query length (new tokens), S key/value length (cache slots), D model width,
+  F MLP width, N query heads, K key/value heads, G = N / K query heads per key/value head,
+  H head dim, L layers, V vocabulary.
+
+``logits, cache = Transformer(cfg).apply({"params": p}, tokens, positions, cache=None, pad=None)``:
+- without a cache, a full forward pass over tokens[B, T]: causal, with keys in columns below ``pad[b]``
+  masked (left padding);
+- with a ``KVCache``, the T new tokens occupy slots ``cache.index + t``; they attend to the cache's
+  filled, unpadded slots and causally to each other, and their keys and values are written into the
+  returned cache. There is no mode flag: the cache argument is what makes a pass a prefill or a decode.
+
+Layers sit under ``nn.scan`` (parameters stacked under ``blocks`` with a leading L axis) or in a Python
+loop (``block_0`` ... ``block_{L-1}``); ``stack_layers``/``unstack_layers`` convert between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.cache import KVCache
+from jaxllm.config import ModelConfig
+
+Params = dict[str, Any]
+LayerKV = tuple[jax.Array, jax.Array]  # ([B, K, S, H], [B, K, S, H]) keys and values of one layer
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _normal(std: float) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+class Einsum(nn.Module):
+    """One projection, ``einsum(eqn, x, kernel) (+ bias)``: FLOPs read off the equation."""
+
+    eqn: str
+    shape: tuple[int, ...]  # kernel shape
+    bias_shape: tuple[int, ...] | None
+    config: ModelConfig
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kernel = self.param("kernel", _normal(self.std), self.shape, cfg.storage_dtype)
+        y = jnp.einsum(self.eqn, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        if self.bias_shape is not None:
+            bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.storage_dtype)
+            y = y + bias.astype(cfg.compute_dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+        return y
+
+
+def make_norm(config: ModelConfig, name: str) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=config.norm_eps,
+            dtype=config.compute_dtype,
+            param_dtype=config.storage_dtype,
+            name=name,
+        )
+    return nn.LayerNorm(
+        epsilon=config.norm_eps,
+        use_bias=config.use_bias,
+        dtype=config.compute_dtype,
+        param_dtype=config.storage_dtype,
+        name=name,
+    )
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding of x[B, T, heads, H] at positions[B, T], halves convention.
+
+    Feature i < H/2 pairs with i + H/2 and rotates by ``position * base**(-2i/H)`` radians.
+    """
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])  # [H/2]
+    angle = positions.astype(jnp.float32)[:, :, None] * freq[None, None, :]  # [B, T, H/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]  # [B, T, 1, H/2]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(pad: jax.Array, offset: jax.Array | int, t: int, s: int, new: bool) -> jax.Array:
+    """Which keys each query may attend to: bool [B, 1, 1, T, S].
+
+    Query t sits in slot ``offset + t``. New keys (``new=True``) sit in slots ``offset + s``; cached keys
+    in slots ``s`` < ``offset``. A key is visible if its slot is at or after ``pad[b]`` and not after
+    the query's slot.
+    """
+    q_slot = offset + jnp.arange(t)[:, None]  # [T, 1]
+    k_slot = (offset if new else 0) + jnp.arange(s)[None, :]  # [1, S]
+    visible = (k_slot <= q_slot) if new else jnp.broadcast_to(k_slot < offset, (t, s))  # [T, S]
+    unpadded = k_slot[None, :, :] >= pad[:, None, None]  # [B, 1, S]
+    return (visible[None, :, :] & unpadded)[:, None, None, :, :]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with N query heads sharing K key/value heads in groups of G."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T]
+        pad: jax.Array,  # [B]
+        offset: jax.Array | int,  # slot of the first new token
+        kv: LayerKV | None,
+    ) -> tuple[jax.Array, LayerKV]:
+        """Returns the output [B, T, D] and the new tokens' keys and values ([B, K, T, H] each)."""
+        cfg = self.config
+        D, N, K, H, G = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.groups
+        bias = cfg.use_bias
+        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if bias else None, cfg, name="q")(x)
+        k = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="k")(x)
+        v = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="v")(x)
+        if cfg.positions == "rotary":
+            q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, K, G, H) * jnp.asarray(1.0 / math.sqrt(H), q.dtype)
+        k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+
+        scores = [jnp.einsum("BTKGH,BKSH->BKGTS", q, k_new)]  # [B, K, G, T, T]
+        masks = [attention_mask(pad, offset, T, T, new=True)]
+        values = [v_new]
+        if kv is not None:
+            k_old, v_old = (
+                kv  # [B, K, S, H]: read only; the cache is written once, after all layers
+            )
+            scores.insert(0, jnp.einsum("BTKGH,BKSH->BKGTS", q, k_old.astype(q.dtype)))
+            masks.insert(0, attention_mask(pad, offset, T, k_old.shape[2], new=False))
+            values.insert(0, v_old.astype(q.dtype))
+        logits = jnp.concatenate(scores, axis=-1).astype(jnp.float32)
+        mask = jnp.concatenate(masks, axis=-1)
+        # A fully masked row (a padding query) gets uniform weights rather than NaN.
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+        splits = [val.shape[2] for val in values][:-1]
+        parts = jnp.split(probs, [sum(splits[: i + 1]) for i in range(len(splits))], axis=-1)
+        out = sum(
+            jnp.einsum("BKGTS,BKSH->BTKGH", p, val) for p, val in zip(parts, values, strict=True)
+        )
+        out = jnp.asarray(out).reshape(B, T, N, H)
+        std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        y = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if bias else None, cfg, std, name="o")(out)
+        return y, (k_new, v_new)
+
+
+class MLP(nn.Module):
+    """GELU (tanh approximation) MLP D -> F -> D, or SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        D, F = cfg.d_model, cfg.d_ff
+        b_f, b_d = ((F,), (D,)) if cfg.use_bias else (None, None)
+        std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        h = Einsum("BTD,DF->BTF", (D, F), b_f, cfg, name="up")(x)
+        if cfg.mlp == "swiglu":
+            h = jax.nn.silu(Einsum("BTD,DF->BTF", (D, F), b_f, cfg, name="gate")(x)) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        return Einsum("BTF,FD->BTD", (F, D), b_d, cfg, std, name="down")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        kv: LayerKV | None,
+        positions: jax.Array,
+        pad: jax.Array,
+        offset: jax.Array | int,
+    ) -> tuple[jax.Array, LayerKV]:
+        cfg = self.config
+        h, new_kv = Attention(cfg, name="attn")(
+            make_norm(cfg, "attn_norm")(x), positions, pad, offset, kv
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x))
+        return x, new_kv
+
+
+def _block_class(config: ModelConfig) -> Any:
+    if config.remat == "none":
+        return Block
+    # Inside nn.scan the CSE barrier is unnecessary (and costs speed); unrolled, it keeps XLA from
+    # merging the recomputation back into the forward pass.
+    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+
+
+class Transformer(nn.Module):
+    """Token + position embedding, L blocks, final norm, output head (tied or separate)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int
+        positions: jax.Array,  # [B, T] int, each in [0, max_len)
+        cache: KVCache | None = None,
+        pad: jax.Array
+        | None = None,  # [B] left-padding columns (no-cache pass; a cache holds its own)
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Returns logits [B, T, V] (float32) and the cache with the new tokens written, or None."""
+        cfg = self.config
+        if cache is not None:
+            pad, offset = cache.pad, cache.index
+        else:
+            offset = 0
+            pad = jnp.zeros(tokens.shape[:1], jnp.int32) if pad is None else pad
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=_normal(0.02),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.storage_dtype,
+            name="embed",
+        )
+        x = embed(tokens)
+        if cfg.positions == "learned":
+            x = x + nn.Embed(
+                cfg.max_len,
+                cfg.d_model,
+                embedding_init=_normal(0.02),
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.storage_dtype,
+                name="pos_embed",
+            )(positions)
+        x, (k_new, v_new) = self._layers(x, cache, positions, pad, offset)
+        x = make_norm(cfg, "final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            shape = (cfg.d_model, cfg.vocab_size)
+            logits = Einsum("BTD,DV->BTV", shape, None, cfg, name="head")(x)
+        if cache is not None:
+            cache = cache.write(k_new, v_new)
+        return logits.astype(jnp.float32), cache
+
+    def _layers(
+        self,
+        x: jax.Array,
+        cache: KVCache | None,
+        positions: jax.Array,
+        pad: jax.Array,
+        offset: jax.Array | int,
+    ) -> tuple[jax.Array, LayerKV]:
+        """Runs the L blocks; returns x and the new keys and values stacked to [L, B, K, T, H]."""
+        cfg = self.config
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]
+                length=cfg.n_layers,
+            )
+            kv = None if cache is None else (cache.k, cache.v)
+            return stack(cfg, name="blocks")(x, kv, positions, pad, offset)
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = block(cfg, name=f"block_{i}")(x, kv, positions, pad, offset)
+            new_k.append(k)
+            new_v.append(v)
+        return x, (jnp.stack(new_k), jnp.stack(new_v))
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+    """Fresh parameters, GPT-2 scheme: normal 0.02, residual outputs 0.02/sqrt(2L)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda k: Transformer(config).init(k, tokens, tokens)["params"])
+    return init(key)
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """Parameter shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), allocating nothing."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    fn = lambda k, t: Transformer(config).init(k, t, t)["params"]  # noqa: E731
+    return jax.eval_shape(fn, jax.ShapeDtypeStruct((2,), jnp.uint32), tokens)
+
+
+_COMPONENTS = {
+    "embed": "embedding",
+    "pos_embed": "positions",
+    "head": "head",
+    "attn": "attention",
+    "mlp": "mlp",
+}
+
+
+def count_params(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts by component (embedding, positions, attention, mlp, norms, head) and total.
+
+    Tied embeddings are counted once, under ``embedding``.
+    """
+    counts = dict.fromkeys(["embedding", "positions", "attention", "mlp", "norms", "head"], 0)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(config)):
+        names = [str(getattr(p, "key", p)) for p in path]
+        component = next((_COMPONENTS[n] for n in names if n in _COMPONENTS), "norms")
+        counts[component] += math.prod(leaf.shape)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def stack_layers(params: Params, n_layers: int) -> Params:
+    """Unrolled parameters (``block_i``) -> scanned parameters (``blocks``, leading L axis)."""
+    rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+    layers = [params[f"block_{i}"] for i in range(n_layers)]
+    return {**rest, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: Params, n_layers: int) -> Params:
+    """Scanned parameters (``blocks``) -> unrolled parameters (``block_i``)."""
+    rest = {k: v for k, v in params.items() if k != "blocks"}
+    layers = {
+        f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(n_layers)
+    }
+    return {**rest, **layers}

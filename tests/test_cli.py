@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm.cli import main
+
+
+def test_info_json_has_config_and_published_count(capsys):
+    assert main(["info", "--preset", "gpt2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"] == "gpt2"
+    assert out["config"]["d_model"] == 768
+    assert out["params"]["total"] == 124_439_808
+
+
+def test_info_overrides_change_the_config(capsys):
+    assert (
+        main(
+            [
+                "info",
+                "--preset",
+                "tiny",
+                "--override",
+                "n_layers=3",
+                "--override",
+                "norm=rmsnorm",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["n_layers"] == 3 and out["config"]["norm"] == "rmsnorm"
+
+
+def test_info_table(capsys):
+    assert main(["info", "--preset", "small"]) == 0
+    assert "total" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "word"),
+    [
+        (["info", "--preset", "gpt5"], "unknown preset"),
+        (["info", "--override", "n_layer=2"], "unknown ModelConfig field"),
+        (["info", "--override", "n_layers=two"], "integer"),
+        (["info", "--override", "n_heads=5"], "divisible"),
+        (["info", "--bogus"], "unrecognized"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv, word, capsys):
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert word in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_entry_point_runs_as_module():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxllm", "info", "--preset", "gpt5"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("jaxllm: error:")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,64 @@
+import dataclasses
+
+import pytest
+
+from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset, parse_override
+
+
+def test_presets_are_valid_and_gpt2_shapes_match_openai():
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        cfg = PRESETS[name]
+        assert (cfg.vocab_size, cfg.max_len) == (50257, 1024)
+        assert (cfg.norm, cfg.positions, cfg.mlp) == ("layernorm", "learned", "gelu")
+        assert cfg.use_bias and cfg.tie_embeddings and cfg.d_ff == 4 * cfg.d_model
+    assert PRESETS["llama3-8b"].groups == 4
+    assert PRESETS["gpt2-xl"].head_dim == 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"d_model": 30, "n_heads": 4}, ["d_model=30", "n_heads=4"]),
+        ({"n_heads": 4, "n_kv_heads": 3}, ["n_heads=4", "n_kv_heads=3"]),
+        ({"n_layers": 0}, ["n_layers", "positive"]),
+        ({"d_ff": -1}, ["d_ff", "positive"]),
+        ({"norm": "batchnorm"}, ["norm", "layernorm", "rmsnorm"]),
+        ({"remat": "some"}, ["remat", "dots"]),
+        ({"dtype": "int8"}, ["dtype", "bfloat16"]),
+    ],
+)
+def test_bad_config_names_field_and_allowed_values(changes, words):
+    with pytest.raises(ValueError) as err:
+        ModelConfig(**changes)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_overrides_parse_to_field_types():
+    cfg = apply_overrides(
+        get_preset("tiny"),
+        ["n_layers=3", "rope_base=5e5", "use_bias=false", "norm=rmsnorm", "positions=rotary"],
+    )
+    assert cfg.n_layers == 3 and cfg.rope_base == 500000.0 and cfg.use_bias is False
+    assert (cfg.norm, cfg.positions) == ("rmsnorm", "rotary")
+    assert dataclasses.replace(cfg) == cfg  # still frozen and comparable
+
+
+@pytest.mark.parametrize(
+    ("text", "word"),
+    [
+        ("n_layer=3", "unknown"),
+        ("n_layers=three", "integer"),
+        ("use_bias=maybe", "true"),
+        ("n_layers", "FIELD=VALUE"),
+        ("norm_eps=small", "number"),
+    ],
+)
+def test_bad_overrides_raise(text, word):
+    with pytest.raises(ValueError, match=word):
+        parse_override(text)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="gpt2-medium"):
+        get_preset("gpt5")
