@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 
 Attention = Literal["xla", "causal"]
-ADAM_MOMENTS = 2  # optax.adamw keeps mu and nu, each in the parameters' dtype
+ADAM_MOMENTS = 2  # AdamW keeps two moments per parameter, m and v
 
 
 def _bytes(dtype: jnp.dtype | str) -> int:
@@ -101,7 +101,9 @@ def _causal_pairs(new: int, filled: int) -> int:
     return new * filled + new * (new + 1) // 2
 
 
-def weight_flops(config: ModelConfig, batch: int, seq: int, head_positions: int | None = None) -> int:
+def weight_flops(
+    config: ModelConfig, batch: int, seq: int, head_positions: int | None = None
+) -> int:
     """Forward FLOPs of the weight matmuls for tokens[B, T]: B·T × ``matmul_flops_per_token``, with
     the head (2·D·V per position) at ``head_positions`` positions per sequence (default: all T)."""
     head = 2 * config.d_model * config.vocab_size
@@ -248,13 +250,14 @@ def activation_bytes(config: ModelConfig, batch: int, seq: int) -> int:
 
 
 def train_memory(config: ModelConfig, batch: int, seq: int) -> dict[str, int]:
-    """Bytes a train step holds: params + grads (param dtype) + AdamW m and v (param dtype) +
+    """Bytes a train step holds: params (param dtype) + grads and AdamW m and v (float32: jaxllm.train
+    keeps the optimizer in float32 whatever the parameter dtype; the article's N × 4 and N × 2 × 4) +
     activations (``activation_bytes``) + the int32 batch [B, T + 1]."""
-    n_bytes = param_bytes(config)
+    n = param_counts(config)["total"]
     out = {
-        "params": n_bytes,
-        "grads": n_bytes,
-        "adam": ADAM_MOMENTS * n_bytes,
+        "params": param_bytes(config),
+        "grads": n * 4,
+        "adam": ADAM_MOMENTS * n * 4,
         "activations": activation_bytes(config, batch, seq),
         "batch": batch * (seq + 1) * 4,
     }

@@ -1,7 +1,6 @@
 """Closed-form counts against independent truths: the model's own parameter tree, the published KV
 formula, the tensors a train step saves, and XLA's (loop-corrected) count of compiled phases."""
 
-import jax
 import pytest
 from jax._src.ad_checkpoint import saved_residuals  # no public API: print_saved_residuals prints
 from reference_phases import cache_args, cache_pass, loss_fn, train_args, train_step
@@ -84,7 +83,7 @@ def test_causal_attention_is_about_half_of_what_xla_computes():
 def test_activation_count_is_what_the_step_saves(config):
     saved = saved_residuals(loss_fn(config), param_shapes(config), train_args(config, B, T)[1])
     measured = sum(
-        aval.size * aval.dtype.itemsize
+        aval.size * aval.dtype.itemsize  # pyright: ignore[reportAttributeAccessIssue]
         for aval, why in saved
         if "argument" not in why and "literal" not in why
     )
@@ -105,8 +104,10 @@ def test_train_footprint_is_params_grads_adam_and_activations():
 def test_decode_bytes_allocated_vs_filled():
     config = PRESETS["gpt2"]
     out = analytic.decode_bytes(config, batch=8, filled=512, capacity=1024)
-    assert out["kv_read_allocated"] == 2 * out["kv_read_filled"] == analytic.kv_cache_bytes(
-        config, 8, 1024
+    assert (
+        out["kv_read_allocated"]
+        == 2 * out["kv_read_filled"]
+        == analytic.kv_cache_bytes(config, 8, 1024)
     )
     assert out["weights"] == pytest.approx(analytic.param_bytes(config) - 1024 * 768 * 4, rel=1e-3)
 
