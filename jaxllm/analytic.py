@@ -149,42 +149,44 @@ def prefill_flops(
     config: ModelConfig,
     batch: int,
     seq: int,
-    capacity: int,
+    slots: int = 0,
     attention: Attention = "xla",
     head_positions: int | None = None,
 ) -> int:
-    """A prefill of tokens[B, T] into an empty cache of S = ``capacity`` slots.
+    """A prefill of tokens[B, T] into an empty cache, reading S = ``slots`` cache slots (0 when the
+    pass skips the empty cache; its capacity when it scores every slot).
 
     Weights: 2·N_matmul per token, the head at ``head_positions`` positions per sequence (None: all
     T — the model computes logits at every position and the prefill keeps the last; XLA does not
-    remove the discarded positions' head work, measured in tests/test_analytic.py). Attention: the model
-    scores the new tokens against all S cache slots (empty, masked) and causally against each other,
-    so "xla" counts T × (S + T) pairs and "causal" T(T + 1)/2.
+    remove the discarded positions' head work, measured in tests/test_analytic.py). Attention: the
+    new tokens against the S read slots (empty, masked) and against each other, so "xla" counts
+    T × (S + T) pairs and "causal" T(T + 1)/2.
     """
-    pairs = seq * (capacity + seq) if attention == "xla" else _causal_pairs(seq, 0)
+    pairs = seq * (slots + seq) if attention == "xla" else _causal_pairs(seq, 0)
     return weight_flops(config, batch, seq, head_positions) + attention_flops(
         config, batch, pairs, 1
     )
 
 
 def decode_flops(
-    config: ModelConfig, batch: int, filled: int, capacity: int, attention: Attention = "xla"
+    config: ModelConfig, batch: int, filled: int, slots: int, attention: Attention = "xla"
 ) -> int:
     """One decode step: one new token per sequence with ``filled`` tokens already cached.
 
-    Weights: 2·N_matmul per sequence. Attention: the step scores the token against all S =
-    ``capacity`` slots plus itself ("xla": S + 1 keys) — only ``filled`` + 1 are useful ("causal").
+    Weights: 2·N_matmul per sequence. Attention: the step scores the token against the S = ``slots``
+    cache slots it reads (the capacity, or a window covering the filled ones) plus itself ("xla":
+    S + 1 keys) — only ``filled`` + 1 are useful ("causal").
     """
-    keys = capacity + 1 if attention == "xla" else filled + 1
+    keys = slots + 1 if attention == "xla" else filled + 1
     return batch * matmul_flops_per_token(config) + attention_flops(config, batch, 1, keys)
 
 
-def decode_bytes(config: ModelConfig, batch: int, filled: int, capacity: int) -> dict[str, int]:
+def decode_bytes(config: ModelConfig, batch: int, filled: int, slots: int) -> dict[str, int]:
     """Bytes one decode step must move at least (each byte once, no re-reads).
 
     weights: every parameter, except lookup tables that are only gathered (an untied token
-    embedding, learned positions), which give B rows; kv_read: K and V of all S slots
-    (``allocated``, what a step attending over the capacity reads) or of the ``filled`` ones;
+    embedding, learned positions), which give B rows; kv_read: K and V of the S = ``slots`` slots the
+    step reads (``allocated``: the capacity, or the window it attends) or of the ``filled`` ones;
     kv_write: the new token's K and V; io: tokens in, float32 logits out.
     """
     itemsize = _bytes(config.storage_dtype)
@@ -193,7 +195,7 @@ def decode_bytes(config: ModelConfig, batch: int, filled: int, capacity: int) ->
     weights = (counts["total"] - gathered) * itemsize + 2 * batch * config.d_model * itemsize
     out = {
         "weights": weights,
-        "kv_read_allocated": kv_cache_bytes(config, batch, capacity),
+        "kv_read_allocated": kv_cache_bytes(config, batch, slots),
         "kv_read_filled": kv_cache_bytes(config, batch, filled),
         "kv_write": kv_cache_bytes(config, batch, 1),
         "io": batch * 4 + batch * config.vocab_size * 4,

@@ -167,7 +167,10 @@ def loop_corrected_costs(compiled: Any) -> tuple[Costs, Costs, bool, tuple[int |
     loops = tuple(w.trip_count for ws in corrector.whiles.values() for w in ws)
     if not loops:
         return raw, raw, True, loops
-    corrected, ok = corrector.corrected(corrector.entry, raw)
+    try:
+        corrected, ok = corrector.corrected(corrector.entry, raw)
+    except (ValueError, RuntimeError):  # a body XLA cannot re-parse: flagged, never under-counted
+        return raw, raw, False, loops
     holders = {name for name, ws in corrector.whiles.items() if ws}
     # A loop inside a called computation that is neither the entry nor a loop body is not visited.
     ok = ok and holders <= corrector.reachable_loops()

@@ -15,7 +15,6 @@ Sizes are checked here, before anything is traced.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +62,7 @@ def _capacity(config: ModelConfig, phase: str, seq: int) -> int:
         return 0
     if phase == "prefill":
         return seq
-    return min(config.max_len, 1 << math.ceil(math.log2(seq)))
+    return analytic.decode_capacity(config, seq - 1)
 
 
 def _unwrap(phase: Any) -> Any:

@@ -1,6 +1,8 @@
 """Closed-form counts against independent truths: the model's own parameter tree, the published KV
 formula, the tensors a train step saves, and XLA's (loop-corrected) count of compiled phases."""
 
+import functools
+
 import pytest
 from jax._src.ad_checkpoint import saved_residuals  # no public API: print_saved_residuals prints
 from reference_phases import cache_args, cache_pass, loss_fn, train_args, train_step
@@ -29,6 +31,12 @@ CONFIGS = {
 B, T = 4, 64
 
 
+@functools.cache
+def _train_cost(name: str):
+    config = CONFIGS[name]
+    return analyze(train_step(config), *train_args(config, B, T))
+
+
 @pytest.mark.parametrize("name", ["tiny", "gpt2", "llama2-7b", "llama3-8b", "llama3.2-1b"])
 def test_closed_form_params_match_the_model_tree(name):
     assert analytic.param_counts(PRESETS[name]) == count_params(PRESETS[name])
@@ -49,8 +57,7 @@ def test_kv_bytes_per_token_is_the_article_formula():
 
 @pytest.mark.parametrize("name", ["gelu-gqa-scanned", "swiglu-rotary-unrolled"])
 def test_train_step_flops_match_xla(name):
-    config = CONFIGS[name]
-    cost = analyze(train_step(config), *train_args(config, B, T))
+    config, cost = CONFIGS[name], _train_cost(name)
     assert cost.loop_corrected
     assert cost.flops == pytest.approx(analytic.train_flops(config, B, T), rel=0.03)
     if config.scan_layers:  # without the correction XLA counts one layer of L
@@ -65,7 +72,7 @@ def test_prefill_and_decode_flops_match_xla(name):
     assert prefill.flops == pytest.approx(analytic.prefill_flops(config, B, T, capacity), rel=0.03)
     decode = analyze(step, *cache_args(config, B, 1, capacity))
     assert decode.loop_corrected and decode.alias_bytes > 0
-    want = analytic.decode_flops(config, B, filled=100, capacity=capacity)
+    want = analytic.decode_flops(config, B, filled=100, slots=capacity)
     assert decode.flops == pytest.approx(want, rel=0.03)
 
 
@@ -92,8 +99,7 @@ def test_activation_count_is_what_the_step_saves(config):
 
 
 def test_train_footprint_is_params_grads_adam_and_activations():
-    config = CONFIGS["gelu-gqa-scanned"]
-    cost = analyze(train_step(config), *train_args(config, B, T))
+    config, cost = CONFIGS["gelu-gqa-scanned"], _train_cost("gelu-gqa-scanned")
     memory = analytic.train_memory(config, B, T)
     assert cost.alias_bytes >= memory["params"] + memory["adam"]  # the state is donated
     # XLA keeps fewer activations than the jaxpr saves (fusions recompute element-wise values, the
@@ -103,7 +109,7 @@ def test_train_footprint_is_params_grads_adam_and_activations():
 
 def test_decode_bytes_allocated_vs_filled():
     config = PRESETS["gpt2"]
-    out = analytic.decode_bytes(config, batch=8, filled=512, capacity=1024)
+    out = analytic.decode_bytes(config, batch=8, filled=512, slots=1024)
     assert (
         out["kv_read_allocated"]
         == 2 * out["kv_read_filled"]
@@ -139,6 +145,6 @@ def test_llama3_8b_is_analysed_without_allocating():
     capacity = 1024
     cost = analyze(cache_pass(config), *cache_args(config, 1, 1, capacity))
     assert cost.loop_corrected
-    want = analytic.decode_flops(config, 1, filled=512, capacity=capacity)
+    want = analytic.decode_flops(config, 1, filled=512, slots=capacity)
     assert cost.flops == pytest.approx(want, rel=0.03)
     assert cost.argument_bytes >= analytic.param_bytes(config) > 30e9

@@ -83,3 +83,18 @@ def test_llama3_8b_analysed_from_shapes(capsys):
     out = _json(capsys)
     assert out["analytic"]["params"] == analytic.param_counts(PRESETS["llama3-8b"])["total"]
     assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
+
+
+@pytest.mark.slow
+def test_bench_quick_json_lines(capsys):
+    assert main(["bench", "--presets", "tiny", "--batches", "1", "2", "--quick", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "calibration" in lines[0]
+    rows = lines[1:]
+    assert [(r["phase"], r["batch"]) for r in rows] == [
+        ("train", 1),
+        ("prefill", 1),
+        ("decode", 1),
+        ("decode", 2),
+    ]
+    assert all(r["measured"]["seconds_median"] > 0 for r in rows)
