@@ -23,19 +23,18 @@ DECODE_BATCHES = (1, 8, 32, 128)
 
 
 def available_bytes() -> int:
-    """Memory the device can give a program now: the allocator's limit on an accelerator, the
-    host's available memory (MemAvailable) on a CPU."""
+    """Memory the device can give a program now: the allocator's limit minus what is in use on an
+    accelerator; on a CPU the host's MemAvailable (its physical memory where /proc is missing)."""
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return (
-        int(info["MemAvailable"].split()[0]) * 1024
-        if "MemAvailable" in info
-        else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    )
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure(program: phases.Program, footprint: int, repeats: int) -> dict[str, Any]:
@@ -138,13 +137,16 @@ def table_row(row: dict[str, Any]) -> str:
 
 
 def header(calibration: dict[str, Any]) -> str:
-    """The bench's first line: the calibrated peaks of this device and when they were measured."""
+    """The bench's first lines: the calibrated peaks of this device, when they were measured, and
+    the columns of ``table_row``."""
     c = calibration
     return (
         f"# {c['device_kind']} calibrated {c['date']} (jax {c['jax']}): "
         f"f32 matmul {_si(c['f32_flops_per_s'], 'FLOP/s')}, "
         f"bf16->f32 matmul {_si(c['bf16_flops_per_s'], 'FLOP/s')}, "
-        f"copy {_si(c['copy_bytes_per_s'], 'B/s')}"
+        f"copy {_si(c['copy_bytes_per_s'], 'B/s')}\n"
+        "# preset phase batch seq | FLOPs analytic | XLA | seconds measured | roofline-predicted"
+        " | throughput | bound | MFU (compute-bound) or MBU (memory-bound)"
     )
 
 

@@ -102,8 +102,9 @@ def test_train_footprint_is_params_grads_adam_and_activations():
     config, cost = CONFIGS["gelu-gqa-scanned"], _train_cost("gelu-gqa-scanned")
     memory = analytic.train_memory(config, B, T)
     assert cost.alias_bytes >= memory["params"] + memory["adam"]  # the state is donated
-    # XLA keeps fewer activations than the jaxpr saves (fusions recompute element-wise values, the
-    # scanned layers share one mask) but adds workspace for the backward pass; both are a few MB here.
+    # Measured here: footprint 53.7 MB vs 48.0 MB analytic (+12%). XLA's temp minus the gradients is
+    # 27.9 MB against 22.2 MB of counted activations: the backward pass's workspace (score and logit
+    # gradients, transposed copies) is live at the peak, and no closed form counts it.
     assert cost.footprint_bytes == pytest.approx(memory["total"], rel=0.15)
 
 
