@@ -15,6 +15,7 @@ Sizes are checked here, before anything is traced.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -65,14 +66,23 @@ def _capacity(config: ModelConfig, phase: str, seq: int) -> int:
     return analytic.decode_capacity(config, seq - 1)
 
 
+def _phase_module(name: str) -> Any:
+    """jaxllm.train or jaxllm.serve, imported when a phase is built (they own the phases)."""
+    try:
+        return importlib.import_module(f"jaxllm.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"jaxllm.{name}":
+            raise
+        raise ValueError(f"this install has no jaxllm.{name}, which builds the phase") from err
+
+
 def _unwrap(phase: Any) -> Any:
     """jaxllm.serve returns a Phase (Python checks + ``.jitted``); analysis lowers the jitted part."""
     return getattr(phase, "jitted", phase)
 
 
 def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Callable]:
-    from jaxllm import train
-
+    train = _phase_module("train")
     optimizer = train.make_optimizer()
     step = train.make_train_step(config, optimizer)
     state = jax.eval_shape(lambda: train.init_state(config, optimizer, jax.random.key(0)))
@@ -92,8 +102,7 @@ def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
 
 
 def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
-    from jaxllm import serve
-
+    serve = _phase_module("serve")
     new = seq if phase == "prefill" else 1
     abstract_cache, fresh_cache = _cache(config, batch, capacity, 0 if new == seq else seq - 1)
     tokens = jax.ShapeDtypeStruct((batch, new) if phase == "prefill" else (batch,), jnp.int32)

@@ -1,5 +1,6 @@
 """``jaxllm analyze`` and ``jaxllm info``'s memory figures, end to end on the real phases."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,6 +8,12 @@ import pytest
 from jaxllm import analytic, bench
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
+
+# The phases come from jaxllm.train and jaxllm.serve (other branches until they are merged).
+needs_phases = pytest.mark.skipif(
+    not all(importlib.util.find_spec(f"jaxllm.{m}") for m in ("train", "serve")),
+    reason="jaxllm.train / jaxllm.serve not in this tree yet",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +34,7 @@ def test_info_json_has_memory_and_kv_bytes_per_token(capsys):
     assert out["memory"]["train"]["adam"] == 2 * 4 * out["params"]["total"]
 
 
+@needs_phases
 def test_analyze_gpt2_decode_json(capsys):
     argv = ["analyze", "--preset", "gpt2", "--phase", "decode", "--batch", "8", "--seq", "1024"]
     assert main([*argv, "--json", "--quick"]) == 0
@@ -39,6 +47,7 @@ def test_analyze_gpt2_decode_json(capsys):
     assert out["roofline"]["bound"] == "memory" and "measured" not in out
 
 
+@needs_phases
 def test_analyze_measure_tiny_train_and_table(capsys):
     argv = ["analyze", "--preset", "tiny", "--phase", "train", "--batch", "2", "--seq", "16"]
     assert main([*argv, "--measure", "--quick", "--json"]) == 0
@@ -53,6 +62,7 @@ def test_analyze_measure_tiny_train_and_table(capsys):
     assert "analytic" in capsys.readouterr().out
 
 
+@needs_phases
 def test_measure_of_a_model_that_does_not_fit_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(bench, "available_bytes", lambda: 1000)
     argv = ["analyze", "--preset", "tiny", "--phase", "decode", "--batch", "1", "--seq", "8"]
@@ -76,6 +86,7 @@ def test_bad_input_is_one_readable_line(argv, word, capsys):
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@needs_phases
 @pytest.mark.slow
 def test_llama3_8b_analysed_from_shapes(capsys):
     argv = ["analyze", "--preset", "llama3-8b", "--phase", "decode", "--batch", "1", "--seq", "512"]
@@ -85,6 +96,7 @@ def test_llama3_8b_analysed_from_shapes(capsys):
     assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
 
 
+@needs_phases
 @pytest.mark.slow
 def test_bench_quick_json_lines(capsys):
     assert main(["bench", "--presets", "tiny", "--batches", "1", "2", "--quick", "--json"]) == 0
