@@ -78,6 +78,12 @@ def analyze_phase(
     calibration = hardware.calibrate(quick=quick)
     peaks = hardware.roofline_peaks(calibration, config.dtype)
     seconds = measured["seconds_median"] if measured else None
+    roof = _roofline(analytic, xla, peaks, seconds)
+    if (
+        calibration["platform"] != "cpu"
+    ):  # an accelerator: the calibrated roofline beside the sheet's
+        calibrated = hardware.roofline_peaks(calibration, config.dtype, data_sheet=False)
+        roof["calibrated"] = _roofline(analytic, xla, calibrated, seconds)
     out: dict[str, Any] = {
         "preset": preset,
         "phase": phase,
@@ -86,7 +92,7 @@ def analyze_phase(
         "device": calibration["device_kind"],
         "analytic": analytic,
         "xla": xla,
-        "roofline": _roofline(analytic, xla, peaks, seconds),
+        "roofline": roof,
     }
     if measured is not None:
         out["measured"] = measured

@@ -143,11 +143,14 @@ def calibrate(refresh: bool = False, quick: bool = False) -> dict[str, Any]:
     return result
 
 
-def roofline_peaks(calibration: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """The peaks a roofline uses for matmuls in ``dtype``: calibrated on a CPU, the data sheet's on a
-    known accelerator (bf16; float32 matmuls use the calibrated figure, as data sheets differ on it)."""
+def roofline_peaks(
+    calibration: dict[str, Any], dtype: str, data_sheet: bool = True
+) -> dict[str, Any]:
+    """The peaks a roofline uses for matmuls in ``dtype``: calibrated on a CPU (or with
+    ``data_sheet=False``), the data sheet's on a known accelerator (bf16; float32 matmuls keep the
+    calibrated figure, as data sheets differ on what an f32 matmul may use)."""
     key = "bf16_flops_per_s" if dtype in ("bfloat16", "float16") else "f32_flops_per_s"
-    sheet = published(calibration["device_kind"])
+    sheet = published(calibration["device_kind"]) if data_sheet else None
     if calibration["platform"] == "cpu" or sheet is None:
         return {
             "flops_per_s": calibration[key],

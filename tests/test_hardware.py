@@ -53,3 +53,5 @@ def test_accelerator_roofline_uses_the_data_sheet():
     }
     peaks = hardware.roofline_peaks(calibration, "bfloat16")
     assert peaks["flops_per_s"] == 989e12 and peaks["bandwidth_bytes_per_s"] == 3.35e12
+    measured = hardware.roofline_peaks(calibration, "bfloat16", data_sheet=False)
+    assert measured["flops_per_s"] == 7e14 and measured["bandwidth_bytes_per_s"] == 3e12
