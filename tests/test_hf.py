@@ -206,6 +206,21 @@ def edit_tensors(path: Path, change) -> None:
     save_file(tensors, path / "model.safetensors")
 
 
+def test_original_gpt2_release_names_load(tmp_path):
+    """OpenAI's released GPT-2 safetensors name tensors without "transformer." and carry causal-mask
+    buffers (h.i.attn.bias); both load to the same parameters."""
+    path = copy_fixture(tmp_path, "gpt2")
+
+    def rename(tensors: dict) -> None:
+        for name in list(tensors):
+            tensors[name.removeprefix("transformer.")] = tensors.pop(name)
+        tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+
+    edit_tensors(path, rename)
+    _, params = hf.load(path, ["scan_layers=true"])
+    jax.tree.map(np.testing.assert_array_equal, params, loaded("gpt2", scan=True)[1])
+
+
 def _refused(path: Path, *words: str) -> None:
     with pytest.raises(hf.HFError) as err:
         hf.load(path)
