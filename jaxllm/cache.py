@@ -22,7 +22,6 @@ from flax import struct
 
 from jaxllm.config import ModelConfig
 
-
 LayerArrays = jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L arrays [B, K, S, H]
 
 
@@ -104,7 +103,7 @@ class KVCache(struct.PyTreeNode):
 
     def nbytes(self) -> int:
         """Allocated bytes of K and V (what a decode step reads when it attends over all slots)."""
-        return sum(x.nbytes for x in jax.tree.leaves((self.k, self.v)))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v)))
 
     def filled_nbytes(self) -> int:
         """Bytes of K and V in the filled slots [0, index) (host-side: reads ``index``)."""

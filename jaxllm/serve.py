@@ -36,7 +36,7 @@ from flax import struct
 
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
-from jaxllm.model import Params, Transformer
+from jaxllm.model import Params, Transformer, unstack_layers
 from jaxllm.sampling import GREEDY, Sampler
 
 
@@ -62,6 +62,14 @@ def _positions(index: jax.Array, pad: jax.Array, t: int) -> jax.Array:
     return jnp.maximum(slots - pad[:, None], 0)
 
 
+def _apply(
+    config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """The model on tokens [B, T] at positions [B, T] with a cache: (logits [B, T, V], cache)."""
+    out = Transformer(config).apply({"params": params}, tokens, positions, cache=cache)
+    return out  # pyright: ignore[reportReturnType]
+
+
 def _prefill(
     config: ModelConfig, params: Params, tokens: jax.Array, pad: jax.Array, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
@@ -69,18 +77,17 @@ def _prefill(
     # The cache is empty (index 0): read none of it, attend to the prompt alone.
     cache = cache.replace(pad=pad.astype(jnp.int32), window=0)
     positions = _positions(cache.index, cache.pad, tokens.shape[1])
-    logits, cache = Transformer(config).apply({"params": params}, tokens, positions, cache=cache)
-    return logits[:, -1], cache.replace(window=window)  # pyright: ignore[reportOptionalMemberAccess]
+    logits, cache = _apply(config, params, tokens, positions, cache)
+    return logits[:, -1], cache.replace(window=window)
 
 
 def _decode_step(
     config: ModelConfig, params: Params, cache: KVCache, tokens: jax.Array
 ) -> tuple[jax.Array, KVCache]:
-    positions = _positions(cache.index, cache.pad, 1)
-    logits, cache = Transformer(config).apply(
-        {"params": params}, tokens[:, None], positions, cache=cache
+    logits, cache = _apply(
+        config, params, tokens[:, None], _positions(cache.index, cache.pad, 1), cache
     )
-    return logits[:, 0], cache  # pyright: ignore[reportReturnType]
+    return logits[:, 0], cache
 
 
 def check_tokens(config: ModelConfig, tokens: Any, what: str = "token") -> np.ndarray:
@@ -254,9 +261,13 @@ def make_batch(
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     rows = [check_tokens(config, p, "prompt token").reshape(-1) for p in prompts]
-    limits = np.broadcast_to(np.asarray(max_new_tokens), (len(rows),))
-    if not np.issubdtype(limits.dtype, np.integer):
-        raise ValueError(f"max_new_tokens must be integers, got {max_new_tokens!r}")
+    limits = np.asarray(max_new_tokens)
+    if not np.issubdtype(limits.dtype, np.integer) or limits.shape not in ((), (len(rows),)):
+        raise ValueError(
+            f"max_new_tokens must be one integer or one per prompt ({len(rows)}), "
+            f"got {max_new_tokens!r}"
+        )
+    limits = np.broadcast_to(limits, (len(rows),))
     for i, (row, limit) in enumerate(zip(rows, limits, strict=True)):
         if row.size == 0:
             raise ValueError(f"prompt {i} is empty")
@@ -317,6 +328,17 @@ def _compile_prefill(config: ModelConfig, params: Params, batch: Batch) -> Any:
     return cache
 
 
+def for_serving(config: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+    """The config and parameters to serve with: layers unrolled (``scan_layers=False``).
+
+    On CPU, XLA materialises each layer's slice of stacked [L, ...] weights (and cache) as a copy, so a
+    decode step over scanned layers copies every weight once per step; unstacking once here avoids it.
+    """
+    if not config.scan_layers:
+        return config, params
+    return config.replace(scan_layers=False), unstack_layers(params, config.n_layers)
+
+
 def generate(
     config: ModelConfig,
     params: Params,
@@ -331,6 +353,7 @@ def generate(
     A row stops after its first stop token (which is not returned) or at its limit. Two compiled
     calls: prefill, then the decode loop (one ``lax.while_loop``). ``key`` defaults to key 0.
     """
+    config, params = for_serving(config, params)
     batch = make_batch(config, prompts, max_new_tokens)
     stop = check_tokens(config, np.asarray(stop_tokens, np.int32).reshape(-1), "stop token")
     key = jax.random.key(0) if key is None else key
@@ -354,6 +377,33 @@ def _jitted_sampler(sampler: Sampler) -> Any:
     return jax.jit(sampler.__call__)
 
 
+def _host_loop(
+    config: ModelConfig,
+    params: Params,
+    sampler: Sampler,
+    batch: Batch,
+    logits: jax.Array,
+    cache: KVCache,
+    key: jax.Array,
+    stop: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``_decode_loop`` in Python: the same keys, windows and bookkeeping, one jitted step per token."""
+    step, sample = make_decode_step(config), _jitted_sampler(sampler)
+    T, S, B = batch.tokens.shape[1], batch.capacity, batch.tokens.shape[0]
+    out, length = np.zeros((B, S - T), np.int32), np.zeros((B,), np.int32)
+    done, n = np.zeros((B,), bool), 0
+    while n < S - T and not done.all():
+        if n:
+            window = next(w for w in windows(T, S) if w >= T + n - 1)
+            logits, cache = step(params, cache.replace(window=window), out[:, n - 1])
+        key, sub = jax.random.split(key)
+        out[:, n] = np.asarray(sample(logits, sub))
+        length += ~done
+        done |= np.isin(out[:, n], stop) | (length >= batch.limits)
+        n += 1
+    return out, length, n
+
+
 def generate_per_step(
     config: ModelConfig,
     params: Params,
@@ -367,28 +417,15 @@ def generate_per_step(
 
     Same tokens for the same key; used to time single decode steps and to check the on-device loop.
     """
+    config, params = for_serving(config, params)
     batch = make_batch(config, prompts, max_new_tokens)
     stop = check_tokens(config, np.asarray(stop_tokens, np.int32).reshape(-1), "stop token")
-    key = jax.random.key(0) if key is None else key
     start = time.perf_counter()
     _compile_prefill(config, params, batch)
     compile_s = time.perf_counter() - start  # the decode step compiles during its first call
     logits, cache, prefill_s = _prefill_batch(config, params, batch)
-    step, sample = make_decode_step(config), _jitted_sampler(sampler)
     start = time.perf_counter()
-    B, width = batch.tokens.shape[0], batch.capacity - batch.tokens.shape[1]
-    out, length = np.zeros((B, width), np.int32), np.zeros((B,), np.int32)
-    done, n = np.zeros((B,), bool), 0
-    attended = windows(batch.tokens.shape[1], batch.capacity)
-    while n < width and not done.all():
-        if n:
-            index = batch.tokens.shape[1] + n - 1
-            cache = cache.replace(window=next(w for w in attended if w >= index))
-            logits, cache = step(params, cache, out[:, n - 1])
-        key, sub = jax.random.split(key)
-        out[:, n] = np.asarray(sample(logits, sub))
-        length += ~done
-        done |= np.isin(out[:, n], stop) | (length >= batch.limits)
-        n += 1
+    rng = jax.random.key(0) if key is None else key
+    out, length, n = _host_loop(config, params, sampler, batch, logits, cache, rng, stop)
     tokens, stopped = _split_outputs(out, length, stop)
     return Generation(tokens, stopped, compile_s, prefill_s, time.perf_counter() - start, n - 1)
