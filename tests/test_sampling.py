@@ -21,7 +21,9 @@ def _draws(sampler: Sampler, logits: jax.Array, n: int = 256) -> np.ndarray:
 def test_temperature_zero_is_argmax(logits):
     expected = np.argmax(np.asarray(logits), axis=-1)
     np.testing.assert_array_equal(GREEDY(logits, jax.random.key(0)), expected)
-    np.testing.assert_array_equal(Sampler(0.0, top_k=3, top_p=0.5)(logits, jax.random.key(9)), expected)
+    np.testing.assert_array_equal(
+        Sampler(0.0, top_k=3, top_p=0.5)(logits, jax.random.key(9)), expected
+    )
 
 
 def test_top_k_never_picks_outside_the_top_k(logits):
