@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all check fmt lint types clean
+.PHONY: setup test test-all check fmt lint types clean bench
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ types: $(STAMP)
 	$(BIN)/pyright
 
 check: lint types test
+
+# Train, prefill and decode of `small` and `gpt2` beside their roofline (minutes on a CPU; run it on a
+# quiet machine). BENCH_FLAGS=--quick for short shapes.
+bench: $(STAMP)
+	$(BIN)/jaxllm bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

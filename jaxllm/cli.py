@@ -19,11 +19,18 @@ class UsageError(ValueError):
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small") -> None:
-    """The flags every command that builds a model shares: --preset and repeatable --override."""
-    parser.add_argument(
+    """The flags every command that builds a model shares: --preset or --hf-dir, and repeatable
+    --override."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--preset",
         default=default_preset,
         help=f"model preset, one of: {', '.join(PRESETS)} (default: {default_preset})",
+    )
+    source.add_argument(
+        "--hf-dir",
+        metavar="DIR",
+        help="a local Hugging Face checkpoint (config.json + safetensors) of the GPT-2 or Llama family",
     )
     parser.add_argument(
         "--override",
@@ -35,18 +42,47 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The config of --hf-dir (reading config.json only) or of --preset, with --override applied."""
+    if getattr(args, "hf_dir", None):
+        from jaxllm.hf import load_config
+
+        return load_config(args.hf_dir, args.override)
     return apply_overrides(get_preset(args.preset), args.override)
 
 
+def _positive(text: str) -> int:
+    """argparse type: a positive integer (else one readable line naming the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from jaxllm import analytic
     from jaxllm.model import count_params
 
     config = config_from_args(args)
     params = count_params(config)
+    seq = args.seq or config.max_len
+    if seq > config.max_len:
+        raise ValueError(f"--seq {seq} is beyond the context length max_len={config.max_len}")
+    memory = {
+        "batch": args.batch,
+        "seq": seq,
+        "train": analytic.train_memory(config, args.batch, seq),
+        "serve": analytic.serve_memory(config, args.batch, seq),
+    }
+    kv_per_token = analytic.kv_bytes_per_token(config)
     if args.json:
-        print(json.dumps({"preset": args.preset, "config": config.to_dict(), "params": params}))
+        source = {"preset": None, "hf_dir": args.hf_dir} if args.hf_dir else {"preset": args.preset}
+        out = {**source, "config": config.to_dict(), "params": params}
+        print(json.dumps({**out, "memory": memory, "kv_bytes_per_token": kv_per_token}))
         return 0
-    print(f"preset {args.preset}")
+    print(f"hf_dir {args.hf_dir}" if args.hf_dir else f"preset {args.preset}")
     for name, value in config.to_dict().items():
         print(f"  {name:<14} {value}")
     print(f"  {'head_dim':<14} {config.head_dim}  (derived)")
@@ -54,6 +90,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("parameters")
     for name, value in params.items():
         print(f"  {name:<14} {value:>15,}")
+    for kind in ("train", "serve"):
+        print(f"{kind} memory at batch {args.batch}, seq {seq} (bytes)")
+        for name, value in memory[kind].items():
+            print(f"  {name:<14} {value:>15,}")
+    print(f"kv bytes/token {kv_per_token:>15,}")
     return 0
 
 
@@ -61,6 +102,8 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a config and its parameter count (allocates nothing)")
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=_positive, default=1, help="batch of the memory figures")
+    p.add_argument("--seq", type=_positive, help="sequence length of the memory figures (max_len)")
     p.set_defaults(func=cmd_info)
 
 
@@ -69,9 +112,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    summary = loop.train(
-        args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
-    )
+    try:
+        summary = loop.train(
+            args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
+        )
+    except KeyboardInterrupt:  # before the loop took over the signal: nothing trained, nothing lost
+        print("jaxllm: interrupted before training started", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(loop.describe_summary(summary))
     stopped = summary["stopped_by"]
     return 128 + signal.Signals[stopped].value if stopped else 0
@@ -136,8 +183,71 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from jaxllm import bench, phases
+
+    config = config_from_args(args)
+    phases.check_sizes(config, args.phase, args.batch, args.seq)
+    row = bench.analyze_phase(
+        config, args.phase, args.batch, args.seq, args.measure, args.quick, args.preset
+    )
+    print(json.dumps(row) if args.json else "\n".join(bench.analysis_table(row)))
+    return 0
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze", help="one phase three ways (analytic, XLA, measured) on the roofline"
+    )
+    add_model_args(p)
+    p.add_argument("--phase", required=True, help="train, prefill or decode")
+    p.add_argument("--batch", type=_positive, required=True, help="B: sequences per call")
+    p.add_argument(
+        "--seq",
+        type=_positive,
+        required=True,
+        help="T: tokens per sequence (decode: the context the step completes, <= max_len)",
+    )
+    p.add_argument("--measure", action="store_true", help="also time it (allocates the model)")
+    p.add_argument("--quick", action="store_true", help="quick calibration, fewer repeats")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jaxllm import bench, hardware
+
+    calibration = hardware.calibrate(quick=args.quick)
+    print(json.dumps({"calibration": calibration}) if args.json else bench.header(calibration))
+    for row in bench.bench(args.presets, args.batches, args.quick):
+        print(json.dumps(row) if args.json else bench.table_row(row), flush=True)
+    return 0
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="train, prefill and decode of presets beside their roofline")
+    p.add_argument(
+        "--presets", nargs="+", default=["small", "gpt2"], help="presets (default: small gpt2)"
+    )
+    p.add_argument(
+        "--batches",
+        nargs="+",
+        type=_positive,
+        default=[1, 8, 32, 128],
+        help="decode batch sizes (default: 1 8 32 128)",
+    )
+    p.add_argument("--quick", action="store_true", help="short shapes, quick calibration")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=cmd_bench)
+
+
 # Each entry adds one subcommand's parser (and its handler through set_defaults(func=...)).
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_info_parser, _train_parser]
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _info_parser,
+    _analyze_parser,
+    _bench_parser,
+    _train_parser,
+]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -86,7 +86,8 @@ class TrainSettings:
         if self.batch % self.accum:
             raise ValueError(f"batch {self.batch} is not divisible by accum {self.accum}")
         make_optimizer(self.lr, self.steps, self.warmup or 0, self.weight_decay, self.clip_norm)
-        data.split(np.zeros(2, np.int32), self.val_fraction)  # validates the fraction
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
     def check(self, config: ModelConfig) -> None:
         """ValueError unless the model can train on these batches."""

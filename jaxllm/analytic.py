@@ -1,0 +1,280 @@
+"""Closed-form parameters, FLOPs, bytes and memory of each phase, derived from the config and shapes.
+
+Letters as in ``jaxllm.model``: B batch, T query length, S key/value length (cache slots), D width,
+F MLP width, N query heads, K key/value heads, H head dim, L layers, V vocabulary.
+
+FLOP convention: matmuls only (2 FLOPs per multiply-add), the way XLA counts a dot. Element-wise work
+(norms, GELU/SiLU, softmax, biases, the AdamW update) is left out: it is O(1/D) of the total and XLA
+counts it as well, so XLA's figure sits slightly above these (under 3% for D >= 256, H >= 64).
+Attention is given two ways:
+- ``"xla"``: what the program computes — every query against every key slot it is handed: the full
+  T × T score matrix without a cache, and T × (S + T) with a cache of S slots (the model scores the
+  whole allocated cache, filled or not, plus the new tokens' own keys);
+- ``"causal"``: useful work — query t sees t + 1 new keys plus the filled slots before it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+Attention = Literal["xla", "causal"]
+ADAM_MOMENTS = 2  # AdamW keeps two moments per parameter, m and v
+
+
+def _bytes(dtype: jnp.dtype | str) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def _mlp_matrices(config: ModelConfig) -> int:
+    return 3 if config.mlp == "swiglu" else 2
+
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters by component, in closed form (the same keys as ``model.count_params``).
+
+    Per layer: q and o are D × N·H = D², k and v are D × K·H; the MLP has 2 (GELU) or 3 (SwiGLU)
+    D × F matrices; each norm has a scale (and a bias for LayerNorm with biases). Biases: N·H + 2·K·H
+    + D on attention, F (per up/gate) + D on the MLP. Embedding V × D; learned positions max_len × D;
+    a separate head D × V unless tied; the final norm counts under ``norms``.
+    """
+    D, F, L, KH = config.d_model, config.d_ff, config.n_layers, config.n_kv_heads * config.head_dim
+    bias = config.use_bias
+    n_up = _mlp_matrices(config) - 1
+    attention = 2 * D * D + 2 * D * KH + (D + 2 * KH + D if bias else 0)
+    mlp = (n_up + 1) * D * F + (n_up * F + D if bias else 0)
+    norm = D * (2 if config.norm == "layernorm" and bias else 1)
+    counts = {
+        "embedding": config.vocab_size * D,
+        "positions": config.max_len * D if config.positions == "learned" else 0,
+        "attention": L * attention,
+        "mlp": L * mlp,
+        "norms": (2 * L + 1) * norm,
+        "head": 0 if config.tie_embeddings else D * config.vocab_size,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def param_bytes(config: ModelConfig) -> int:
+    """Bytes of all parameters in their storage dtype (``param_dtype``)."""
+    return param_counts(config)["total"] * _bytes(config.storage_dtype)
+
+
+def kv_cache_bytes(
+    config: ModelConfig, batch: int, slots: int, dtype: jnp.dtype | str | None = None
+) -> int:
+    """K and V of every layer: 2 × bytes × B × S × L × K × H (the source article's 2·2·B·T·D·L for
+    bf16 multi-head attention, where K·H = D). Default dtype: the compute dtype, as ``KVCache.init``."""
+    itemsize = _bytes(dtype or config.compute_dtype)
+    return 2 * itemsize * batch * slots * config.n_layers * config.n_kv_heads * config.head_dim
+
+
+def kv_bytes_per_token(config: ModelConfig) -> int:
+    """Bytes of K and V one token adds to one sequence's cache, all layers: 2 × bytes × L × K × H."""
+    return kv_cache_bytes(config, 1, 1)
+
+
+def matmul_flops_per_token(config: ModelConfig) -> int:
+    """Forward FLOPs of the weight matmuls for one token: 2 × (weights a token multiplies).
+
+    Per layer q, o: D² each; k, v: D·K·H each; the MLP 2 or 3 × D·F. The head D·V (tied or not: the
+    tied embedding is multiplied as the head). Embedding and position lookups are gathers: no FLOPs.
+    """
+    D, KH = config.d_model, config.n_kv_heads * config.head_dim
+    layer = 2 * D * D + 2 * D * KH + _mlp_matrices(config) * D * config.d_ff
+    return 2 * (config.n_layers * layer + D * config.vocab_size)
+
+
+def attention_flops(config: ModelConfig, batch: int, queries: int, keys: int) -> int:
+    """Forward FLOPs of scores q·kᵀ and probs·v over all layers: 2 matmuls × 2 × B·N·H·queries·keys
+    per layer (``keys`` is the number of (query, key) pairs per query, i.e. the key length)."""
+    return 4 * batch * config.n_layers * config.d_model * queries * keys
+
+
+def _causal_pairs(new: int, filled: int) -> int:
+    """(query, key) pairs a causal pass needs: query t sees ``filled`` old keys and t + 1 new ones."""
+    return new * filled + new * (new + 1) // 2
+
+
+def weight_flops(
+    config: ModelConfig, batch: int, seq: int, head_positions: int | None = None
+) -> int:
+    """Forward FLOPs of the weight matmuls for tokens[B, T]: B·T × ``matmul_flops_per_token``, with
+    the head (2·D·V per position) at ``head_positions`` positions per sequence (default: all T)."""
+    head = 2 * config.d_model * config.vocab_size
+    dropped = seq - (seq if head_positions is None else head_positions)
+    return batch * (seq * matmul_flops_per_token(config) - dropped * head)
+
+
+def forward_flops(config: ModelConfig, batch: int, seq: int, attention: Attention = "xla") -> int:
+    """A full forward pass over tokens[B, T] with no cache (the train-step forward): the weights at
+    every position, and attention over T × T pairs ("xla") or T(T + 1)/2 ("causal")."""
+    pairs = seq * seq if attention == "xla" else _causal_pairs(seq, 0)
+    return weight_flops(config, batch, seq) + attention_flops(config, batch, pairs, 1)
+
+
+def _recompute_flops(config: ModelConfig, batch: int, seq: int, attention: Attention) -> int:
+    """Forward work the backward pass redoes under the remat policy (the head is never rematted).
+
+    none: nothing; full: the layer forward except its two last matmuls, ``o`` and ``down``, whose
+    outputs the backward does not need (their gradients need only their inputs and dy); dots: nothing
+    (matmul outputs are saved); dots_no_batch: the attention matmuls (batch dimensions: not saved).
+    """
+    D = config.d_model
+    forward = forward_flops(config, batch, seq, attention)
+    attn = forward - weight_flops(config, batch, seq)
+    unneeded = 2 * D * (D + config.d_ff) * config.n_layers + 2 * D * config.vocab_size
+    layers = forward - batch * seq * unneeded
+    return {"none": 0, "full": layers, "dots": 0, "dots_no_batch": attn}[config.remat]
+
+
+def train_flops(config: ModelConfig, batch: int, seq: int, attention: Attention = "xla") -> int:
+    """One AdamW train step on tokens[B, T] (the batch is [B, T + 1]: inputs and shifted targets).
+
+    Backward = 2 × forward: each matmul y = x·w needs dx = dy·wᵀ and dw = xᵀ·dy, and every layer needs
+    its input gradient (the embedding is trained). Total ≈ 6·N_matmul per token + 3 × attention, plus
+    the forward work recomputed under remat. Gradient accumulation splits B without changing this.
+    """
+    return 3 * forward_flops(config, batch, seq, attention) + _recompute_flops(
+        config, batch, seq, attention
+    )
+
+
+def prefill_flops(
+    config: ModelConfig,
+    batch: int,
+    seq: int,
+    slots: int = 0,
+    attention: Attention = "xla",
+    head_positions: int | None = None,
+) -> int:
+    """A prefill of tokens[B, T] into an empty cache, reading S = ``slots`` cache slots (0 when the
+    pass skips the empty cache; its capacity when it scores every slot).
+
+    Weights: 2·N_matmul per token, the head at ``head_positions`` positions per sequence (None: all
+    T — the model computes logits at every position and the prefill keeps the last; XLA does not
+    remove the discarded positions' head work, measured in tests/test_analytic.py). Attention: the
+    new tokens against the S read slots (empty, masked) and against each other, so "xla" counts
+    T × (S + T) pairs and "causal" T(T + 1)/2.
+    """
+    pairs = seq * (slots + seq) if attention == "xla" else _causal_pairs(seq, 0)
+    return weight_flops(config, batch, seq, head_positions) + attention_flops(
+        config, batch, pairs, 1
+    )
+
+
+def decode_flops(
+    config: ModelConfig, batch: int, filled: int, slots: int, attention: Attention = "xla"
+) -> int:
+    """One decode step: one new token per sequence with ``filled`` tokens already cached.
+
+    Weights: 2·N_matmul per sequence. Attention: the step scores the token against the S = ``slots``
+    cache slots it reads (the capacity, or a window covering the filled ones) plus itself ("xla":
+    S + 1 keys) — only ``filled`` + 1 are useful ("causal").
+    """
+    keys = slots + 1 if attention == "xla" else filled + 1
+    return batch * matmul_flops_per_token(config) + attention_flops(config, batch, 1, keys)
+
+
+def decode_bytes(config: ModelConfig, batch: int, filled: int, slots: int) -> dict[str, int]:
+    """Bytes one decode step must move at least (each byte once, no re-reads).
+
+    weights: every parameter, except lookup tables that are only gathered (an untied token
+    embedding, learned positions), which give B rows; kv_read: K and V of the S = ``slots`` slots the
+    step reads (``allocated``: the capacity, or the window it attends) or of the ``filled`` ones;
+    kv_write: the new token's K and V; io: tokens in, float32 logits out.
+    """
+    itemsize = _bytes(config.storage_dtype)
+    counts = param_counts(config)
+    gathered = counts["positions"] + (0 if config.tie_embeddings else counts["embedding"])
+    weights = (counts["total"] - gathered) * itemsize + 2 * batch * config.d_model * itemsize
+    out = {
+        "weights": weights,
+        "kv_read_allocated": kv_cache_bytes(config, batch, slots),
+        "kv_read_filled": kv_cache_bytes(config, batch, filled),
+        "kv_write": kv_cache_bytes(config, batch, 1),
+        "io": batch * 4 + batch * config.vocab_size * 4,
+    }
+    fixed = out["weights"] + out["kv_write"] + out["io"]
+    out["total_allocated"] = fixed + out["kv_read_allocated"]
+    out["total_filled"] = fixed + out["kv_read_filled"]
+    return out
+
+
+def saved_per_layer(config: ModelConfig, seq: int) -> dict[str, int]:
+    """Values one layer keeps for the backward pass per sequence, under ``config.remat``.
+
+    Counted from what a train step saves (``jax.ad_checkpoint.saved_residuals`` of the loss, unrolled
+    layers; checked in tests/test_analytic.py). Per token: each of the 2 norms keeps 4 width-D tensors
+    (x², x - mean, normalized, scaled) and 2 scalars; attention keeps the scaled queries (D), keys and
+    values (K·H each), its output before ``o`` (D) and 2 softmax row statistics per query head; rotary
+    keeps sin and cos for q and k (4 × H/2); the MLP keeps 6 width-F tensors (GELU: pre-activation and
+    the tanh approximation's intermediates; SwiGLU: gate, up, silu's 3, the product). Per (query, key)
+    pair and query head: the masked scores, exp(scores), the probabilities (``values``) and the mask
+    (1 byte, ``mask_bytes``). Under nn.scan the mask and masked scores are hoisted out of the loop
+    and shared by the layers, so this count is an upper bound there.
+    Remat "full" keeps only the layer input (D per token); "dots" keeps the matmul outputs q, k, v,
+    o, scores, probs·v, up (and gate) and down; "dots_no_batch" the same without the two attention
+    matmuls (their outputs have batch dimensions).
+    """
+    D, F, KH = config.d_model, config.d_ff, config.n_kv_heads * config.head_dim
+    N, H = config.n_heads, config.head_dim
+    n_up = _mlp_matrices(config) - 1
+    if config.remat == "full":
+        return {"values": seq * D, "mask_bytes": 0}
+    if config.remat in ("dots", "dots_no_batch"):
+        attention = config.remat == "dots"
+        per_token = 3 * D + 2 * KH + n_up * F + (D if attention else 0)
+        return {"values": seq * per_token + (N * seq * seq if attention else 0), "mask_bytes": 0}
+    rotary = 2 * H if config.positions == "rotary" else 0
+    per_token = 2 * (4 * D + 2) + 2 * D + 2 * KH + 2 * N + rotary + 6 * F
+    return {"values": seq * per_token + 3 * N * seq * seq, "mask_bytes": N * seq * seq}
+
+
+def activation_bytes(config: ModelConfig, batch: int, seq: int) -> int:
+    """Activations a train step holds between forward and backward, bytes.
+
+    L layers' saved values (``saved_per_layer``, at the compute dtype) + the final norm's (4·D + 2 per
+    token) + the loss's float32 exp(logits) [B, T, V] and per-token normaliser; a tied head also
+    keeps the transposed embedding [D, V].
+    """
+    saved = saved_per_layer(config, seq)
+    itemsize = _bytes(config.compute_dtype)
+    layer = saved["values"] * itemsize + saved["mask_bytes"]
+    final = seq * (4 * config.d_model + 2) * itemsize + seq * (config.vocab_size + 1) * 4
+    table = config.d_model * config.vocab_size * itemsize if config.tie_embeddings else 0
+    return batch * (config.n_layers * layer + final) + table
+
+
+def train_memory(config: ModelConfig, batch: int, seq: int) -> dict[str, int]:
+    """Bytes a train step holds: params (param dtype) + grads and AdamW m and v (float32: jaxllm.train
+    keeps the optimizer in float32 whatever the parameter dtype; the article's N × 4 and N × 2 × 4) +
+    activations (``activation_bytes``) + the int32 batch [B, T + 1]."""
+    n = param_counts(config)["total"]
+    out = {
+        "params": param_bytes(config),
+        "grads": n * 4,
+        "adam": ADAM_MOMENTS * n * 4,
+        "activations": activation_bytes(config, batch, seq),
+        "batch": batch * (seq + 1) * 4,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def serve_memory(config: ModelConfig, batch: int, slots: int) -> dict[str, int]:
+    """Bytes serving holds: params + a KV cache of S = ``slots`` slots per sequence."""
+    out = {"params": param_bytes(config), "kv_cache": kv_cache_bytes(config, batch, slots)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def decode_capacity(config: ModelConfig, filled: int) -> int:
+    """Cache slots used to analyse a decode step after ``filled`` tokens: filled + 1 rounded up to a
+    power of two, at most max_len (jaxllm.serve's bucket policy for a cache with room for the step)."""
+    return min(config.max_len, 1 << math.ceil(math.log2(filled + 1)))

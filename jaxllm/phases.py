@@ -1,0 +1,169 @@
+"""The three compiled phases by name, with abstract arguments to analyse them and fresh concrete ones
+to time them, and the analytic view of each.
+
+- ``train``: ``jaxllm.train.make_train_step(config, make_optimizer())`` on a batch [B, T + 1];
+  B·T tokens per call.
+- ``prefill``: ``jaxllm.serve.make_prefill(config)`` on tokens [B, T] into an empty cache of
+  capacity S = T; B·T tokens per call.
+- ``decode``: ``jaxllm.serve.make_decode_step(config)``, one token per sequence. ``--seq S`` is the
+  context the step completes: S - 1 tokens are cached (index S - 1) and the step writes the S-th, so
+  S <= max_len. Capacity policy: S rounded up to a power of two, at most max_len (jaxllm.serve's
+  bucketing), so the step attends over that many slots.
+Sizes are checked here, before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import analytic
+from jaxllm.cache import KVCache
+from jaxllm.config import ModelConfig
+from jaxllm.model import init_params, param_shapes
+
+PHASES = ("train", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One phase at one shape: the jitted function (with its donation) and its arguments."""
+
+    phase: str
+    config: ModelConfig
+    batch: int
+    seq: int
+    capacity: int  # cache slots (0 for train)
+    tokens: int  # tokens processed per call
+    jitted: Any
+    abstract_args: tuple[Any, ...]
+    make_args: Callable[[jax.Array], Callable[[], tuple[Any, ...]]]  # key -> fresh-args factory
+
+
+def check_sizes(config: ModelConfig, phase: str, batch: int, seq: int) -> None:
+    """ValueError naming the value and the limit for an unknown phase or an impossible size."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; phases are: {', '.join(PHASES)}")
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+    if seq > config.max_len:
+        raise ValueError(
+            f"--seq {seq} is beyond the context length max_len={config.max_len} of this config"
+        )
+
+
+def _capacity(config: ModelConfig, phase: str, seq: int) -> int:
+    if phase == "train":
+        return 0
+    if phase == "prefill":
+        return seq
+    return analytic.decode_capacity(config, seq - 1)
+
+
+def _phase_module(name: str) -> Any:
+    """jaxllm.train or jaxllm.serve, imported when a phase is built (they own the phases)."""
+    try:
+        return importlib.import_module(f"jaxllm.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"jaxllm.{name}":
+            raise
+        raise ValueError(f"this install has no jaxllm.{name}, which builds the phase") from err
+
+
+def _unwrap(phase: Any) -> Any:
+    """jaxllm.serve returns a Phase (Python checks + ``.jitted``); analysis lowers the jitted part."""
+    return getattr(phase, "jitted", phase)
+
+
+def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Callable]:
+    train = _phase_module("train")
+    optimizer = train.make_optimizer()
+    step = train.make_train_step(config, optimizer)
+    state = jax.eval_shape(lambda: train.init_state(config, optimizer, jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+
+    def make_args(key: jax.Array) -> Callable[[], tuple]:
+        fresh = train.init_state(config, optimizer, key)
+        data = jax.random.randint(key, (batch, seq + 1), 0, config.vocab_size, jnp.int32)
+        return lambda: (jax.tree.map(jnp.copy, fresh), data)  # the state is donated
+
+    return step, (state, tokens), make_args
+
+
+def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
+    cache = jax.eval_shape(lambda: KVCache.init(config, batch, capacity))
+    return cache, lambda: KVCache.init(config, batch, capacity).replace(index=jnp.int32(index))
+
+
+def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
+    serve = _phase_module("serve")
+    new = seq if phase == "prefill" else 1
+    abstract_cache, fresh_cache = _cache(config, batch, capacity, 0 if new == seq else seq - 1)
+    tokens = jax.ShapeDtypeStruct((batch, new) if phase == "prefill" else (batch,), jnp.int32)
+    pad = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def make_args(key: jax.Array) -> Callable[[], tuple]:
+        params = init_params(config, key)
+        ids = jax.random.randint(key, tokens.shape, 0, config.vocab_size, jnp.int32)
+        if phase == "prefill":
+            return lambda: (params, ids, jnp.zeros((batch,), jnp.int32), fresh_cache())
+        return lambda: (params, fresh_cache(), ids)
+
+    params = param_shapes(config)
+    if phase == "prefill":
+        return _unwrap(serve.make_prefill(config)), (params, tokens, pad, abstract_cache), make_args
+    return _unwrap(serve.make_decode_step(config)), (params, abstract_cache, tokens), make_args
+
+
+def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
+    """The ``phase`` program for tokens [batch, seq] (decode: a step completing ``seq`` tokens)."""
+    check_sizes(config, phase, batch, seq)
+    capacity = _capacity(config, phase, seq)
+    if phase == "train":
+        jitted, args, make_args = _train(config, batch, seq)
+    else:
+        jitted, args, make_args = _serve(config, phase, batch, seq, capacity)
+    tokens = batch if phase == "decode" else batch * seq
+    return Program(phase, config, batch, seq, capacity, tokens, jitted, args, make_args)
+
+
+def analytic_view(program: Program) -> dict[str, Any]:
+    """Closed-form FLOPs (both attention conventions), compulsory bytes and memory of ``program``."""
+    cfg, B, S, cap = program.config, program.batch, program.seq, program.capacity
+    if program.phase == "train":
+        flops = {c: analytic.train_flops(cfg, B, S, c) for c in ("xla", "causal")}
+        memory = analytic.train_memory(cfg, B, S)
+        # Compulsory traffic: the state read and written once, gradients written and read, the
+        # saved activations written and re-read.
+        state = memory["params"] + memory["adam"]
+        nbytes = 2 * state + 2 * memory["grads"] + 2 * memory["activations"]
+    elif program.phase == "prefill":
+        flops = {c: analytic.prefill_flops(cfg, B, S, cap, c) for c in ("xla", "causal")}
+        memory = analytic.serve_memory(cfg, B, cap)
+        # Weights read once, the cache written, float32 logits of the last position out.
+        nbytes = memory["params"] + memory["kv_cache"] + B * cfg.vocab_size * 4
+    else:
+        flops = {c: analytic.decode_flops(cfg, B, S - 1, cap, c) for c in ("xla", "causal")}
+        memory = analytic.serve_memory(cfg, B, cap)
+        moved = analytic.decode_bytes(cfg, B, S - 1, cap)
+        nbytes = moved["total_allocated"]
+    out = {
+        "flops": flops["xla"],
+        "flops_causal": flops["causal"],
+        "flops_convention": "matmuls only; 'flops' attends over every slot the program scores "
+        "(full T×T, or T×(S+T) with a cache); 'flops_causal' counts only useful causal pairs",
+        "bytes": nbytes,
+        "memory": memory,
+        "params": analytic.param_counts(cfg)["total"],
+        "tokens": program.tokens,
+        "capacity": cap,
+    }
+    if program.phase == "decode":
+        out["decode_bytes"] = moved
+    return out

@@ -1,0 +1,112 @@
+"""``jaxllm analyze`` and ``jaxllm info``'s memory figures, end to end on the real phases."""
+
+import importlib.util
+import json
+
+import pytest
+
+from jaxllm import analytic, bench
+from jaxllm.cli import main
+from jaxllm.config import PRESETS
+
+# The phases come from jaxllm.train and jaxllm.serve (other branches until they are merged).
+needs_phases = pytest.mark.skipif(
+    not all(importlib.util.find_spec(f"jaxllm.{m}") for m in ("train", "serve")),
+    reason="jaxllm.train / jaxllm.serve not in this tree yet",
+)
+
+
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "calibration"))
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_json_has_memory_and_kv_bytes_per_token(capsys):
+    assert main(["info", "--preset", "gpt2", "--json", "--batch", "8"]) == 0
+    out = _json(capsys)
+    assert out["kv_bytes_per_token"] == 2 * 4 * 12 * 768  # K and V, float32, 12 layers, 768 wide
+    serve = out["memory"]["serve"]
+    assert serve["kv_cache"] == 8 * 1024 * out["kv_bytes_per_token"]
+    assert out["memory"]["train"]["adam"] == 2 * 4 * out["params"]["total"]
+
+
+@needs_phases
+def test_analyze_gpt2_decode_json(capsys):
+    argv = ["analyze", "--preset", "gpt2", "--phase", "decode", "--batch", "8", "--seq", "1024"]
+    assert main([*argv, "--json", "--quick"]) == 0
+    out = _json(capsys)
+    xla, a = out["xla"], out["analytic"]
+    for key in ("flops", "bytes_accessed", "alias_bytes", "temp_bytes", "footprint_bytes"):
+        assert xla[key] > 0
+    assert xla["loop_corrected"] and xla["alias_bytes"] >= a["memory"]["kv_cache"]  # cache donated
+    assert xla["flops"] == pytest.approx(a["flops"], rel=0.03)
+    assert out["roofline"]["bound"] == "memory" and "measured" not in out
+
+
+@needs_phases
+def test_analyze_measure_tiny_train_and_table(capsys):
+    argv = ["analyze", "--preset", "tiny", "--phase", "train", "--batch", "2", "--seq", "16"]
+    assert main([*argv, "--measure", "--quick", "--json"]) == 0
+    out = _json(capsys)
+    assert out["measured"]["seconds_median"] > 0
+    assert out["roofline"]["mfu"] == pytest.approx(
+        out["analytic"]["flops"]
+        / out["measured"]["seconds_median"]
+        / out["roofline"]["peak_flops_per_s"]
+    )
+    assert main([*argv, "--quick"]) == 0
+    assert "analytic" in capsys.readouterr().out
+
+
+@needs_phases
+def test_measure_of_a_model_that_does_not_fit_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "available_bytes", lambda: 1000)
+    argv = ["analyze", "--preset", "tiny", "--phase", "decode", "--batch", "1", "--seq", "8"]
+    assert main([*argv, "--measure", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "available" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "word"),
+    [
+        (["--phase", "serve", "--batch", "1", "--seq", "8"], "unknown phase"),
+        (["--phase", "train", "--batch", "0", "--seq", "8"], "positive"),
+        (["--phase", "prefill", "--batch", "1", "--seq", "-3"], "positive"),
+        (["--phase", "decode", "--batch", "1", "--seq", "65"], "max_len=64"),
+    ],
+)
+def test_bad_input_is_one_readable_line(argv, word, capsys):
+    assert main(["analyze", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert word in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@needs_phases
+@pytest.mark.slow
+def test_llama3_8b_analysed_from_shapes(capsys):
+    argv = ["analyze", "--preset", "llama3-8b", "--phase", "decode", "--batch", "1", "--seq", "512"]
+    assert main([*argv, "--json", "--quick"]) == 0
+    out = _json(capsys)
+    assert out["analytic"]["params"] == analytic.param_counts(PRESETS["llama3-8b"])["total"]
+    assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
+
+
+@needs_phases
+@pytest.mark.slow
+def test_bench_quick_json_lines(capsys):
+    assert main(["bench", "--presets", "tiny", "--batches", "1", "2", "--quick", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "calibration" in lines[0]
+    rows = lines[1:]
+    assert [(r["phase"], r["batch"]) for r in rows] == [
+        ("train", 1),
+        ("prefill", 1),
+        ("decode", 1),
+        ("decode", 2),
+    ]
+    assert all(r["measured"]["seconds_median"] > 0 for r in rows)
