@@ -47,6 +47,22 @@ def test_analyze_gpt2_decode_json(capsys):
     assert out["roofline"]["bound"] == "memory" and "measured" not in out
 
 
+WIDE = ["--preset", "tiny", "--override", "d_model=256", "--override", "d_ff=1024"]
+
+
+@needs_phases
+@pytest.mark.parametrize(
+    ("phase", "extra"),
+    [("train", []), ("prefill", []), ("decode", []), ("decode", ["--override", "n_kv_heads=2"])],
+)
+def test_real_phases_match_the_analytic_count(phase, extra, capsys):
+    argv = ["analyze", *WIDE, *extra, "--phase", phase, "--batch", "4", "--seq", "64"]
+    assert main([*argv, "--json", "--quick"]) == 0
+    out = _json(capsys)
+    assert out["xla"]["loop_corrected"]
+    assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
+
+
 @needs_phases
 def test_analyze_measure_tiny_train_and_table(capsys):
     argv = ["analyze", "--preset", "tiny", "--phase", "train", "--batch", "2", "--seq", "16"]
