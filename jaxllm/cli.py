@@ -17,11 +17,18 @@ class UsageError(ValueError):
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small") -> None:
-    """The flags every command that builds a model shares: --preset and repeatable --override."""
-    parser.add_argument(
+    """The flags every command that builds a model shares: --preset or --hf-dir, and repeatable
+    --override."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--preset",
         default=default_preset,
         help=f"model preset, one of: {', '.join(PRESETS)} (default: {default_preset})",
+    )
+    source.add_argument(
+        "--hf-dir",
+        metavar="DIR",
+        help="a local Hugging Face checkpoint (config.json + safetensors) of the GPT-2 or Llama family",
     )
     parser.add_argument(
         "--override",
@@ -33,6 +40,11 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The config of --hf-dir (reading config.json only) or of --preset, with --override applied."""
+    if getattr(args, "hf_dir", None):
+        from jaxllm.hf import load_config
+
+        return load_config(args.hf_dir, args.override)
     return apply_overrides(get_preset(args.preset), args.override)
 
 
@@ -64,10 +76,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     kv_per_token = analytic.kv_bytes_per_token(config)
     if args.json:
-        out = {"preset": args.preset, "config": config.to_dict(), "params": params}
+        source = {"preset": None, "hf_dir": args.hf_dir} if args.hf_dir else {"preset": args.preset}
+        out = {**source, "config": config.to_dict(), "params": params}
         print(json.dumps({**out, "memory": memory, "kv_bytes_per_token": kv_per_token}))
         return 0
-    print(f"preset {args.preset}")
+    print(f"hf_dir {args.hf_dir}" if args.hf_dir else f"preset {args.preset}")
     for name, value in config.to_dict().items():
         print(f"  {name:<14} {value}")
     print(f"  {'head_dim':<14} {config.head_dim}  (derived)")
