@@ -104,9 +104,9 @@ def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
 
 def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
     serve = _phase_module("serve")
-    new = seq if phase == "prefill" else 1
-    abstract_cache, fresh_cache = _cache(config, batch, capacity, 0 if new == seq else seq - 1)
-    tokens = jax.ShapeDtypeStruct((batch, new) if phase == "prefill" else (batch,), jnp.int32)
+    index = 0 if phase == "prefill" else seq - 1  # a decode step completes a context of seq tokens
+    abstract_cache, fresh_cache = _cache(config, batch, capacity, index)
+    tokens = jax.ShapeDtypeStruct((batch, seq) if phase == "prefill" else (batch,), jnp.int32)
     pad = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
     def make_args(key: jax.Array) -> Callable[[], tuple]:
