@@ -183,13 +183,18 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _label(args: argparse.Namespace) -> str:
+    """What the model is called in output: its preset, or the Hugging Face directory it came from."""
+    return getattr(args, "hf_dir", None) or args.preset
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from jaxllm import bench, phases
 
     config = config_from_args(args)
     phases.check_sizes(config, args.phase, args.batch, args.seq)
     row = bench.analyze_phase(
-        config, args.phase, args.batch, args.seq, args.measure, args.quick, args.preset
+        config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )
     print(json.dumps(row) if args.json else "\n".join(bench.analysis_table(row)))
     return 0
