@@ -41,3 +41,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The main job: train `small` on the built-in corpus, sample from it, run every experiment, write
+# report/REPORT.md. About 15 minutes on 2 CPU cores; the same command on a GPU machine reports that GPU.
+REPORT_RUN := runs/report
+EXPERIMENTS := roofline decode_batch memory seqlen estimates padding
+
+.PHONY: report
+report: $(STAMP)
+	rm -rf $(REPORT_RUN) && mkdir -p report
+	$(BIN)/jaxllm train --out $(REPORT_RUN)
+	$(BIN)/jaxllm generate --checkpoint $(REPORT_RUN) --prompts-file experiments/prompts.txt \
+		--max-new-tokens 160 --temperature 0.8 --top-k 40 --seed 0 --json > report/samples.json
+	for e in $(EXPERIMENTS); do echo "== experiment $$e"; $(BIN)/python experiments/$$e.py || exit 1; done
+	$(BIN)/python experiments/report.py --run $(REPORT_RUN)

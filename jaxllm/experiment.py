@@ -1,0 +1,108 @@
+"""Plumbing the experiment scripts share: arguments, output folder, data files, plots, summaries.
+
+Each script in ``experiments/`` answers one question and writes ``results/NAME/``: its data
+(``data.csv`` and/or ``data.json``), PNG plots, and ``summary.md`` whose numbers come from the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+Row = dict[str, Any]
+
+
+def parse_args(
+    name: str,
+    doc: str | None,
+    argv: Sequence[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """--quick (smallest scale that still shows the effect), --out (default results/NAME), and the
+    script's own flags added by ``extra``. A ``--preset`` flag left at None becomes ``tiny`` with
+    --quick and ``small`` otherwise."""
+    parser = argparse.ArgumentParser(
+        prog=f"experiments/{name}.py",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="smallest scale (smoke tests)")
+    parser.add_argument("--out", type=Path, default=Path("results") / name, help="output folder")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", "") is None:
+        args.preset = "tiny" if args.quick else "small"
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def write_csv(path: Path, rows: list[Row]) -> None:
+    """Rows (dicts with the same keys) as CSV with a header line."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def environment() -> Row:
+    """Device and library versions, for the head of every summary."""
+    import flax
+    import optax
+
+    device = jax.devices()[0]
+    return {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "devices": jax.device_count(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+    }
+
+
+def write_summary(path: Path, title: str, lines: list[str]) -> None:
+    """``summary.md``: a title, the environment line, then the given markdown lines."""
+    env = environment()
+    head = f"*{env['device']} ({env['platform']}), jax {env['jax']}, flax {env['flax']}*"
+    path.write_text("\n".join([f"# {title}", "", head, "", *lines]) + "\n")
+
+
+def fmt(value: float, unit: str = "") -> str:
+    """A number in engineering notation with an SI prefix: 1.23e9, "FLOP/s" -> '1.23 GFLOP/s'."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
