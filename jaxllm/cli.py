@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -108,6 +110,82 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
 def _label(args: argparse.Namespace) -> str:
     """What the model is called in output: its preset, or the Hugging Face directory it came from."""
     return getattr(args, "hf_dir", None) or args.preset
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jaxllm import loop
+
+    names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
+    requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        summary = loop.train(
+            args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
+        )
+    except KeyboardInterrupt:  # before the loop took over the signal: nothing trained, nothing lost
+        print("jaxllm: interrupted before training started", file=sys.stderr)
+        return 128 + signal.SIGINT
+    print(loop.describe_summary(summary))
+    stopped = summary["stopped_by"]
+    return 128 + signal.Signals[stopped].value if stopped else 0
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a text corpus (default: `small` on the built-in corpus)",
+        description="Train with AdamW; checkpoints, metrics.jsonl and summary.json go to --out. "
+        "With --resume, settings not given are taken from the checkpoint and those given must "
+        "match it (except the evaluation, checkpoint, logging and --data options).",
+    )
+    add_model_args(p)
+    p.set_defaults(preset=None)  # None: small, or the checkpoint's config with --resume
+    int_opt = {"type": int, "default": None}
+    p.add_argument("--steps", **int_opt, help="optimizer updates in the run (default: 300)")
+    p.add_argument("--batch", **int_opt, help="B, sequences per update (default: 16)")
+    p.add_argument("--seq", **int_opt, help="T, tokens per sequence (default: 128)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="text file or directory (default: the built-in "
+        "corpus, the Python standard library's top-level .py files)",
+    )
+    p.add_argument("--out", default="runs/small", help="run directory (default: runs/small)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--warmup", **int_opt, help="linear warm-up steps (default: steps / 10)")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW decay of weight matrices (default: 0.1)",
+    )
+    p.add_argument(
+        "--clip-norm", type=float, default=None, help="global gradient norm clip (default: 1.0)"
+    )
+    p.add_argument("--accum", **int_opt, help="micro-batches per update, dividing B (default: 1)")
+    p.add_argument(
+        "--seed", **int_opt, help="seed of the initial parameters and batch order (default: 0)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of the corpus held out for validation (default: 0.1)",
+    )
+    p.add_argument("--eval-every", **int_opt, help="steps between validation losses (default: 50)")
+    p.add_argument(
+        "--eval-batches", **int_opt, help="validation batches of B sequences (default: 4)"
+    )
+    p.add_argument("--ckpt-every", **int_opt, help="steps between checkpoints (default: 100)")
+    p.add_argument("--keep", **int_opt, help="checkpoints kept (default: 3)")
+    p.add_argument(
+        "--log-every",
+        **int_opt,
+        help="steps between log lines when stderr is not a terminal (default: 10)",
+    )
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -232,6 +310,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
     _analyze_parser,
     _bench_parser,
+    _train_parser,
     _generate_parser,
 ]
 

@@ -172,11 +172,15 @@ def _record(state: _LoopState, tokens: jax.Array, limits: jax.Array, stop: jax.A
     )
 
 
+MIN_WINDOW = 64  # below this many slots, slicing a window out costs more than it saves
+
+
 def windows(prompt_len: int, capacity: int) -> list[int]:
     """The attended windows W of a generation, in order: a decode step at slot ``index`` reads slots
-    [0, W) for the first W >= index. Powers of two from max(T, S/8) rounded up, then S: at most four
-    compiled loop bodies, and each step reads under 2x its filled slots once they pass S/8."""
-    out, w = [], _pow2(max(prompt_len, capacity // 8))
+    [0, W) for the first W >= index. Powers of two from max(T, S/8, MIN_WINDOW) rounded up, then S:
+    at most four compiled loop bodies, and each step reads under 2x its filled slots once they pass
+    S/8."""
+    out, w = [], _pow2(max(prompt_len, capacity // 8, MIN_WINDOW))
     while w < capacity:
         out.append(w)
         w *= 2

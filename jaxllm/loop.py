@@ -1,0 +1,389 @@
+"""The training loop: settings, data, resume, evaluation, checkpoints, signals.
+
+``train(run_dir, ...)`` trains a model into ``run_dir`` (orbax steps, ``metrics.jsonl``, ``summary.json``)
+and returns the summary. Everything the user can get wrong is checked before anything is traced.
+
+Resuming is exact: a checkpoint holds the parameters, the optimizer state, the model config, the
+training settings and a fingerprint of the data; batch ``s`` is a pure function of (seed, s), so the
+run continues with the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import checkpoint, data
+from jaxllm.config import ModelConfig, apply_overrides, get_preset
+from jaxllm.model import count_params
+from jaxllm.progress import Reporter, format_seconds, truncate_metrics
+from jaxllm.train import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
+
+DEFAULT_PRESET = "small"
+SUMMARY_FILE = "summary.json"
+# Settings a resumed run may change: they do not alter the parameters it computes.
+RESUME_FREE = frozenset({"eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "data"})
+
+
+class DivergedError(ValueError):
+    """A non-finite loss or gradient norm; the last good checkpoint is left in place."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How a run trains. Sizes: B = batch rows, T = seq tokens per row (a batch is [B, T+1])."""
+
+    steps: int = 300  # optimizer updates in the whole run
+    batch: int = 16  # B
+    seq: int = 128  # T
+    lr: float = 3e-3  # peak learning rate
+    warmup: int | None = None  # linear warm-up steps; None: a tenth of the steps
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    accum: int = 1  # micro-batches per update (B must divide by it)
+    seed: int = 0  # parameter init and batch order
+    val_fraction: float = 0.1  # the end of the token stream held out for validation
+    eval_every: int = 50  # steps between validation losses
+    eval_batches: int = 4  # validation batches of B rows
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    keep: int = 3  # checkpoints kept
+    log_every: int = 10  # steps between log lines when not on a terminal
+    data: str | None = None  # text file or directory; None: the built-in corpus
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch",
+            "seq",
+            "accum",
+            "eval_every",
+            "eval_batches",
+            "ckpt_every",
+            "keep",
+            "log_every",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", self.steps // 10)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.batch % self.accum:
+            raise ValueError(f"batch {self.batch} is not divisible by accum {self.accum}")
+        make_optimizer(self.lr, self.steps, self.warmup or 0, self.weight_decay, self.clip_norm)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def check(self, config: ModelConfig) -> None:
+        """ValueError unless the model can train on these batches."""
+        if self.seq > config.max_len:
+            raise ValueError(f"seq {self.seq} exceeds the model's context max_len={config.max_len}")
+        if config.vocab_size < data.VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size {config.vocab_size} is below the byte tokenizer's {data.VOCAB_SIZE}"
+            )
+
+
+def _differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}={saved.get(k)!r} (requested {v!r})" for k, v in requested.items() if saved.get(k) != v
+    ]
+
+
+def resolve(
+    run_dir: Path,
+    resume: bool,
+    preset: str | None,
+    overrides: list[str] | tuple[str, ...],
+    requested: dict[str, Any],
+) -> tuple[ModelConfig, TrainSettings, dict[str, Any] | None]:
+    """The config, settings and (when resuming) checkpoint metadata of a run.
+
+    A fresh run needs a directory without checkpoints. A resumed run takes what is not requested from
+    its checkpoint; what is requested must match, except the ``RESUME_FREE`` settings.
+    """
+    if not resume:
+        steps = checkpoint.complete_steps(run_dir)
+        if steps:
+            raise ValueError(
+                f"{run_dir} already holds a checkpoint (step {steps[-1]}); "
+                "pass --resume to continue it or choose another --out"
+            )
+        config = apply_overrides(get_preset(preset or DEFAULT_PRESET), overrides)
+        return config, TrainSettings(**requested), None
+    meta = checkpoint.load_meta(run_dir)
+    saved_config = checkpoint.config_from_meta(meta, run_dir)
+    config = apply_overrides(get_preset(preset) if preset else saved_config, overrides)
+    changed = _differences(saved_config.to_dict(), config.to_dict())
+    if changed:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {run_dir}: its checkpoint has a different config: {', '.join(changed)}"
+        )
+    fixed = {k: v for k, v in requested.items() if k not in RESUME_FREE}
+    changed = _differences(meta["train"], fixed)
+    if changed:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {run_dir}: its checkpoint was trained with {', '.join(changed)}"
+        )
+    return config, TrainSettings(**{**meta["train"], **requested}), meta
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The token streams of a run (int32 [n]) and what checkpoints record about them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    info: dict[str, Any]  # source, tokens, sha256, unigram_entropy (nats/byte)
+
+
+def prepare_data(settings: TrainSettings, meta: dict[str, Any] | None) -> Corpus:
+    """Load and split the corpus; DataError if a split is too short or (resuming) the data changed."""
+    tokens = data.load_corpus(settings.data)
+    train, val = data.split(tokens, settings.val_fraction)
+    data.check_windows(train, settings.seq, "training")
+    data.check_windows(val, settings.seq, "validation")
+    info = {
+        "source": data.describe(settings.data),
+        "tokens": len(tokens),
+        "sha256": data.fingerprint(tokens),
+        "unigram_entropy": data.unigram_entropy(tokens),
+    }
+    if meta is not None and meta["data"]["sha256"] != info["sha256"]:
+        raise data.DataError(
+            f"the data at {info['source']} differs from the data the checkpoint was trained on "
+            f"({meta['data']['source']}, {meta['data']['tokens']} tokens)"
+        )
+    return Corpus(train, val, info)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While open, SIGINT and SIGTERM append their number to the yielded list instead of stopping the
+    process; a second signal of the same kind acts as usual (its handler is restored at once)."""
+    received: list[int] = []
+    previous = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_steps(
+    config: ModelConfig,
+    lr: float,
+    steps: int,
+    warmup: int,
+    weight_decay: float,
+    clip_norm: float,
+    accum: int,
+) -> tuple[Any, Any, Any]:
+    """(optimizer, train step, eval step), made once per process for the same settings, so training
+    the same model again in one process (a resume, a sweep) reuses the compiled steps."""
+    optimizer = make_optimizer(lr, steps, warmup, weight_decay, clip_norm)
+    return optimizer, make_train_step(config, optimizer, accum), make_eval_step(config)
+
+
+class Run:
+    """One training process over a run directory: the compiled steps, the state, the checkpoints."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: ModelConfig,
+        settings: TrainSettings,
+        corpus: Corpus,
+        reporter: Reporter,
+    ) -> None:
+        self.run_dir, self.config, self.settings, self.corpus = run_dir, config, settings, corpus
+        self.reporter = reporter
+        s = settings
+        self.optimizer, self.train_step, self.eval_step = compiled_steps(
+            config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum
+        )
+        self.eval_set = jnp.asarray(data.eval_batches(corpus.val, s.eval_batches, s.batch, s.seq))
+        self.manager = checkpoint.manager(run_dir, s.keep)
+        self.saved_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def initial_state(self, start: int) -> TrainState:
+        """Fresh at step 0, else restored from checkpoint ``start``; committed to the default device
+        either way, like the step's own output: a state of uncommitted (or mixed) arrays is a
+        different call signature and would make the step compile again."""
+        key = jax.random.key(self.settings.seed)
+        if start == 0:
+            state = init_state(self.config, self.optimizer, key)
+        else:
+            shapes = jax.eval_shape(lambda: init_state(self.config, self.optimizer, key))
+            params, opt_state = checkpoint.load_state(
+                self.run_dir, start, shapes.params, shapes.opt_state
+            )
+            state = TrainState(step=np.int32(start), params=params, opt_state=opt_state)  # pyright: ignore[reportArgumentType]
+            self.saved_step = start
+        return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+    def evaluate(self, state: TrainState, step: int) -> None:
+        losses = [float(self.eval_step(state.params, batch)) for batch in self.eval_set]
+        self.reporter.val(step, statistics.fmean(losses))
+
+    def save(self, state: TrainState, step: int) -> None:
+        meta = {
+            "step": step,
+            "train": dataclasses.asdict(self.settings),
+            "data": self.corpus.info,
+            "metrics": self.last_metrics,
+        }
+        checkpoint.save(self.manager, step, state.params, state.opt_state, self.config, meta)
+        self.saved_step = step
+
+    def advance(self, state: TrainState, step: int) -> TrainState:
+        """Apply update ``step`` (0-based), checking its loss and gradient norm are finite."""
+        s = self.settings
+        batch = data.train_batch(self.corpus.train, step, s.batch, s.seq, s.seed)
+        began = time.perf_counter()
+        state, metrics = self.train_step(state, batch)
+        values = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        seconds = time.perf_counter() - began
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            kept = (
+                f"the last good checkpoint is step {self.saved_step} in {self.run_dir}"
+                if self.saved_step is not None
+                else "no checkpoint was saved"
+            )
+            raise DivergedError(
+                f"step {step + 1}: loss {values['loss']} / grad_norm {values['grad_norm']} "
+                f"is not finite; stopped, {kept}"
+            )
+        self.last_metrics = values
+        self.reporter.train(step + 1, values, seconds)
+        return state
+
+    def loop(self, state: TrainState, start: int, stop: list[int]) -> int:
+        """Steps from ``start`` to the end or to a stop request; returns the step reached."""
+        s = self.settings
+        if start == 0:
+            self.evaluate(state, 0)
+        for step in range(start, s.steps):
+            state = self.advance(state, step)
+            done = step + 1
+            if done % s.eval_every == 0 or done == s.steps:
+                self.evaluate(state, done)
+            if done % s.ckpt_every == 0 or done == s.steps or stop:
+                self.save(state, done)
+            if stop:
+                return done
+        return s.steps
+
+
+def _summary(
+    run_dir: Path, corpus: Corpus, step: int, settings: TrainSettings, reporter: Reporter
+) -> dict[str, Any]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["kind"] == "val"]
+    timed = reporter.step_times
+    return {
+        "run_dir": str(run_dir),
+        "step": step,
+        "steps": settings.steps,
+        "unigram_entropy": corpus.info["unigram_entropy"],
+        "first_val_loss": vals[0]["val_loss"] if vals else None,
+        "first_val_step": vals[0]["step"] if vals else None,
+        "last_val_loss": vals[-1]["val_loss"] if vals else None,
+        "last_val_step": vals[-1]["step"] if vals else None,
+        "tokens_per_s": settings.batch * settings.seq / statistics.median(timed) if timed else None,
+        "wall_s": time.perf_counter() - reporter.start,
+    }
+
+
+def _header(config: ModelConfig, settings: TrainSettings, corpus: Corpus, start: int) -> str:
+    s = settings
+    return (
+        f"model {count_params(config)['total']:,} parameters; data {corpus.info['source']}: "
+        f"{corpus.info['tokens']:,} tokens ({len(corpus.train):,} train, {len(corpus.val):,} "
+        f"validation), byte-unigram entropy {corpus.info['unigram_entropy']:.4f} nats/byte; "
+        f"B={s.batch} T={s.seq} steps {start}->{s.steps}"
+    )
+
+
+def train(
+    run_dir: str | Path,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+    stream: TextIO | None = None,
+    **requested: Any,
+) -> dict[str, Any]:
+    """Train into ``run_dir``; ``requested`` holds ``TrainSettings`` fields. Returns the summary
+    (also written to ``RUN_DIR/summary.json``); ``summary["stopped_by"]`` names a signal that stopped
+    the run early (its checkpoint saved), else None."""
+    path = Path(run_dir)
+    config, settings, meta = resolve(path, resume, preset, overrides, requested)
+    settings.check(config)
+    corpus = prepare_data(settings, meta)
+    start = 0 if meta is None else int(meta["step"])
+    path.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(path, start)
+    reporter = Reporter(
+        path,
+        settings.steps,
+        settings.batch * settings.seq,
+        sys.stderr if stream is None else stream,
+        settings.log_every,
+    )
+    reporter.line(_header(config, settings, corpus, start))
+    try:
+        run = Run(path, config, settings, corpus, reporter)
+        with stop_requests() as stop:
+            step = run.loop(run.initial_state(start), start, stop)
+    finally:
+        reporter.close()
+    summary = _summary(path, corpus, step, settings, reporter)
+    summary["stopped_by"] = signal.Signals(stop[0]).name if stop else None
+    (path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """The summary as a few lines for people."""
+    lines = [f"run {summary['run_dir']}: step {summary['step']} of {summary['steps']}"]
+    if summary["stopped_by"]:
+        lines.append(
+            f"stopped by {summary['stopped_by']}: checkpoint saved; continue with --resume"
+        )
+    lines.append(f"byte-unigram entropy  {summary['unigram_entropy']:.4f} nats/byte")
+    if summary["first_val_loss"] is not None:
+        lines.append(
+            f"validation loss       {summary['first_val_loss']:.4f} nats/byte at step {summary['first_val_step']}"
+        )
+        lines.append(
+            f"                   -> {summary['last_val_loss']:.4f} nats/byte at step {summary['last_val_step']}"
+        )
+    if summary["tokens_per_s"] is not None:
+        lines.append(f"throughput            {summary['tokens_per_s']:,.0f} tokens/s (median step)")
+    lines.append(f"wall time             {format_seconds(summary['wall_s'])}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""What a training run tells its user and leaves behind: a progress bar on a terminal, plain log lines
+otherwise, and every step's metrics appended as JSON lines to ``RUN_DIR/metrics.jsonl``.
+
+Records (one JSON object per line):
+  {"kind": "train", "step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "elapsed_s"}
+  {"kind": "val", "step", "val_loss", "elapsed_s"}
+``step`` counts updates applied (the state after the record's update); losses are nats per token (byte).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+_BAR_WIDTH = 24
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``3s``; ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop records after ``step``: a resumed run rewrites the steps its predecessor did not save."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(kept))
+
+
+class Reporter:
+    """Shows progress on ``stream`` and appends metrics to ``RUN_DIR/metrics.jsonl``.
+
+    Throughput counts only the steps' own time (``step_s``), not evaluation or checkpointing, and
+    leaves out the first step of a process, which includes compilation.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        tokens_per_step: int,
+        stream: TextIO,
+        log_every: int,
+    ) -> None:
+        self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
+        self.log_every = log_every
+        self.tty = stream.isatty()
+        self.metrics = (run_dir / METRICS_FILE).open("a")
+        self.start = time.perf_counter()
+        self.step_times: list[float] = []  # seconds of each step after the first
+        self.first_step = True
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def tokens_per_s(self, window: int = 20) -> float:
+        """Tokens per second over the last ``window`` timed steps (NaN before any)."""
+        recent = self.step_times[-window:]
+        return self.tokens_per_step * len(recent) / sum(recent) if recent else math.nan
+
+    def eta(self, step: int) -> float:
+        recent = self.step_times[-20:]
+        return (self.total - step) * sum(recent) / len(recent) if recent else math.nan
+
+    def train(self, step: int, metrics: dict[str, float], step_s: float) -> None:
+        """Record the update that brought the run to ``step``; it took ``step_s`` seconds."""
+        if not self.first_step:
+            self.step_times.append(step_s)
+        self.first_step = False
+        record = {"kind": "train", "step": step, **metrics, "step_s": step_s}
+        record["tokens_per_s"] = self.tokens_per_step / step_s
+        self._append({**record, "elapsed_s": time.perf_counter() - self.start})
+        if self.tty:
+            self._draw(step, metrics["loss"])
+        elif step % self.log_every == 0 or step == self.total:
+            self.line(
+                f"step {step}/{self.total}  loss {metrics['loss']:.4f}  "
+                f"grad_norm {metrics['grad_norm']:.3f}  lr {metrics['lr']:.2e}  "
+                f"{self.tokens_per_s():,.0f} tok/s  ETA {format_seconds(self.eta(step))}"
+            )
+
+    def val(self, step: int, val_loss: float) -> None:
+        self._append(
+            {
+                "kind": "val",
+                "step": step,
+                "val_loss": val_loss,
+                "elapsed_s": time.perf_counter() - self.start,
+            }
+        )
+        self.line(f"step {step}/{self.total}  validation loss {val_loss:.4f} nats/byte")
+
+    def line(self, text: str) -> None:
+        """A message on its own line (above the bar on a terminal)."""
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+    def _draw(self, step: int, loss: float) -> None:
+        filled = _BAR_WIDTH * step // self.total
+        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
+        self.stream.write(
+            f"\r\x1b[K{step}/{self.total} [{bar}] loss {loss:.4f}  "
+            f"{self.tokens_per_s():,.0f} tok/s  ETA {format_seconds(self.eta(step))}"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        self.metrics.close()

@@ -1,0 +1,195 @@
+"""The training phase: the optax optimizer, the TrainState pytree and the compiled train step.
+
+``step = make_train_step(config, optimizer)`` is a ``jax.jit`` function ``(state, batch[B, T+1] int32) ->
+(state, metrics)`` with the state donated, so XLA updates parameters and optimizer moments in place.
+Row b of a batch holds T+1 consecutive tokens: the model reads the first T and predicts the last T.
+
+Mixed precision: parameters are stored in ``config.param_dtype`` and the model computes in
+``config.dtype``; gradients, the AdamW moments, the loss and the update are float32, so with f32 master
+weights and bf16 compute only the matmuls run in bf16.
+
+Nothing here needs concrete parameters before the step is traced: the optimizer is built from
+hyperparameters alone and its weight-decay mask is a function of the parameter tree, so the step of a
+large preset can be lowered from ``jax.eval_shape(lambda: init_state(...))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxllm.config import ModelConfig
+from jaxllm.model import Params, Transformer, init_params
+
+Batch = jax.Array  # [B, T+1] int32 token ids
+Metrics = dict[str, jax.Array]  # loss (nats/token), grad_norm, lr: float32 scalars
+
+# Leaves that weight decay applies to: projection kernels and embedding tables. Biases and norm scales
+# are left alone. Names rather than ndim >= 2, because under nn.scan a bias [F] is stored as [L, F] and an
+# attention bias is [N, H] even unscanned.
+DECAYED = ("kernel", "embedding")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a train step reads and rewrites; donated to the step."""
+
+    step: jax.Array  # [] int32: updates applied so far
+    params: Params  # in config.param_dtype
+    opt_state: optax.OptState  # float32: clipping state, AdamW moments m and v, schedule count
+
+
+def decay_mask(params: Params) -> Params:
+    """A bool tree: True where weight decay applies (``DECAYED`` leaves)."""
+
+    def is_weight(path: tuple[Any, ...], _: Any) -> bool:
+        return str(getattr(path[-1], "key", path[-1])) in DECAYED
+
+    return jax.tree_util.tree_map_with_path(is_weight, params)
+
+
+def make_schedule(lr: float, total_steps: int, warmup: int, final_fraction: float = 0.1) -> Any:
+    """Learning rate by step: linear from 0 to ``lr`` over ``warmup`` steps, then cosine decay to
+    ``final_fraction * lr`` at ``total_steps``."""
+    if not lr > 0:
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+    if not 0 <= warmup < total_steps:
+        raise ValueError(f"warmup must be in [0, total_steps={total_steps}), got {warmup}")
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, total_steps, end_value=lr * final_fraction
+    )
+
+
+def make_optimizer(
+    lr: float = 1e-3,
+    total_steps: int = 1000,
+    warmup: int = 100,
+    weight_decay: float = 0.1,
+    clip_norm: float = 1.0,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (β1 0.9, β2 0.95, decay masked to weight matrices) on a
+    warmup-cosine schedule. The learning rate of each update is kept in the optimizer state
+    (``optax.inject_hyperparams``) so the step can report it."""
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        adamw(
+            learning_rate=make_schedule(lr, total_steps, warmup),
+            b1=0.9,
+            b2=0.95,
+            weight_decay=weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def learning_rate(opt_state: optax.OptState) -> jax.Array:
+    """The learning rate of the last update, as recorded by ``optax.inject_hyperparams``."""
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array)
+    )
+    if len(found) != 1:
+        raise ValueError(
+            "the optimizer must record one learning rate with optax.inject_hyperparams "
+            f"(found {len(found)}); build it with jaxllm.train.make_optimizer"
+        )
+    return found[0][1]
+
+
+def _f32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def init_state(
+    config: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+    """Fresh parameters (``init_params``) and float32 optimizer state, at step 0; one compiled call."""
+
+    def init(key: jax.Array) -> TrainState:
+        params = init_params(config, key)
+        opt_state = optimizer.init(_f32(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    return jax.jit(init)(key)
+
+
+def loss_fn(params: Params, batch: Batch, config: ModelConfig) -> jax.Array:
+    """Mean next-token cross entropy of batch[B, T+1], in nats per token, computed in float32."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
+    B, T = inputs.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _ = Transformer(config).apply({"params": params}, inputs, positions)  # [B, T, V]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return losses.mean()
+
+
+def loss_and_grads(params: Params, batch: Batch, config: ModelConfig) -> tuple[jax.Array, Params]:
+    """The loss and its float32 gradient with respect to the parameters (whatever their dtype)."""
+
+    def from_f32(params32: Params) -> jax.Array:
+        stored = jax.tree.map(lambda p32, p: p32.astype(p.dtype), params32, params)
+        return loss_fn(stored, batch, config)
+
+    return jax.value_and_grad(from_f32)(_f32(params))
+
+
+def accumulated_grads(
+    params: Params, batch: Batch, config: ModelConfig, accum_steps: int
+) -> tuple[jax.Array, Params]:
+    """Loss and gradient of batch[B, T+1] as the mean over ``accum_steps`` micro-batches of B/k rows,
+    one at a time under ``lax.scan`` (activation memory of one micro-batch)."""
+    if accum_steps == 1:
+        return loss_and_grads(params, batch, config)
+    B = batch.shape[0]
+    if B % accum_steps:
+        raise ValueError(f"batch size {B} is not divisible by accum_steps={accum_steps}")
+    micro = batch.reshape(accum_steps, B // accum_steps, batch.shape[1])
+
+    def add(total: Any, micro_batch: Batch) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, total, loss_and_grads(params, micro_batch, config)), None
+
+    zero = (
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+    )
+    total, _ = jax.lax.scan(add, zero, micro)
+    return jax.tree.map(lambda x: x / accum_steps, total)
+
+
+def make_train_step(
+    config: ModelConfig, optimizer: optax.GradientTransformation, accum_steps: int = 1
+) -> Any:
+    """The compiled step ``(state, batch[B, T+1] int32) -> (state, metrics)``, state donated.
+
+    Metrics: ``loss`` (nats/token, before the update), ``grad_norm`` (global L2 norm before clipping),
+    ``lr`` (the learning rate applied).
+    """
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        loss, grads = accumulated_grads(state.params, batch, config, accum_steps)
+        updates, opt_state = optimizer.update(grads, state.opt_state, _f32(state.params))
+        params: Params = optax.apply_updates(state.params, updates)  # pyright: ignore[reportAssignmentType]  # cast back to param_dtype
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": learning_rate(opt_state).astype(jnp.float32),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(config: ModelConfig) -> Any:
+    """The compiled ``(params, batch[B, T+1]) -> loss`` (nats/token), nothing donated."""
+    return jax.jit(lambda params, batch: loss_fn(params, batch, config))

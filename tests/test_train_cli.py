@@ -1,0 +1,104 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import pytest
+
+from jaxllm import checkpoint, data, loop
+from jaxllm.cli import main
+
+TINY = ["--preset", "tiny", "--batch", "4", "--seq", "16"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(data.default_corpus_files()[0].read_bytes()[:24_000])
+    return str(path)
+
+
+def test_train_command_writes_a_run_that_serving_can_load(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--steps", "8", "--data", corpus, "--out", str(out)]
+    argv += [
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "1",
+    ]  # test_loop's settings: shared compiled steps
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "byte-unigram entropy" in printed.out and "validation loss" in printed.out
+    assert "validation loss" in printed.err  # progress lines
+    summary = json.loads((out / loop.SUMMARY_FILE).read_text())
+    assert summary["step"] == 8 and summary["stopped_by"] is None
+    assert summary["unigram_entropy"] == pytest.approx(
+        data.unigram_entropy(data.load_corpus(corpus))
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in records if r["kind"] == "val"] == [0, 4, 8]
+    config, params = checkpoint.load_params(out)
+    assert config.d_model == 32 and params["embed"]["embedding"].shape == (257, 32)
+    # The same directory again without --resume would overwrite it: refused.
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        (["--batch", "0"], "batch must be a positive integer"),
+        (["--seq", "100"], "exceeds the model's context max_len=64"),
+        (["--data", "/nonexistent/corpus"], "does not exist"),
+        (["--resume"], "no checkpoint directory"),
+        (["--steps", "ten"], "invalid int value"),
+    ],
+)
+def test_bad_train_input_is_one_line(tmp_path, extra, word, capsys):
+    assert main(["train", *TINY, "--out", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert word in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow  # a second Python process importing JAX and compiling: ~10-30 s on 2 shared cores
+def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, corpus):
+    """The in-process signal path runs in make test (test_loop); this one kills a real process."""
+    out, steps = tmp_path / "run", 400
+    argv = [*TINY, "--steps", str(steps), "--data", corpus, "--eval-every", "1000"]
+    with (tmp_path / "stderr.txt").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxllm", "train", *argv, "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        metrics = out / "metrics.jsonl"
+        while proc.poll() is None and (
+            not metrics.is_file() or metrics.read_text().count('"train"') < 5
+        ):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "stderr.txt").read_text()
+    assert "stopped by SIGTERM" in stdout
+    stopped = checkpoint.latest_step(out)
+    assert 5 <= stopped < steps
+    assert json.loads((out / loop.SUMMARY_FILE).read_text())["step"] == stopped
+
+    assert loop.train(out, resume=True)["step"] == steps
+    loop.train(
+        tmp_path / "straight",
+        preset="tiny",
+        batch=4,
+        seq=16,
+        steps=steps,
+        eval_every=1000,
+        data=corpus,
+    )
+    chex.assert_trees_all_equal(
+        checkpoint.load_params(out)[1], checkpoint.load_params(tmp_path / "straight")[1]
+    )
