@@ -107,6 +107,11 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _label(args: argparse.Namespace) -> str:
+    """What the model is called in output: its preset, or the Hugging Face directory it came from."""
+    return getattr(args, "hf_dir", None) or args.preset
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxllm import loop
 
@@ -181,11 +186,6 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="steps between log lines when stderr is not a terminal (default: 10)",
     )
     p.set_defaults(func=cmd_train)
-
-
-def _label(args: argparse.Namespace) -> str:
-    """What the model is called in output: its preset, or the Hugging Face directory it came from."""
-    return getattr(args, "hf_dir", None) or args.preset
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
