@@ -159,16 +159,11 @@ def test_prefill_then_decode_matches_reference(name, scan):
         np.testing.assert_array_equal(np.stack(chosen, axis=1)[b], ref)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param("gpt2", marks=pytest.mark.slow),
-        "llama",
-        pytest.param("llama-sharded-bf16", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
 def test_serve_generate_matches_reference_greedy(name):
-    """jaxllm.serve: one batched prefill, then the on-device decode loop."""
+    """jaxllm.serve: one batched prefill, then the on-device decode loop (the generate CLI tests
+    below run the same path for gpt2 and llama in the fast suite)."""
     from jaxllm import serve
     from jaxllm.sampling import Sampler
 
