@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset
 
@@ -253,23 +254,49 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         return f.read().splitlines()
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _generation_model(args: argparse.Namespace) -> tuple[ModelConfig, Any, Any, tuple[int, ...]]:
+    """(config, params, tokenizer or None, stop tokens) of --checkpoint (byte-level tokenizer, EOT)
+    or --hf-dir (its tokenizer.json if any, its config.json's eos_token_id)."""
+    if args.hf_dir:
+        from jaxllm import hf
+        from jaxllm.tokenizer import load_hf_tokenizer
+
+        config, params = hf.load(args.hf_dir, args.override)
+        tokenizer = load_hf_tokenizer(args.hf_dir, config.vocab_size)
+        return config, params, tokenizer, hf.eos_ids(args.hf_dir, config.vocab_size)
+    if args.override:
+        raise UsageError("--override applies to --hf-dir (a jaxllm checkpoint keeps its config)")
     import importlib
 
-    import jax
-
-    from jaxllm import checkpoint, serve
-    from jaxllm.sampling import Sampler
+    from jaxllm import checkpoint
 
     data = importlib.import_module("jaxllm.data")  # the byte-level tokenizer (jaxllm.train's)
+    config, params = checkpoint.load_params(args.checkpoint)
+    return config, params, data, (data.EOT,)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxllm import serve
+    from jaxllm.sampling import Sampler
+    from jaxllm.tokenizer import parse_ids
 
     sampler = Sampler(args.temperature, args.top_k, args.top_p)
-    texts = _read_prompts(args)
-    config, params = checkpoint.load_params(args.checkpoint)
-    prompts = [data.encode(t) for t in texts]
+    config, params, tokenizer, stop = _generation_model(args)
+    if args.prompt_ids is not None:
+        texts, prompts = [args.prompt_ids], [parse_ids(args.prompt_ids, config.vocab_size).tolist()]
+    elif tokenizer is None:
+        raise UsageError(f"{args.hf_dir} has no tokenizer.json: give the prompt as --prompt-ids")
+    else:
+        texts = _read_prompts(args)
+        prompts = [tokenizer.encode(t).tolist() for t in texts]
     key = jax.random.key(args.seed)
-    gen = serve.generate(config, params, prompts, args.max_new_tokens, sampler, key, (data.EOT,))
-    outputs = [data.decode(t) for t in gen.tokens]
+    gen = serve.generate(config, params, prompts, args.max_new_tokens, sampler, key, stop)
+    if tokenizer is None:
+        outputs = [",".join(map(str, t)) for t in gen.tokens]
+    else:
+        outputs = [tokenizer.decode(t) for t in gen.tokens]
     if not args.json:
         print("\n".join(outputs))
         return 0
@@ -289,13 +316,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint (byte-level tokenizer)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a jaxllm run directory")
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint", metavar="DIR", help="a jaxllm run directory (byte-level tokenizer)"
+    )
+    model.add_argument(
+        "--hf-dir",
+        metavar="DIR",
+        help="a local Hugging Face GPT-2/Llama checkpoint (its tokenizer.json, if any)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="with --hf-dir: change a numeric field, e.g. param_dtype=bfloat16 (repeatable)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="one prompt")
     src.add_argument(
         "--prompts-file", metavar="FILE", help="one prompt per line, run as one left-padded batch"
     )
+    src.add_argument("--prompt-ids", metavar="IDS", help="one prompt as token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")

@@ -69,6 +69,14 @@ def model_type(hf_dir: str | Path) -> str:
     return read_json(Path(hf_dir) / CONFIG).get("model_type", "")
 
 
+def eos_ids(hf_dir: str | Path, vocab_size: int) -> tuple[int, ...]:
+    """The end-of-sequence ids of config.json's ``eos_token_id`` (an id or a list), those in the
+    vocabulary; generation stops on them as transformers' does."""
+    eos = read_json(Path(hf_dir) / CONFIG).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise HFError(f"{path}: missing (not a Hugging Face checkpoint directory?)")

@@ -159,6 +159,22 @@ def test_prefill_then_decode_matches_reference(name, scan):
         np.testing.assert_array_equal(np.stack(chosen, axis=1)[b], ref)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_serve_generate_matches_reference_greedy(name):
+    """jaxllm.serve: one batched prefill, then the on-device decode loop (the generate CLI tests
+    below run the same path for gpt2 and llama in the fast suite)."""
+    from jaxllm import serve
+    from jaxllm.sampling import Sampler
+
+    config, params = loaded(name, scan=True)
+    prompts, _, greedy = reference(name)
+    gen = serve.generate(
+        config, params, [p.tolist() for p in prompts], len(greedy[0]), Sampler(0.0)
+    )
+    assert gen.tokens == [g.tolist() for g in greedy]
+
+
 # --- tokenizer --------------------------------------------------------------------------------
 
 
@@ -296,6 +312,35 @@ def test_info_hf_dir_prints_the_checkpoint_config(capsys):
     assert out["config"]["n_kv_heads"] == 2 and out["config"]["tie_embeddings"] is False
     # 2 layers x (q 32x32 + k, v 32x16 + o 32x32 + 3 x 32x64 + 2 norms 32) + embed + head 256x32 + norm
     assert out["params"]["total"] == 2 * (1024 + 2 * 512 + 1024 + 3 * 2048 + 64) + 2 * 8192 + 32
+
+
+def test_generate_hf_dir_text_prompt_matches_reference(capsys):
+    argv = ["generate", "--hf-dir", str(FIXTURES / "gpt2"), "--temperature", "0"]
+    text = json.loads((FIXTURES / "gpt2" / "prompts.json").read_text())[0]
+    assert main([*argv, "--prompt", text, "--max-new-tokens", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["tokens"] == reference("gpt2")[2][0].tolist()
+
+
+def test_generate_hf_dir_prompt_ids_matches_reference(capsys):
+    prompt, greedy = reference("llama")[0][0], reference("llama")[2][0]
+    argv = ["generate", "--hf-dir", str(FIXTURES / "llama"), "--temperature", "0"]
+    assert main([*argv, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == ",".join(map(str, greedy))
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        (["--prompt", "hello"], "has no tokenizer.json: give the prompt as --prompt-ids"),
+        (["--prompt-ids", "1,256"], "token id 256 is outside the vocabulary [0, 256)"),
+        (["--prompt-ids", "1", "--override", "d_ff=80"], "has shape [64, 32]"),
+    ],
+)
+def test_generate_hf_dir_errors_are_one_line(extra, word, capsys):
+    assert main(["generate", "--hf-dir", str(FIXTURES / "llama"), *extra]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and word in err, err
 
 
 def test_info_hf_dir_error_is_one_line(tmp_path, capsys):
