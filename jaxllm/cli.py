@@ -254,14 +254,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import importlib
-
     import jax
 
-    from jaxllm import checkpoint, serve
+    from jaxllm import checkpoint, data, serve
     from jaxllm.sampling import Sampler
-
-    data = importlib.import_module("jaxllm.data")  # the byte-level tokenizer (jaxllm.train's)
 
     sampler = Sampler(args.temperature, args.top_k, args.top_p)
     texts = _read_prompts(args)
