@@ -266,11 +266,8 @@ def _generation_model(args: argparse.Namespace) -> tuple[ModelConfig, Any, Any, 
         return config, params, tokenizer, hf.eos_ids(args.hf_dir, config.vocab_size)
     if args.override:
         raise UsageError("--override applies to --hf-dir (a jaxllm checkpoint keeps its config)")
-    import importlib
+    from jaxllm import checkpoint, data
 
-    from jaxllm import checkpoint
-
-    data = importlib.import_module("jaxllm.data")  # the byte-level tokenizer (jaxllm.train's)
     config, params = checkpoint.load_params(args.checkpoint)
     return config, params, data, (data.EOT,)
 

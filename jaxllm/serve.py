@@ -39,6 +39,8 @@ from jaxllm.config import ModelConfig
 from jaxllm.model import Params, Transformer, unstack_layers
 from jaxllm.sampling import GREEDY, Sampler
 
+Prompt = Sequence[int] | np.ndarray  # token ids of one request
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -259,7 +261,7 @@ class Batch:
 
 
 def make_batch(
-    config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]
+    config: ModelConfig, prompts: Sequence[Prompt], max_new_tokens: int | Sequence[int]
 ) -> Batch:
     """Validate the requests and left-pad them; ValueError naming the bad value and the limit."""
     if len(prompts) == 0:
@@ -346,7 +348,7 @@ def for_serving(config: ModelConfig, params: Params) -> tuple[ModelConfig, Param
 def generate(
     config: ModelConfig,
     params: Params,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Prompt],
     max_new_tokens: int | Sequence[int],
     sampler: Sampler = GREEDY,
     key: jax.Array | None = None,
@@ -411,7 +413,7 @@ def _host_loop(
 def generate_per_step(
     config: ModelConfig,
     params: Params,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Prompt],
     max_new_tokens: int | Sequence[int],
     sampler: Sampler = GREEDY,
     key: jax.Array | None = None,

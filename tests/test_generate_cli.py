@@ -1,37 +1,14 @@
-import importlib
 import json
-import sys
-import types
 
 import jax
-import numpy as np
 import pytest
 
-from jaxllm import checkpoint
+from jaxllm import checkpoint, data
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 from jaxllm.model import init_params
 
 CFG = PRESETS["tiny"]  # byte vocabulary: 256 bytes + end-of-text
-
-
-def _byte_tokenizer() -> types.ModuleType:
-    """jaxllm.data if it is installed, else a stand-in with its names (encode, decode, EOT)."""
-    try:
-        return importlib.import_module("jaxllm.data")
-    except ModuleNotFoundError:
-        shim = types.ModuleType("jaxllm.data")
-        shim.EOT = 256  # pyright: ignore[reportAttributeAccessIssue]
-        shim.encode = lambda text: np.frombuffer(text.encode(), np.uint8).astype(np.int32)  # pyright: ignore[reportAttributeAccessIssue]
-        shim.decode = lambda ids: bytes(i for i in ids if i < 256).decode(errors="replace")  # pyright: ignore[reportAttributeAccessIssue]
-        return shim
-
-
-@pytest.fixture(autouse=True)
-def tokenizer(monkeypatch):
-    module = _byte_tokenizer()
-    monkeypatch.setitem(sys.modules, "jaxllm.data", module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +24,7 @@ def _generate(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_prompts_file_batch_equals_each_prompt_alone(run_dir, tmp_path, capsys, tokenizer):
+def test_prompts_file_batch_equals_each_prompt_alone(run_dir, tmp_path, capsys):
     prompts = ["Hello", "Hi, you"]  # 5 and 7 bytes: one bucket, so the alone runs share a program
     file = tmp_path / "prompts.txt"
     file.write_text("\n".join(prompts) + "\n")
@@ -57,7 +34,7 @@ def test_prompts_file_batch_equals_each_prompt_alone(run_dir, tmp_path, capsys, 
     assert [r["tokens"] for r in batch["results"]] == [r["tokens"] for r in alone]
     for result, prompt in zip(batch["results"], prompts, strict=True):
         assert result["prompt"] == prompt
-        assert result["text"] == tokenizer.decode(result["tokens"])
+        assert result["text"] == data.decode(result["tokens"])
         assert len(result["tokens"]) == 5 or result["stopped"]
     timing = batch["timing"]
     assert timing["prefill_s"] > 0 and timing["decode_s"] > 0 and timing["decode_tokens_per_s"] > 0
