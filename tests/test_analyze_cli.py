@@ -1,6 +1,5 @@
 """``jaxllm analyze`` and ``jaxllm info``'s memory figures, end to end on the real phases."""
 
-import importlib.util
 import json
 
 import pytest
@@ -8,15 +7,6 @@ import pytest
 from jaxllm import analytic, bench
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
-
-
-# The phases come from jaxllm.train and jaxllm.serve (other branches until they are merged).
-def _needs(module: str) -> pytest.MarkDecorator:
-    missing = importlib.util.find_spec(f"jaxllm.{module}") is None
-    return pytest.mark.skipif(missing, reason=f"jaxllm.{module} not in this tree yet")
-
-
-needs_serve, needs_train = _needs("serve"), _needs("train")
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +27,6 @@ def test_info_json_has_memory_and_kv_bytes_per_token(capsys):
     assert out["memory"]["train"]["adam"] == 2 * 4 * out["params"]["total"]
 
 
-@needs_serve
 def test_analyze_gpt2_decode_json(capsys):
     argv = ["analyze", "--preset", "gpt2", "--phase", "decode", "--batch", "8", "--seq", "1024"]
     assert main([*argv, "--json", "--quick"]) == 0
@@ -59,11 +48,11 @@ WIDE = ["--preset", "tiny", "--override", "d_model=256", "--override", "d_ff=102
 @pytest.mark.parametrize(
     ("phase", "extra"),
     [
-        pytest.param("train", [], marks=needs_train),
-        pytest.param("prefill", [], marks=needs_serve),
-        pytest.param("decode", [], marks=needs_serve),
-        pytest.param("decode", ["--override", "n_kv_heads=2"], marks=needs_serve),
-        pytest.param("prefill", ["--override", "scan_layers=false"], marks=needs_serve),
+        ("train", []),  # scanned layers: proves the loop correction
+        ("train", ["--override", "scan_layers=false"]),
+        ("prefill", []),  # serving phases run with unrolled layers (jaxllm.serve.for_serving)
+        ("decode", []),
+        ("decode", ["--override", "n_kv_heads=2"]),
     ],
 )
 def test_real_phases_match_the_analytic_count(phase, extra, capsys):
@@ -74,7 +63,6 @@ def test_real_phases_match_the_analytic_count(phase, extra, capsys):
     assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
 
 
-@needs_train
 def test_analyze_measure_tiny_train_and_table(capsys):
     argv = ["analyze", "--preset", "tiny", "--phase", "train", "--batch", "2", "--seq", "16"]
     assert main([*argv, "--measure", "--quick", "--json"]) == 0
@@ -89,7 +77,6 @@ def test_analyze_measure_tiny_train_and_table(capsys):
     assert "analytic" in capsys.readouterr().out
 
 
-@needs_serve
 def test_measure_of_a_model_that_does_not_fit_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(bench, "available_bytes", lambda: 1000)
     argv = ["analyze", "--preset", "tiny", "--phase", "decode", "--batch", "1", "--seq", "8"]
@@ -113,7 +100,6 @@ def test_bad_input_is_one_readable_line(argv, word, capsys):
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-@needs_serve
 @pytest.mark.slow
 def test_llama3_8b_analysed_from_shapes(capsys):
     argv = ["analyze", "--preset", "llama3-8b", "--phase", "decode", "--batch", "1", "--seq", "512"]
@@ -123,8 +109,6 @@ def test_llama3_8b_analysed_from_shapes(capsys):
     assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
 
 
-@needs_train
-@needs_serve
 @pytest.mark.slow
 def test_bench_quick_json_lines(capsys):
     assert main(["bench", "--presets", "tiny", "--batches", "1", "2", "--quick", "--json"]) == 0
