@@ -15,7 +15,6 @@ Sizes are checked here, before anything is traced.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -67,23 +66,14 @@ def _capacity(config: ModelConfig, phase: str, seq: int) -> int:
     return analytic.decode_capacity(config, seq - 1)
 
 
-def _phase_module(name: str) -> Any:
-    """jaxllm.train or jaxllm.serve, imported when a phase is built (they own the phases)."""
-    try:
-        return importlib.import_module(f"jaxllm.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"jaxllm.{name}":
-            raise
-        raise ValueError(f"this install has no jaxllm.{name}, which builds the phase") from err
-
-
 def _unwrap(phase: Any) -> Any:
     """jaxllm.serve returns a Phase (Python checks + ``.jitted``); analysis lowers the jitted part."""
     return getattr(phase, "jitted", phase)
 
 
 def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Callable]:
-    train = _phase_module("train")
+    from jaxllm import train
+
     optimizer = train.make_optimizer()
     step = train.make_train_step(config, optimizer)
     state = jax.eval_shape(lambda: train.init_state(config, optimizer, jax.random.key(0)))
@@ -103,7 +93,8 @@ def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
 
 
 def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
-    serve = _phase_module("serve")
+    from jaxllm import serve
+
     index = 0 if phase == "prefill" else seq - 1  # a decode step completes a context of seq tokens
     abstract_cache, fresh_cache = _cache(config, batch, capacity, index)
     tokens = jax.ShapeDtypeStruct((batch, seq) if phase == "prefill" else (batch,), jnp.int32)
