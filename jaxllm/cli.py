@@ -183,13 +183,18 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _label(args: argparse.Namespace) -> str:
+    """What the model is called in output: its preset, or the Hugging Face directory it came from."""
+    return getattr(args, "hf_dir", None) or args.preset
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from jaxllm import bench, phases
 
     config = config_from_args(args)
     phases.check_sizes(config, args.phase, args.batch, args.seq)
     row = bench.analyze_phase(
-        config, args.phase, args.batch, args.seq, args.measure, args.quick, args.preset
+        config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )
     print(json.dumps(row) if args.json else "\n".join(bench.analysis_table(row)))
     return 0
@@ -241,12 +246,72 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    with open(args.prompts_file, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import importlib
+
+    import jax
+
+    from jaxllm import checkpoint, serve
+    from jaxllm.sampling import Sampler
+
+    data = importlib.import_module("jaxllm.data")  # the byte-level tokenizer (jaxllm.train's)
+
+    sampler = Sampler(args.temperature, args.top_k, args.top_p)
+    texts = _read_prompts(args)
+    config, params = checkpoint.load_params(args.checkpoint)
+    prompts = [data.encode(t) for t in texts]
+    key = jax.random.key(args.seed)
+    gen = serve.generate(config, params, prompts, args.max_new_tokens, sampler, key, (data.EOT,))
+    outputs = [data.decode(t) for t in gen.tokens]
+    if not args.json:
+        print("\n".join(outputs))
+        return 0
+    results = [
+        {"prompt": p, "text": o, "tokens": t, "stopped": s}
+        for p, o, t, s in zip(texts, outputs, gen.tokens, gen.stopped, strict=True)
+    ]
+    timing = {
+        "compile_s": gen.compile_s,
+        "prefill_s": gen.prefill_s,
+        "decode_s": gen.decode_s,
+        "decode_steps": gen.decode_steps,
+        "decode_tokens_per_s": gen.decode_tokens_per_s,
+    }
+    print(json.dumps({"results": results, "timing": timing}))
+    return 0
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint (byte-level tokenizer)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a jaxllm run directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="one prompt")
+    src.add_argument(
+        "--prompts-file", metavar="FILE", help="one prompt per line, run as one left-padded batch"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set with mass p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+
 # Each entry adds one subcommand's parser (and its handler through set_defaults(func=...)).
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
     _analyze_parser,
     _bench_parser,
     _train_parser,
+    _generate_parser,
 ]
 
 

@@ -106,7 +106,7 @@ def _copy_bytes_per_s(nbytes: int, repeats: int) -> float:
 
 def measure(quick: bool = False) -> dict[str, Any]:
     """Calibrates this device now (about 1 s quick, a few seconds otherwise)."""
-    n, nbytes, repeats = (512, 16 << 20, 3) if quick else (2048, 256 << 20, 5)
+    n, nbytes, repeats = (1024, 64 << 20, 3) if quick else (2048, 256 << 20, 5)
     return {
         "device_kind": device_kind(),
         "platform": jax.devices()[0].platform,

@@ -151,9 +151,16 @@ class Attention(nn.Module):
         splits = [val.shape[2] for val in values][:-1]
         parts = jnp.split(probs, [sum(splits[: i + 1]) for i in range(len(splits))], axis=-1)
         out = sum(
-            jnp.einsum("BKGTS,BKSH->BTKGH", p, val) for p, val in zip(parts, values, strict=True)
+            jnp.einsum("BKGTS,BKSH->BKGTH", p, val) for p, val in zip(parts, values, strict=True)
         )
-        out = jnp.asarray(out).reshape(B, T, N, H)
+        out = jnp.asarray(out).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+        if kv is not None:
+            # A data dependency from this layer's reads of the cache to its new keys and values: it
+            # orders the in-place cache write after the reads. Without it XLA cannot tell the order
+            # and copies the whole cache (measured: 2 full copies per layer). x * 0 is kept by XLA for
+            # floats; it is 0 unless the output is already inf/NaN.
+            tie = (out.reshape(-1)[0] * 0).astype(k_new.dtype)
+            k_new, v_new = k_new + tie, v_new + tie
         std = 0.02 / math.sqrt(2 * cfg.n_layers)
         y = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if bias else None, cfg, std, name="o")(out)
         return y, (k_new, v_new)
@@ -278,11 +285,11 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]
                 length=cfg.n_layers,
             )
-            kv = None if cache is None else (cache.k, cache.v)
+            kv = None if cache is None or cache.attended == 0 else cache.stacked_kv()
             return stack(cfg, name="blocks")(x, kv, positions, pad, offset)
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
+            kv = None if cache is None or cache.attended == 0 else cache.layer(i)
             x, (k, v) = block(cfg, name=f"block_{i}")(x, kv, positions, pad, offset)
             new_k.append(k)
             new_v.append(v)

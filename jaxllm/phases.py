@@ -4,11 +4,11 @@ to time them, and the analytic view of each.
 - ``train``: ``jaxllm.train.make_train_step(config, make_optimizer())`` on a batch [B, T + 1];
   B·T tokens per call.
 - ``prefill``: ``jaxllm.serve.make_prefill(config)`` on tokens [B, T] into an empty cache of
-  capacity S = T; B·T tokens per call.
+  capacity S = T; B·T tokens per call. It reads none of the empty cache (its window is 0).
 - ``decode``: ``jaxllm.serve.make_decode_step(config)``, one token per sequence. ``--seq S`` is the
   context the step completes: S - 1 tokens are cached (index S - 1) and the step writes the S-th, so
   S <= max_len. Capacity policy: S rounded up to a power of two, at most max_len (jaxllm.serve's
-  bucketing), so the step attends over that many slots.
+  bucketing), and the step attends over all of them (no window).
 Sizes are checked here, before anything is traced.
 """
 
@@ -39,6 +39,7 @@ class Program:
     batch: int
     seq: int
     capacity: int  # cache slots (0 for train)
+    slots: int  # cache slots the program reads (prefill: 0; decode: the capacity)
     tokens: int  # tokens processed per call
     jitted: Any
     abstract_args: tuple[Any, ...]
@@ -103,9 +104,9 @@ def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
 
 def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
     serve = _phase_module("serve")
-    new = seq if phase == "prefill" else 1
-    abstract_cache, fresh_cache = _cache(config, batch, capacity, 0 if new == seq else seq - 1)
-    tokens = jax.ShapeDtypeStruct((batch, new) if phase == "prefill" else (batch,), jnp.int32)
+    index = 0 if phase == "prefill" else seq - 1  # a decode step completes a context of seq tokens
+    abstract_cache, fresh_cache = _cache(config, batch, capacity, index)
+    tokens = jax.ShapeDtypeStruct((batch, seq) if phase == "prefill" else (batch,), jnp.int32)
     pad = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
     def make_args(key: jax.Array) -> Callable[[], tuple]:
@@ -130,12 +131,19 @@ def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     else:
         jitted, args, make_args = _serve(config, phase, batch, seq, capacity)
     tokens = batch if phase == "decode" else batch * seq
-    return Program(phase, config, batch, seq, capacity, tokens, jitted, args, make_args)
+    slots = capacity if phase == "decode" else 0
+    return Program(phase, config, batch, seq, capacity, slots, tokens, jitted, args, make_args)
 
 
 def analytic_view(program: Program) -> dict[str, Any]:
     """Closed-form FLOPs (both attention conventions), compulsory bytes and memory of ``program``."""
-    cfg, B, S, cap = program.config, program.batch, program.seq, program.capacity
+    cfg, B, S, cap, read = (
+        program.config,
+        program.batch,
+        program.seq,
+        program.capacity,
+        program.slots,
+    )
     if program.phase == "train":
         flops = {c: analytic.train_flops(cfg, B, S, c) for c in ("xla", "causal")}
         memory = analytic.train_memory(cfg, B, S)
@@ -144,14 +152,14 @@ def analytic_view(program: Program) -> dict[str, Any]:
         state = memory["params"] + memory["adam"]
         nbytes = 2 * state + 2 * memory["grads"] + 2 * memory["activations"]
     elif program.phase == "prefill":
-        flops = {c: analytic.prefill_flops(cfg, B, S, cap, c) for c in ("xla", "causal")}
+        flops = {c: analytic.prefill_flops(cfg, B, S, read, c) for c in ("xla", "causal")}
         memory = analytic.serve_memory(cfg, B, cap)
         # Weights read once, the cache written, float32 logits of the last position out.
         nbytes = memory["params"] + memory["kv_cache"] + B * cfg.vocab_size * 4
     else:
-        flops = {c: analytic.decode_flops(cfg, B, S - 1, cap, c) for c in ("xla", "causal")}
+        flops = {c: analytic.decode_flops(cfg, B, S - 1, read, c) for c in ("xla", "causal")}
         memory = analytic.serve_memory(cfg, B, cap)
-        moved = analytic.decode_bytes(cfg, B, S - 1, cap)
+        moved = analytic.decode_bytes(cfg, B, S - 1, read)
         nbytes = moved["total_allocated"]
     out = {
         "flops": flops["xla"],
@@ -163,6 +171,7 @@ def analytic_view(program: Program) -> dict[str, Any]:
         "params": analytic.param_counts(cfg)["total"],
         "tokens": program.tokens,
         "capacity": cap,
+        "slots_read": read,
     }
     if program.phase == "decode":
         out["decode_bytes"] = moved

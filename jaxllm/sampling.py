@@ -1,0 +1,85 @@
+"""Token sampling: greedy, temperature, top-k and top-p, as pure functions of (logits, key).
+
+Each filter maps logits[B, V] to logits[B, V] with the excluded tokens set to -inf, so they compose:
+``Sampler(temperature, top_k, top_p)`` applies temperature, then top-k, then top-p (the order of Hugging
+Face's ``generate``), and draws one token per row with ``jax.random.categorical``. ``temperature=0`` is
+greedy (argmax; top-k and top-p cannot change the argmax). The same key gives the same tokens.
+
+A ``Sampler`` is a small frozen, hashable dataclass: jitted code takes it as a static argument, so each
+distinct setting compiles once. Its fields are validated on construction, before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """The most likely token of each row: logits[B, V] -> int32 [B] (ties: the lowest id)."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep each row's k largest logits (and any tied with the k-th); the rest become -inf."""
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling).
+
+    A token is kept when the probability of the tokens ranked above it is still below p, so the top
+    token is always kept; tokens tied with the last kept one are kept too.
+    """
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]  # [B, V] descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_above < p, axis=-1, keepdims=True)  # [B, 1], >= 1
+    threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How to pick the next token: temperature (0 = greedy), then top-k, then top-p.
+
+    ``top_k=None`` and ``top_p=None`` switch those filters off.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not isinstance(t, int | float) or not t >= 0 or t == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+        if p is not None and (not isinstance(p, int | float) or not 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filter(self, logits: jax.Array) -> jax.Array:
+        """The logits[B, V] (float32) that are sampled from: scaled, with excluded tokens at -inf."""
+        logits = logits.astype(jnp.float32) / jnp.float32(self.temperature)
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            logits = top_k_filter(logits, self.top_k)
+        if self.top_p is not None and self.top_p < 1:
+            logits = top_p_filter(logits, self.top_p)
+        return logits
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """One token per row: logits[B, V] -> int32 [B]."""
+        if self.is_greedy:
+            return greedy(logits)
+        return jax.random.categorical(key, self.filter(logits), axis=-1).astype(jnp.int32)
+
+
+GREEDY = Sampler(temperature=0.0)

@@ -1,0 +1,252 @@
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import serve
+from jaxllm.cache import KVCache
+from jaxllm.config import PRESETS, ModelConfig
+from jaxllm.model import Transformer, init_params, stack_layers
+from jaxllm.sampling import GREEDY, Sampler
+
+GPT2_TINY = PRESETS["tiny"].replace(scan_layers=False)
+LLAMA_TINY = GPT2_TINY.replace(
+    norm="rmsnorm", positions="rotary", mlp="swiglu", use_bias=False, tie_embeddings=False
+)
+# MHA (K = N = 4), GQA (K = 2), MQA (K = 1); GQA runs in `make test`, all three in `make test-all`.
+VARIANTS = [
+    pytest.param(fam, k, marks=[pytest.mark.slow] if k != 2 else [])
+    for fam in ("gpt2", "llama")
+    for k in (4, 2, 1)
+]
+
+
+def tiny(family: str, n_kv_heads: int = 2) -> ModelConfig:
+    return (GPT2_TINY if family == "gpt2" else LLAMA_TINY).replace(n_kv_heads=n_kv_heads)
+
+
+@functools.cache
+def params_of(cfg: ModelConfig):
+    """Unrolled parameters, shared by every test of the same config (initialising compiles)."""
+    return init_params(cfg, jax.random.key(0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def full_logits(cfg, params, tokens, pad, positions):
+    return Transformer(cfg).apply({"params": params}, tokens, positions, pad=pad)[0]
+
+
+def _left_padded(cfg, key, B=2, T=5, extra=3):
+    """Random tokens [B, T + extra] whose row b starts with b padding columns, and their positions."""
+    tokens = jax.random.randint(key, (B, T + extra), 0, cfg.vocab_size, jnp.int32)
+    pad = jnp.arange(B, dtype=jnp.int32)
+    positions = jnp.maximum(jnp.arange(T + extra)[None, :] - pad[:, None], 0)
+    return tokens, pad, positions
+
+
+def _prefill_then_decode(cfg, params, tokens, pad, T, capacity, window=None):
+    cache = KVCache.init(cfg, tokens.shape[0], capacity).replace(window=window)
+    last, cache = serve.make_prefill(cfg)(params, tokens[:, :T], pad, cache)
+    steps = [last]
+    for t in range(T, tokens.shape[1]):
+        logits, cache = serve.make_decode_step(cfg)(params, cache, tokens[:, t])
+        steps.append(logits)
+    return jnp.stack(steps, axis=1), cache  # [B, 1 + extra, V]
+
+
+@pytest.mark.parametrize(("family", "n_kv_heads"), VARIANTS)
+def test_prefill_and_decode_equal_the_full_pass(family, n_kv_heads, key):
+    cfg = tiny(family, n_kv_heads)
+    params = params_of(cfg)
+    tokens, pad, positions = _left_padded(cfg, key)
+    full = full_logits(cfg, params, tokens, pad, positions)[:, 4:]  # the last prompt position on
+    cached, cache = _prefill_then_decode(cfg, params, tokens, pad, T=5, capacity=12)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * float(jnp.abs(full).max()))
+    assert int(cache.index) == 8
+
+
+@pytest.mark.parametrize("layout", ["stacked", "windowed"])
+def test_cache_layouts_and_windows_give_the_same_logits(layout, key):
+    cfg = tiny("llama", 2)
+    params = params_of(cfg)
+    tokens, pad, positions = _left_padded(cfg, key)
+    full = full_logits(cfg, params, tokens, pad, positions)[:, 4:]
+    if layout == "stacked":
+        cfg, params = cfg.replace(scan_layers=True), stack_layers(params, cfg.n_layers)
+    window = 8 if layout == "windowed" else None
+    cached, _ = _prefill_then_decode(cfg, params, tokens, pad, 5, capacity=32, window=window)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * float(jnp.abs(full).max()))
+
+
+PROMPTS = [[5, 17, 99], [200, 3, 3, 41, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_left_padded_batch_equals_each_prompt_alone(family):
+    cfg = tiny(family)
+    params = params_of(cfg)
+    batch = serve.generate(cfg, params, PROMPTS, 6)
+    alone = [serve.generate(cfg, params, [p], 6).tokens[0] for p in PROMPTS]
+    assert batch.tokens == alone
+    assert all(len(t) == 6 for t in alone) and batch.stopped == [False] * 3
+
+
+@pytest.mark.slow
+def test_device_loop_equals_per_step_loop_when_sampling():
+    """Sampled tokens agree token for token, across the windows [64, 128) and [64, 128]."""
+    cfg = tiny("gpt2").replace(max_len=128)
+    params = params_of(cfg)
+    sampler, key, limits = Sampler(1.0, top_k=20, top_p=0.9), jax.random.key(3), [70, 3, 66]
+    loop = serve.generate(cfg, params, PROMPTS, limits, sampler, key)
+    steps = serve.generate_per_step(cfg, params, PROMPTS, limits, sampler, key)
+    assert serve.windows(8, 128) == [64, 128]
+    assert loop.tokens == steps.tokens
+    assert [len(t) for t in loop.tokens] == limits
+    assert loop.decode_steps == steps.decode_steps == 69
+    assert serve.generate(cfg, params, PROMPTS, limits, sampler, key).tokens == loop.tokens
+
+
+def test_stop_token_ends_a_row_and_is_not_returned():
+    cfg = tiny("gpt2")
+    params = params_of(cfg)
+    free = serve.generate(cfg, params, PROMPTS, 6).tokens
+    stop = free[1][2]
+    first = free[1].index(stop)
+    out = serve.generate(cfg, params, PROMPTS, 6, stop_tokens=[stop])
+    assert out.tokens[1] == free[1][:first] and out.stopped[1]
+    for b in (0, 2):  # other rows run on, cut at their own first stop token if any
+        cut = free[b].index(stop) if stop in free[b] else 6
+        assert out.tokens[b] == free[b][:cut]
+
+
+@pytest.mark.slow
+def test_generate_serves_scanned_checkpoints_unrolled():
+    cfg = tiny("llama")
+    scanned = cfg.replace(scan_layers=True), stack_layers(params_of(cfg), cfg.n_layers)
+    assert (
+        serve.generate(*scanned, PROMPTS[:1], 4).tokens
+        == serve.generate(cfg, params_of(cfg), PROMPTS[:1], 4).tokens
+    )
+
+
+def _abstract(cfg, B, S):
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(cfg))
+    return params, jax.eval_shape(lambda: KVCache.init(cfg, B, S))
+
+
+def _cache_copies(hlo: str, cache) -> list[str]:
+    """Instructions that copy a whole layer of the cache (parameters and in-place updates aside)."""
+    dims = ",".join(map(str, cache.layer_shape))
+    return re.findall(rf"= f32\[{dims}\]\S* copy\(.*", hlo)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decode_step_updates_the_cache_in_place(family):
+    cfg = tiny(family)
+    params, cache = _abstract(cfg, 3, 64)
+    tokens = jax.ShapeDtypeStruct((3,), jnp.int32)
+    compiled = serve.make_decode_step(cfg).lower(params, cache, tokens).compile()
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert compiled.memory_analysis().alias_size_in_bytes >= cache_bytes
+    assert _cache_copies(compiled.as_text(), cache) == []
+
+
+def test_generation_is_one_program_with_on_device_loops():
+    cfg = tiny("gpt2")
+    params, cache = _abstract(cfg, 3, 16)
+    loop = serve.make_decode_loop(cfg, GREEDY, 8)
+    args = (
+        jax.ShapeDtypeStruct((3, cfg.vocab_size), jnp.float32),
+        jax.random.key(0),
+        jnp.array([6, 6, 6], jnp.int32),
+        jnp.array([], jnp.int32),
+    )
+    compiled = loop.lower(params, cache, *args).compile()
+    hlo = compiled.as_text()
+    assert len(re.findall(r" while\(", hlo)) == len(serve.windows(8, 16)) == 1
+    assert "callback" not in hlo.lower() and "outfeed" not in hlo
+    assert _cache_copies(hlo, cache) == []
+    assert compiled.memory_analysis().alias_size_in_bytes >= cache.nbytes()
+
+
+def test_writing_past_the_cache_raises_and_leaves_it_intact():
+    cfg = tiny("gpt2")
+    params = params_of(cfg)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    cache = KVCache.init(cfg, 1, 5)
+    _, cache = serve.make_prefill(cfg)(params, tokens, jnp.zeros((1,), jnp.int32), cache)
+    step = serve.make_decode_step(cfg)
+    _, cache = step(params, cache, jnp.ones((1,), jnp.int32))
+    before = np.asarray(cache.k[0])
+    with pytest.raises(ValueError, match=r"overflow.*index 5.*capacity is 5"):
+        step(params, cache, jnp.ones((1,), jnp.int32))
+    assert int(cache.index) == 5
+    np.testing.assert_array_equal(cache.k[0], before)
+    with pytest.raises(ValueError, match="overflow"):
+        serve.make_prefill(cfg)(
+            params, jnp.ones((1, 6), jnp.int32), jnp.zeros((1,), jnp.int32), KVCache.init(cfg, 1, 5)
+        )
+
+
+def test_context_and_window_limits_raise():
+    cfg = tiny("gpt2")
+    params = params_of(cfg)
+    big = KVCache.init(cfg, 1, 80).replace(index=jnp.int32(cfg.max_len))
+    with pytest.raises(ValueError, match=r"context overflow.*max_len\) is 64"):
+        serve.make_decode_step(cfg)(params, big, jnp.ones((1,), jnp.int32))
+    narrow = KVCache.init(cfg, 1, 16).replace(index=jnp.int32(9), window=8)
+    with pytest.raises(ValueError, match="window"):
+        serve.make_decode_step(cfg)(params, narrow, jnp.ones((1,), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "max_new", "word"),
+    [
+        ([], 4, "no prompts"),
+        ([[1, 2], []], 4, "prompt 1 is empty"),
+        ([[1, 257]], 4, r"token id 257 is outside \[0, 257\)"),
+        ([[-1]], 4, "outside"),
+        ([[1] * 60], 5, "65, beyond the model's context"),
+        ([[1]], 0, "max_new_tokens must be >= 1"),
+        ([[1]], [2, 3], "max_new_tokens"),
+    ],
+)
+def test_bad_requests_raise_before_tracing(prompts, max_new, word):
+    cfg = tiny("gpt2")
+    with pytest.raises(ValueError, match=word):
+        serve.generate(cfg, {}, prompts, max_new)
+
+
+@pytest.mark.parametrize(
+    ("call", "word"),
+    [
+        (lambda c, p, s: serve.make_decode_step(c)(p, s, jnp.ones((2,), jnp.int32)), "batch 2"),
+        (lambda c, p, s: serve.make_decode_step(c)(p, s, jnp.array([300])), "token id 300"),
+        (
+            lambda c, p, s: serve.make_prefill(c)(
+                p, jnp.ones((1, 4), jnp.int32), jnp.array([4]), s
+            ),
+            "pad",
+        ),
+    ],
+)
+def test_bad_phase_inputs_raise(call, word):
+    cfg = tiny("gpt2")
+    cache = KVCache.init(cfg, 1, 8).replace(index=jnp.int32(2))
+    if word == "pad":
+        cache = KVCache.init(cfg, 1, 8)
+    with pytest.raises(ValueError, match=word):
+        call(cfg, {}, cache)
+
+
+def test_buckets_bound_the_shapes():
+    cfg = tiny("gpt2")  # max_len 64
+    assert serve.buckets(cfg, 3, 6) == (4, 16)
+    assert serve.buckets(cfg, 5, 6) == (8, 16)
+    assert serve.buckets(cfg, 33, 30) == (34, 64)  # 64 + 30 would pass max_len: T shrinks to fit
+    assert serve.windows(8, 64) == [64]
+    assert serve.windows(8, 1024) == [128, 256, 512, 1024]
+    assert serve.windows(300, 1024) == [512, 1024]
