@@ -37,6 +37,7 @@ check: lint types test
 # Train, prefill and decode of `small` and `gpt2` beside their roofline (minutes on a CPU; run it on a
 # quiet machine). BENCH_FLAGS=--quick for short shapes.
 bench: $(STAMP)
+	$(BIN)/jaxllm calibrate --refresh
 	$(BIN)/jaxllm bench $(BENCH_FLAGS)
 
 clean:
@@ -50,6 +51,7 @@ EXPERIMENTS := roofline decode_batch memory seqlen estimates padding
 .PHONY: report
 report: $(STAMP)
 	rm -rf $(REPORT_RUN) && mkdir -p report
+	$(BIN)/jaxllm calibrate --refresh
 	$(BIN)/jaxllm train --out $(REPORT_RUN)
 	$(BIN)/jaxllm generate --checkpoint $(REPORT_RUN) --prompts-file experiments/prompts.txt \
 		--max-new-tokens 160 --temperature 0.8 --top-k 40 --seed 0 --json > report/samples.json

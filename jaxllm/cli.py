@@ -247,6 +247,27 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from jaxllm import bench, hardware
+
+    calibration = hardware.calibrate(refresh=args.refresh, quick=args.quick)
+    print(json.dumps(calibration) if args.json else bench.header(calibration).splitlines()[0])
+    return 0
+
+
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="measure this device's matmul FLOP/s and copy bandwidth (cached per device)",
+        description="Prints the cached calibration of this device, measuring it when there is none "
+        "(or with --refresh). Calibrate on a quiet machine: every roofline uses these peaks.",
+    )
+    p.add_argument("--refresh", action="store_true", help="measure again, replacing the cache")
+    p.add_argument("--quick", action="store_true", help="small shapes (about a second)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
@@ -350,6 +371,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
     _analyze_parser,
     _bench_parser,
+    _calibrate_parser,
     _train_parser,
     _generate_parser,
 ]

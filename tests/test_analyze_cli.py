@@ -122,3 +122,13 @@ def test_bench_quick_json_lines(capsys):
         ("decode", 2),
     ]
     assert all(r["measured"]["seconds_median"] > 0 for r in rows)
+
+
+def test_calibrate_measures_and_caches(capsys):
+    assert main(["calibrate", "--quick", "--json"]) == 0
+    first = _json(capsys)
+    assert first["f32_flops_per_s"] > 0 and first["copy_bytes_per_s"] > 0 and first["quick"]
+    assert main(["calibrate", "--quick", "--json"]) == 0
+    assert _json(capsys) == first  # read back from the cache, not measured again
+    assert main(["calibrate", "--quick", "--refresh"]) == 0
+    assert "calibrated" in capsys.readouterr().out
