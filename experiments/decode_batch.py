@@ -159,9 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extra(parser) -> None:
-    parser.add_argument(
-        "--preset", default=None, help="model preset (default: small; tiny with --quick)"
-    )
     parser.add_argument("--seq", type=int, default=None, help="tokens in the cache (context)")
 
 

@@ -134,7 +134,7 @@ def plot(rows: list[experiment.Row], path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = experiment.parse_args("estimates", __doc__, argv, extra=_extra)
+    args = experiment.parse_args("estimates", __doc__, argv)
     rows = measure(args.preset, args.quick)
     experiment.write_csv(args.out / "data.csv", rows)
     plot(rows, args.out / "estimates.png")
@@ -157,12 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out / "summary.md", f"Estimate against clock — {args.preset}", lines
     )
     return 0
-
-
-def _extra(parser) -> None:
-    parser.add_argument(
-        "--preset", default=None, help="model preset (default: small; tiny with --quick)"
-    )
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def plot_kv(rows: list[experiment.Row], path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = experiment.parse_args("memory", __doc__, argv)
+    args = experiment.parse_args("memory", __doc__, argv, preset=False)
     presets = (
         ["tiny", "small"]
         if args.quick

@@ -104,7 +104,7 @@ def plot(rows: list[experiment.Row], path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = experiment.parse_args("padding", __doc__, argv, extra=_extra)
+    args = experiment.parse_args("padding", __doc__, argv)
     hi = min(get_preset(args.preset).max_len, 64 if args.quick else 256)
     los = [hi, 4] if args.quick else [hi, 3 * hi // 4, hi // 2, hi // 4, 4]
     rows = [scenario(args.preset, lo, hi, seed=i, quick=args.quick) for i, lo in enumerate(los)]
@@ -132,12 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     experiment.write_summary(args.out / "summary.md", f"Padding — {args.preset}", lines)
     return 0
-
-
-def _extra(parser) -> None:
-    parser.add_argument(
-        "--preset", default=None, help="model preset (default: small; tiny with --quick)"
-    )
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = experiment.parse_args("roofline", __doc__, argv, extra=_extra)
+    args = experiment.parse_args("roofline", __doc__, argv)
     rows = measure(args.preset, args.quick)
     calibration = hardware.calibrate(quick=args.quick)
     experiment.write_csv(args.out / "data.csv", rows)
@@ -153,12 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "![roofline](roofline.png)"]
     experiment.write_summary(args.out / "summary.md", f"Roofline — {args.preset}", lines)
     return 0
-
-
-def _extra(parser) -> None:
-    parser.add_argument(
-        "--preset", default=None, help="model preset (default: small; tiny with --quick)"
-    )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def plot(rows: list[experiment.Row], path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = experiment.parse_args("seqlen", __doc__, argv, extra=_extra)
+    args = experiment.parse_args("seqlen", __doc__, argv)
     max_len = get_preset(args.preset).max_len
     lengths = [t for t in ((32, 64) if args.quick else (16, 32, 64, 128, 256)) if t <= max_len]
     rows = measure(args.preset, lengths, args.quick)
@@ -118,12 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     experiment.write_summary(args.out / "summary.md", f"Sequence length — {args.preset}", lines)
     return 0
-
-
-def _extra(parser) -> None:
-    parser.add_argument(
-        "--preset", default=None, help="model preset (default: small; tiny with --quick)"
-    )
 
 
 if __name__ == "__main__":

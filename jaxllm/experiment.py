@@ -25,10 +25,11 @@ def parse_args(
     doc: str | None,
     argv: Sequence[str] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    preset: bool = True,
 ) -> argparse.Namespace:
     """--quick (smallest scale that still shows the effect), --out (default results/NAME), and the
-    script's own flags added by ``extra``. A ``--preset`` flag left at None becomes ``tiny`` with
-    --quick and ``small`` otherwise."""
+    script's own flags added by ``extra``; with ``preset``, --preset (default ``small``, ``tiny`` with
+    --quick)."""
     parser = argparse.ArgumentParser(
         prog=f"experiments/{name}.py",
         description=doc,
@@ -36,6 +37,8 @@ def parse_args(
     )
     parser.add_argument("--quick", action="store_true", help="smallest scale (smoke tests)")
     parser.add_argument("--out", type=Path, default=Path("results") / name, help="output folder")
+    if preset:
+        parser.add_argument("--preset", help="model preset (default: small; tiny with --quick)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
