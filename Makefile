@@ -44,7 +44,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # The main job: train `small` on the built-in corpus, sample from it, run every experiment, write
-# report/REPORT.md. About 15 minutes on 2 CPU cores; the same command on a GPU machine reports that GPU.
+# report/REPORT.md. Under 10 minutes on 2 CPU cores; the same command on a GPU machine reports that GPU.
 REPORT_RUN := runs/report
 EXPERIMENTS := roofline decode_batch memory seqlen estimates padding
 
