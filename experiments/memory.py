@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from jaxllm import analytic, experiment
-from jaxllm.bench import analyze_phase
+from jaxllm.bench import analyze_phase, si
 from jaxllm.config import get_preset
 
 TRAIN_PARTS = ("params", "grads", "adam", "activations")
@@ -43,8 +43,7 @@ def presets_rows(presets: list[str], batch: int, xla_presets: set[str]) -> list[
             )
         rows.append(row)
         print(
-            f"{preset:<12} train {experiment.fmt(train['total'], 'B'):>9}  "
-            f"serve {experiment.fmt(serve['total'], 'B'):>9}",
+            f"{preset:<12} train {si(train['total'], 'B'):>9}  serve {si(serve['total'], 'B'):>9}",
             flush=True,
         )
     return rows
@@ -241,9 +240,9 @@ def summary_lines(rows: list[experiment.Row], remat: list[experiment.Row]) -> li
     ]
     for r in remat:
         lines.append(
-            f"| {r['remat']} | {experiment.fmt(r['analytic_activation_bytes'], 'B')} | "
-            f"{experiment.fmt(r['xla_temp_bytes'], 'B')} | {experiment.fmt(r['analytic_flops'], 'FLOP')} | "
-            f"{experiment.fmt(r['xla_flops'], 'FLOP')} |"
+            f"| {r['remat']} | {si(r['analytic_activation_bytes'], 'B')} | "
+            f"{si(r['xla_temp_bytes'], 'B')} | {si(r['analytic_flops'], 'FLOP')} | "
+            f"{si(r['xla_flops'], 'FLOP')} |"
         )
     lines += ["", "![remat](remat.png)", "", "![kv cache](kv_cache.png)"]
     return lines

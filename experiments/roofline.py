@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from jaxllm import experiment, hardware
-from jaxllm.bench import analyze_phase
+from jaxllm.bench import analyze_phase, si
 from jaxllm.config import get_preset
 
 
@@ -64,7 +64,7 @@ def measure(preset: str, quick: bool) -> list[experiment.Row]:
         )
         print(
             f"{phase:<8} B={batch:<3} T/S={seq:<5} I={roof['intensity']:7.2f} FLOP/B "
-            f"measured {experiment.fmt(xla['flops'] / seconds, 'FLOP/s')} "
+            f"measured {si(xla['flops'] / seconds, 'FLOP/s')} "
             f"({roof['predicted_seconds'] / seconds:.0%} of the roof)",
             flush=True,
         )
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     experiment.write_json(args.out / "calibration.json", calibration)
     plot(rows, calibration, args.out / "roofline.png")
     lines = [
-        f"Calibrated peaks: f32 matmul {experiment.fmt(calibration['f32_flops_per_s'], 'FLOP/s')}, "
-        f"bf16 matmul {experiment.fmt(calibration['bf16_flops_per_s'], 'FLOP/s')}, "
-        f"copy bandwidth {experiment.fmt(calibration['copy_bytes_per_s'], 'B/s')}; "
+        f"Calibrated peaks: f32 matmul {si(calibration['f32_flops_per_s'], 'FLOP/s')}, "
+        f"bf16 matmul {si(calibration['bf16_flops_per_s'], 'FLOP/s')}, "
+        f"copy bandwidth {si(calibration['copy_bytes_per_s'], 'B/s')}; "
         f"ridge {rows[0]['ridge']:.1f} FLOP/byte ({args.preset} computes in "
         f"{get_preset(args.preset).dtype}).",
         "",

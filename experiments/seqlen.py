@@ -15,7 +15,7 @@ import math
 import sys
 
 from jaxllm import experiment
-from jaxllm.bench import analyze_phase
+from jaxllm.bench import analyze_phase, si
 from jaxllm.config import get_preset
 
 
@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "small T the weights dominate, so prefill's quadratic attention term shows as a slope "
         "between 1 and 2 that rises with T, while a decode step stays near-flat until the cache "
         "read rivals the weight read.",
-        f"- At T={pre['seq']}: prefill {experiment.fmt(pre['xla_flops'], 'FLOP')} (XLA; "
-        f"{experiment.fmt(pre['analytic_flops_causal'], 'FLOP')} of useful causal work) in "
+        f"- At T={pre['seq']}: prefill {si(pre['xla_flops'], 'FLOP')} (XLA; "
+        f"{si(pre['analytic_flops_causal'], 'FLOP')} of useful causal work) in "
         f"{1e3 * pre['seconds']:.2f} ms; one decode step "
-        f"{experiment.fmt(dec['xla_flops'], 'FLOP')} in {1e3 * dec['seconds']:.2f} ms.",
+        f"{si(dec['xla_flops'], 'FLOP')} in {1e3 * dec['seconds']:.2f} ms.",
         "",
         "![sequence length](seqlen.png)",
     ]

@@ -119,13 +119,14 @@ def bench(
             yield analyze_phase(config, phase, batch, seq, measure=True, quick=quick, preset=preset)
 
 
-def _si(value: float | None, unit: str) -> str:
+def si(value: float | None, unit: str = "") -> str:
+    """A number with an SI prefix: 1.23e9, "FLOP/s" -> '1.23 GFLOP/s'; None -> '-'."""
     if value is None:
         return "-"
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
+    return f"{value:.3g} {unit}".rstrip()
 
 
 def table_row(row: dict[str, Any]) -> str:
@@ -135,9 +136,9 @@ def table_row(row: dict[str, Any]) -> str:
     kind = "MFU" if roof["bound"] == "compute" else "MBU"
     return (
         f"{row['preset'] or '-':<8} {row['phase']:<8} B={row['batch']:<4} S={row['seq']:<5} "
-        f"flops {_si(row['analytic']['flops'], 'F'):>9} | {_si(row['xla']['flops'], 'F'):>9}  "
-        f"time {_si(meas.get('seconds_median'), 's'):>9} | {_si(roof['predicted_seconds'], 's'):>9}"
-        f"  {_si(meas.get('tokens_per_s'), 'tok/s'):>12}  {roof['bound']:<7} "
+        f"flops {si(row['analytic']['flops'], 'F'):>9} | {si(row['xla']['flops'], 'F'):>9}  "
+        f"time {si(meas.get('seconds_median'), 's'):>9} | {si(roof['predicted_seconds'], 's'):>9}"
+        f"  {si(meas.get('tokens_per_s'), 'tok/s'):>12}  {roof['bound']:<7} "
         f"{kind} {'-' if util is None else f'{util:.1%}'}"
     )
 
@@ -148,9 +149,9 @@ def header(calibration: dict[str, Any]) -> str:
     c = calibration
     return (
         f"# {c['device_kind']} calibrated {c['date']} (jax {c['jax']}): "
-        f"f32 matmul {_si(c['f32_flops_per_s'], 'FLOP/s')}, "
-        f"bf16->f32 matmul {_si(c['bf16_flops_per_s'], 'FLOP/s')}, "
-        f"copy {_si(c['copy_bytes_per_s'], 'B/s')}\n"
+        f"f32 matmul {si(c['f32_flops_per_s'], 'FLOP/s')}, "
+        f"bf16->f32 matmul {si(c['bf16_flops_per_s'], 'FLOP/s')}, "
+        f"copy {si(c['copy_bytes_per_s'], 'B/s')}\n"
         "# preset phase batch seq | FLOPs analytic | XLA | seconds measured | roofline-predicted"
         " | throughput | bound | MFU (compute-bound) or MBU (memory-bound)"
     )
@@ -168,20 +169,20 @@ def analysis_table(row: dict[str, Any]) -> list[str]:
         f"{row['preset'] or '-'} {row['phase']} B={row['batch']} S={row['seq']} "
         f"(cache {a['capacity']} slots) on {row['device']}",
         f"{'':<22}{'analytic':>14}{'XLA':>14}{'measured':>14}",
-        f"{'FLOPs':<22}{_si(a['flops'], 'F'):>14}{_si(x['flops'], 'F'):>14}{'':>14}",
-        f"{'  causal FLOPs':<22}{_si(a['flops_causal'], 'F'):>14}{'':>14}{'':>14}",
-        f"{'bytes moved':<22}{_si(a['bytes'], 'B'):>14}{_si(x['bytes_accessed'], 'B'):>14}",
-        f"{'memory':<22}{_si(a['memory']['total'], 'B'):>14}{_si(x['footprint_bytes'], 'B'):>14}",
-        f"{'seconds':<22}{_si(roof['predicted_seconds'], 's'):>14}"
-        f"{_si(roof['xla']['predicted_seconds'], 's'):>14}{_si(seconds, 's'):>14}",
-        f"XLA: {corrected}; alias {_si(x['alias_bytes'], 'B')}, temp {_si(x['temp_bytes'], 'B')},"
+        f"{'FLOPs':<22}{si(a['flops'], 'F'):>14}{si(x['flops'], 'F'):>14}{'':>14}",
+        f"{'  causal FLOPs':<22}{si(a['flops_causal'], 'F'):>14}{'':>14}{'':>14}",
+        f"{'bytes moved':<22}{si(a['bytes'], 'B'):>14}{si(x['bytes_accessed'], 'B'):>14}",
+        f"{'memory':<22}{si(a['memory']['total'], 'B'):>14}{si(x['footprint_bytes'], 'B'):>14}",
+        f"{'seconds':<22}{si(roof['predicted_seconds'], 's'):>14}"
+        f"{si(roof['xla']['predicted_seconds'], 's'):>14}{si(seconds, 's'):>14}",
+        f"XLA: {corrected}; alias {si(x['alias_bytes'], 'B')}, temp {si(x['temp_bytes'], 'B')},"
         f" compiled in {x['compile_seconds']:.2f} s",
         f"roofline ({roof['peaks']['source']}): intensity {roof['intensity']:.3g} FLOP/B, ridge "
         f"{roof['ridge']:.3g} -> {roof['bound']}-bound",
     ]
     if seconds is not None:
         lines.append(
-            f"measured: {_si(meas['tokens_per_s'], 'tok/s')}, MFU {roof['mfu']:.1%}, "
+            f"measured: {si(meas['tokens_per_s'], 'tok/s')}, MFU {roof['mfu']:.1%}, "
             f"MBU {roof['mbu']:.1%}, efficiency (predicted/measured) {roof['efficiency']:.1%}"
         )
     return lines

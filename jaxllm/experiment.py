@@ -101,11 +101,3 @@ def write_summary(path: Path, title: str, lines: list[str]) -> None:
     env = environment()
     head = f"*{env['device']} ({env['platform']}), jax {env['jax']}, flax {env['flax']}*"
     path.write_text("\n".join([f"# {title}", "", head, "", *lines]) + "\n")
-
-
-def fmt(value: float, unit: str = "") -> str:
-    """A number in engineering notation with an SI prefix: 1.23e9, "FLOP/s" -> '1.23 GFLOP/s'."""
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}".rstrip()
