@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from jaxllm import experiment, hardware
-from jaxllm.bench import si
+from jaxllm.bench import peaks_line, sheet_line
 
 EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding")
 
@@ -31,17 +31,11 @@ def header() -> list[str]:
         "",
         f"- Device: **{env['device']}** ({env['platform']}, {env['devices']} device(s), "
         f"{env['machine']})",
-        f"- Calibrated peaks ({cal['date']}): f32 matmul "
-        f"{si(cal['f32_flops_per_s'], 'FLOP/s')}, bf16-input matmul "
-        f"{si(cal['bf16_flops_per_s'], 'FLOP/s')}, copy bandwidth "
-        f"{si(cal['copy_bytes_per_s'], 'B/s')}",
+        f"- Calibrated peaks ({cal['date']}): {peaks_line(cal)}",
     ]
-    sheet = hardware.published(cal["device_kind"])
-    if sheet is not None:
-        lines.append(
-            f"- Published peaks ({sheet.name}): bf16 {si(sheet.bf16_flops_per_s, 'FLOP/s')}, "
-            f"{si(sheet.bandwidth_bytes_per_s, 'B/s')} — {sheet.source}"
-        )
+    sheet = sheet_line(cal)
+    lines += [f"- Published peaks: {sheet}"] if sheet else []
+    lines += [f"- **Suspect calibration**: {line}" for line in cal.get("suspect", [])]
     lines.append(
         f"- Python {env['python']}, jax {env['jax']}, flax {env['flax']}, optax {env['optax']}"
     )

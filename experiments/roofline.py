@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from jaxllm import experiment, hardware
-from jaxllm.bench import analyze_phase, si
+from jaxllm.bench import analyze_phase, peaks_line, si
 from jaxllm.config import get_preset
 
 
@@ -77,7 +77,7 @@ def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
     plt = experiment.pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = np.logspace(-1, 4, 200)
-    bw = calibration["copy_bytes_per_s"]
+    bw = calibration["read_bytes_per_s"]
     for key, label, style in (("f32_flops_per_s", "f32", "-"), ("bf16_flops_per_s", "bf16", "--")):
         ax.plot(
             xs,
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment.write_json(args.out / "calibration.json", calibration)
     plot(rows, calibration, args.out / "roofline.png")
     lines = [
-        f"Calibrated peaks: f32 matmul {si(calibration['f32_flops_per_s'], 'FLOP/s')}, "
-        f"bf16 matmul {si(calibration['bf16_flops_per_s'], 'FLOP/s')}, "
-        f"copy bandwidth {si(calibration['copy_bytes_per_s'], 'B/s')}; "
+        f"Calibrated peaks: {peaks_line(calibration)}; "
         f"ridge {rows[0]['ridge']:.1f} FLOP/byte ({args.preset} computes in "
         f"{get_preset(args.preset).dtype}).",
         "",

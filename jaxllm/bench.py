@@ -15,7 +15,7 @@ import jax
 
 from jaxllm import hardware, phases
 from jaxllm.config import ModelConfig, get_preset
-from jaxllm.cost import analyze
+from jaxllm.cost import analyze_compiled, compile_timed
 from jaxllm.roofline import roofline
 from jaxllm.timing import time_compiled
 
@@ -37,14 +37,16 @@ def available_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _measure(program: phases.Program, footprint: int, repeats: int) -> dict[str, Any]:
+def _measure(
+    program: phases.Program, compiled: Any, footprint: int, repeats: int
+) -> dict[str, Any]:
+    """Times ``compiled`` (the executable XLA's figures describe) on fresh arguments."""
     free = available_bytes()
     if footprint > free:
         raise ValueError(
             f"--measure needs {footprint / 1e9:.2f} GB for {program.phase} (XLA footprint) but the "
             f"device has {free / 1e9:.2f} GB available; analyse it without --measure"
         )
-    compiled = program.jitted.lower(*program.abstract_args).compile()
     make_args = program.make_args(jax.random.key(0))
     timing = time_compiled(compiled, make_args, repeats=repeats, warmup=1)
     out = timing.to_dict()
@@ -73,8 +75,10 @@ def analyze_phase(
     """One phase at one shape, three ways. ``quick``: quick calibration and fewer timed repeats."""
     program = phases.build(config, phase, batch, seq)
     analytic = phases.analytic_view(program)
-    xla = analyze(program.jitted, *program.abstract_args).to_dict()
-    measured = _measure(program, xla["footprint_bytes"], 3 if quick else 5) if measure else None
+    compiled, compile_seconds = compile_timed(program.jitted, *program.abstract_args)
+    xla = analyze_compiled(compiled, compile_seconds).to_dict()
+    repeats = 3 if quick else 5
+    measured = _measure(program, compiled, xla["footprint_bytes"], repeats) if measure else None
     calibration = hardware.calibrate(quick=quick)
     peaks = hardware.roofline_peaks(calibration, config.dtype)
     seconds = measured["seconds_median"] if measured else None
@@ -143,18 +147,43 @@ def table_row(row: dict[str, Any]) -> str:
     )
 
 
-def header(calibration: dict[str, Any]) -> str:
-    """The bench's first lines: the calibrated peaks of this device, when they were measured, and
-    the columns of ``table_row``."""
+def peaks_line(calibration: dict[str, Any]) -> str:
+    """The calibrated peaks in one line: matmuls (TF32 on a GPU), read and copy bandwidth."""
     c = calibration
+    tf32 = f"tf32 {si(c['tf32_flops_per_s'], 'FLOP/s')}, " if c.get("tf32_flops_per_s") else ""
     return (
-        f"# {c['device_kind']} calibrated {c['date']} (jax {c['jax']}): "
+        f"bf16->f32 matmul {si(c['bf16_flops_per_s'], 'FLOP/s')}, {tf32}"
         f"f32 matmul {si(c['f32_flops_per_s'], 'FLOP/s')}, "
-        f"bf16->f32 matmul {si(c['bf16_flops_per_s'], 'FLOP/s')}, "
-        f"copy {si(c['copy_bytes_per_s'], 'B/s')}\n"
+        f"read {si(c['read_bytes_per_s'], 'B/s')} (memory roof), copy {si(c['copy_bytes_per_s'], 'B/s')}"
+    )
+
+
+def sheet_line(calibration: dict[str, Any]) -> str | None:
+    """The data sheet's peaks of this device in one line (None for a CPU or an unknown device)."""
+    sheet = hardware.published(calibration["device_kind"])
+    if sheet is None or calibration["platform"] == "cpu":
+        return None
+    tf32 = f"tf32 {si(sheet.tf32_flops_per_s, 'FLOP/s')}, " if sheet.tf32_flops_per_s else ""
+    f32 = f"f32 {si(sheet.f32_flops_per_s, 'FLOP/s')}, " if sheet.f32_flops_per_s else ""
+    return (
+        f"{sheet.name} data sheet: bf16 {si(sheet.bf16_flops_per_s, 'FLOP/s')}, {tf32}{f32}"
+        f"memory {si(sheet.bandwidth_bytes_per_s, 'B/s')} ({sheet.source})"
+    )
+
+
+def header(calibration: dict[str, Any]) -> str:
+    """The bench's first lines: the calibrated peaks of this device, when they were measured, the
+    data sheet's beside them on an accelerator, anything suspect, and the columns of ``table_row``."""
+    c = calibration
+    lines = [f"# {c['device_kind']} calibrated {c['date']} (jax {c['jax']}): {peaks_line(c)}"]
+    sheet = sheet_line(c)
+    lines += [f"# {sheet}"] if sheet else []
+    lines += [f"# SUSPECT calibration: {line}" for line in c.get("suspect", [])]
+    lines.append(
         "# preset phase batch seq | FLOPs analytic | XLA | seconds measured | roofline-predicted"
         " | throughput | bound | MFU (compute-bound) or MBU (memory-bound)"
     )
+    return "\n".join(lines)
 
 
 def analysis_table(row: dict[str, Any]) -> list[str]:

@@ -4,18 +4,20 @@
 function was built with, so ``alias_bytes`` and ``temp_bytes`` are those of the real program) and
 returns an ``XlaCost``.
 
-XLA's cost analysis counts the body of a while loop ONCE (XLA_NOTES.md: a 10-step scan reports one
-step; the gradient of 10 scanned layers reports 3 layer-forwards). The optimized HLO marks static loops
-with ``known_trip_count`` in the while op's backend_config, so each loop body is cut out of the HLO
-text as a module of its own, costed by the same XLA cost model, and scaled by its trip count,
-recursively for nested loops:
+XLA's cost analysis counts the body of a while loop ONCE (a 10-step scan reports one step; the
+gradient of 10 scanned layers reports 3 layer-forwards). The optimized HLO marks static loops with
+``known_trip_count`` in the while op's backend_config, so each loop body is costed by the backend's
+own cost model as a computation of its own (``jaxllm.xla_hlo``) and scaled by its trip count:
 
     corrected(c) = raw(c) + sum over the while ops w in c of
                    n_w * corrected(body_w) - raw(body_w) + n_w * raw(cond_w)
+                 + sum over other call sites of c that hold a loop (a conditional's branches, a
+                   call, a GPU command buffer) of corrected(callee) - raw(callee)
 
-(the condition runs n + 1 times and is counted once). A loop without a known trip count (a generation
-loop that stops on end-of-text), or one that sits where this recursion cannot reach it, cannot be
-corrected: the figures then stay as XLA counted them and ``loop_corrected`` is False.
+(the condition runs n + 1 times and is counted once; a conditional is charged its costliest branch,
+as XLA does). The same code runs on every backend. A loop without a known trip count (a generation
+loop that stops on end-of-text), or bodies this jaxlib cannot cost, leave the figures as XLA counted
+them, with ``loop_corrected`` False and ``loop_note`` saying why.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from jaxllm.xla_hlo import HloCostError, computation_costs
 
 COST_KEYS = ("flops", "transcendentals", "bytes accessed")
 Costs = dict[str, float]
@@ -45,6 +49,7 @@ class XlaCost:
     footprint_bytes: int  # argument + output - alias + temp
     compile_seconds: float
     loop_corrected: bool  # False: a loop's trip count is unknown, its body is counted once
+    loop_note: str  # why the figures are not loop-corrected ("" when they are)
     loops: tuple[int | None, ...]  # trip count of each while loop in the program (None: unknown)
     raw_flops: float  # as XLA reported them, each loop body counted once
     raw_bytes_accessed: float
@@ -72,109 +77,134 @@ def normalize_costs(costs: Any) -> Costs:
 
 
 @dataclasses.dataclass(frozen=True)
-class _While:
-    condition: str
-    body: str
-    trip_count: int | None
+class _Site:
+    """One instruction of a computation that calls other computations (fusions are left out: no
+    loop can sit inside a fusion)."""
+
+    opcode: str  # while, conditional, call, async-start, ...
+    callees: tuple[str, ...]  # while: (condition, body)
+    trip_count: int | None = None  # while only: known_trip_count, None if unknown
 
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(")
+_OPCODE = re.compile(r" = .*?\b([a-z][a-z0-9\-]*)\(")
+_ONE = re.compile(
+    r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_MANY = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def _while_ops(hlo_text: str) -> tuple[str, dict[str, list[_While]]]:
-    """The entry computation's name and the while ops of every computation of an HLO module text."""
-    entry, current, found = "", "", {}
+def _site(line: str) -> _Site | None:
+    """The call site on one HLO instruction line, None if it calls nothing (or is a fusion)."""
+    named = dict(_ONE.findall(line))
+    many = [n.strip().lstrip("%") for _, group in _MANY.findall(line) for n in group.split(",")]
+    opcode = _OPCODE.search(line)
+    if opcode is None or opcode.group(1) == "fusion" or not (named or many):
+        return None
+    if opcode.group(1) == "while":
+        if "condition" not in named or "body" not in named:
+            raise ValueError(f"cannot parse HLO while op: {line.strip()[:200]}")
+        trip = _TRIP.search(line)
+        count = int(trip.group(1)) if trip else None
+        return _Site("while", (named["condition"], named["body"]), count)
+    return _Site(opcode.group(1), tuple(named.values()) + tuple(n for n in many if n))
+
+
+def call_graph(hlo_text: str) -> tuple[str, dict[str, list[_Site]]]:
+    """The entry computation's name and the call sites (other than fusions) of every computation
+    of an HLO module text."""
+    entry, current, sites = "", "", {}
     for line in hlo_text.splitlines():
         header = _HEADER.match(line)
         if header:
             current = header.group(2)
             entry = current if header.group(1) else entry
-            found[current] = []
-        elif current and re.search(r"\swhile\(", line):
-            cond = re.search(r"condition=%?([\w.\-]+)", line)
-            body = re.search(r"body=%?([\w.\-]+)", line)
-            trip = _TRIP.search(line)
-            if cond is None or body is None:
-                raise ValueError(f"cannot parse HLO while op: {line.strip()[:200]}")
-            count = int(trip.group(1)) if trip else None
-            found[current].append(_While(cond.group(1), body.group(1), count))
-    return entry, found
-
-
-def _module_for(hlo_text: str, computation: str) -> str:
-    """The module text with ``computation`` as its entry (other computations left unreferenced)."""
-    lines = hlo_text.splitlines()
-    lines[0] = "HloModule loop_body"  # drop the entry layout and schedule of the original entry
-    text = re.sub(r"^ENTRY ", "", "\n".join(lines), flags=re.M)
-    text, n = re.subn(rf"^(%?{re.escape(computation)} \()", r"ENTRY \1", text, flags=re.M)
-    if n != 1:
-        raise ValueError(f"computation {computation!r} not found in the HLO module")
-    return text
+            sites[current] = []
+        elif current and line.startswith("  "):
+            site = _site(line)
+            if site is not None:
+                sites[current].append(site)
+    return entry, sites
 
 
 class _LoopCorrector:
-    """Costs computations of one optimized HLO module by XLA's own cost model."""
+    """Costs computations of one optimized HLO module by XLA's own cost model and scales loop
+    bodies by their trip counts, wherever in the call graph the loops sit (the entry, inside other
+    loops, or inside called computations such as a conditional's branches or a GPU command buffer)."""
 
-    def __init__(self, compiled: Any) -> None:
-        from jax._src.lib import xla_client
+    def __init__(self, compiled: Any, raw_entry: Costs) -> None:
+        self._compiled = compiled
+        self.text = compiled.as_text()
+        self.entry, self.sites = call_graph(self.text)
+        self._raw: dict[str, Costs] = {self.entry: raw_entry}
+        self._loops: dict[str, bool] = {}
+        self.unknown = 0  # while ops without a trip count met on the way
 
-        executable = compiled.runtime_executable()
-        self._client = executable.client
-        self._analyse = xla_client._xla.hlo_module_cost_analysis
-        self.text = executable.hlo_modules()[0].to_string()
-        self.entry, self.whiles = _while_ops(self.text)
-        self._raw: dict[str, Costs] = {}
+    def whiles(self) -> list[_Site]:
+        return [s for sites in self.sites.values() for s in sites if s.opcode == "while"]
+
+    def has_loop(self, computation: str) -> bool:
+        """Whether a while op sits in ``computation`` or anything it calls."""
+        if computation not in self._loops:
+            self._loops[computation] = False  # guards against cycles while recursing
+            sites = self.sites.get(computation, [])
+            self._loops[computation] = any(
+                s.opcode == "while" or any(self.has_loop(c) for c in s.callees) for s in sites
+            )
+        return self._loops[computation]
 
     def raw(self, computation: str) -> Costs:
         if computation not in self._raw:
-            import jaxlib._hlo as hlo  # pyright: ignore[reportMissingImports]
-
-            module = hlo.hlo_module_from_text(_module_for(self.text, computation))
-            self._raw[computation] = normalize_costs(self._analyse(self._client, module))
+            costs = computation_costs(self._compiled, self.text, computation)
+            self._raw[computation] = normalize_costs(costs)
         return self._raw[computation]
 
-    def corrected(self, computation: str, raw: Costs | None = None) -> tuple[Costs, bool]:
-        """Loop-corrected costs of ``computation`` and whether every loop in it had a trip count."""
-        total = dict(raw if raw is not None else self.raw(computation))
-        ok = True
-        for loop in self.whiles.get(computation, []):
-            if loop.trip_count is None:
-                ok = False
+    def corrected(self, computation: str) -> Costs:
+        """Loop-corrected costs of ``computation``: its raw costs plus, for each call site holding a
+        loop, the difference between the corrected and the raw cost of what it calls."""
+        total = dict(self.raw(computation))
+        for site in self.sites.get(computation, []):
+            if not any(self.has_loop(c) for c in site.callees) and site.opcode != "while":
                 continue
-            body, body_ok = self.corrected(loop.body)
-            body_raw, cond_raw = self.raw(loop.body), self.raw(loop.condition)
-            n = loop.trip_count
+            delta = self._delta(site)
             for key in COST_KEYS:
-                total[key] += n * body[key] - body_raw[key] + n * cond_raw[key]
-            ok = ok and body_ok
-        return total, ok
+                total[key] += delta[key]
+        return total
 
-    def reachable_loops(self) -> set[str]:
-        """Computations whose loops the recursion from the entry visits."""
-        seen, todo = set(), [self.entry]
-        while todo:
-            name = todo.pop()
-            seen.add(name)
-            todo += [w.body for w in self.whiles.get(name, []) if w.body not in seen]
-        return seen
+    def _delta(self, site: _Site) -> Costs:
+        """Corrected minus raw cost of one call site (XLA counts each called computation once)."""
+        if site.opcode == "while":
+            cond, body = site.callees
+            if site.trip_count is None:
+                self.unknown += 1
+                return dict.fromkeys(COST_KEYS, 0.0)
+            n, fixed, raw = site.trip_count, self.corrected(body), self.raw(body)
+            # The body runs n times, the condition n + 1 times; XLA counted each once.
+            return {k: n * fixed[k] - raw[k] + n * self.raw(cond)[k] for k in COST_KEYS}
+        fixed = [self.corrected(c) for c in site.callees]
+        raw = [self.raw(c) for c in site.callees]
+        if site.opcode == "conditional":  # XLA charges the costliest branch
+            return {k: max(f[k] for f in fixed) - max(r[k] for r in raw) for k in COST_KEYS}
+        return {k: sum(f[k] - r[k] for f, r in zip(fixed, raw, strict=True)) for k in COST_KEYS}
 
 
-def loop_corrected_costs(compiled: Any) -> tuple[Costs, Costs, bool, tuple[int | None, ...]]:
-    """(corrected, raw, every loop corrected, trip counts) for a ``jax.stages.Compiled``."""
+def loop_corrected_costs(compiled: Any) -> tuple[Costs, Costs, str, tuple[int | None, ...]]:
+    """(corrected, raw, note, trip counts) for a ``jax.stages.Compiled``; ``note`` is "" when every
+    loop was corrected, else why not (the figures then stay as XLA counted them)."""
     raw = normalize_costs(compiled.cost_analysis())
-    corrector = _LoopCorrector(compiled)
-    loops = tuple(w.trip_count for ws in corrector.whiles.values() for w in ws)
+    corrector = _LoopCorrector(compiled, raw)
+    loops = tuple(w.trip_count for w in corrector.whiles())
     if not loops:
-        return raw, raw, True, loops
+        return raw, raw, "", loops
     try:
-        corrected, ok = corrector.corrected(corrector.entry, raw)
-    except (ValueError, RuntimeError):  # a body XLA cannot re-parse: flagged, never under-counted
-        return raw, raw, False, loops
-    holders = {name for name, ws in corrector.whiles.items() if ws}
-    # A loop inside a called computation that is neither the entry nor a loop body is not visited.
-    ok = ok and holders <= corrector.reachable_loops()
-    return corrected, raw, ok, loops
+        corrected = corrector.corrected(corrector.entry)
+    except (ValueError, HloCostError) as err:  # flagged, never under-counted
+        return raw, raw, f"loop bodies could not be costed: {err}", loops
+    if corrector.unknown:
+        note = f"{corrector.unknown} loop(s) without a known trip count are counted once"
+        return corrected, raw, note, loops
+    return corrected, raw, "", loops
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:
@@ -191,8 +221,12 @@ def analyze(jitted: Any, *args: Any) -> XlaCost:
     ``donate_argnums`` it runs with; nothing is executed and, from ShapeDtypeStructs, nothing is
     allocated.
     """
-    compiled, seconds = compile_timed(jitted, *args)
-    corrected, raw, ok, loops = loop_corrected_costs(compiled)
+    return analyze_compiled(*compile_timed(jitted, *args))
+
+
+def analyze_compiled(compiled: Any, compile_seconds: float) -> XlaCost:
+    """``analyze`` of an already compiled program (so that the same executable can be timed)."""
+    corrected, raw, note, loops = loop_corrected_costs(compiled)
     mem = compiled.memory_analysis()
     arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
@@ -205,8 +239,9 @@ def analyze(jitted: Any, *args: Any) -> XlaCost:
         alias_bytes=alias,
         temp_bytes=temp,
         footprint_bytes=arg + out - alias + temp,
-        compile_seconds=seconds,
-        loop_corrected=ok,
+        compile_seconds=compile_seconds,
+        loop_corrected=not note,
+        loop_note=note,
         loops=loops,
         raw_flops=raw["flops"],
         raw_bytes_accessed=raw["bytes accessed"],

@@ -1,10 +1,19 @@
 """Device peaks: published data-sheet figures, and calibration of the device at hand.
 
-``published(device_kind)`` looks up the vendor's dense bf16 matmul peak, memory bandwidth and
-capacity (each with its source); ``calibrate()`` measures what this device achieves: matmul FLOP/s in
-float32 and with bf16 inputs accumulated in float32, and the bandwidth of a donated in-place copy.
-Calibrations are cached per device in ``$JAXLLM_CACHE_DIR`` (default ``~/.cache/jaxllm``) with their
-date and versions. On a CPU the calibrated figures are the roofline; on a GPU/TPU both are shown.
+``published(device_kind)`` looks up the vendor's dense matmul peaks (bf16, TF32, full f32), memory
+bandwidth and capacity, each with its source. ``calibrate()`` measures what this device achieves:
+
+- matmul FLOP/s with bf16 inputs accumulated in f32, in full-precision f32, and on a GPU in TF32
+  (what an f32 matmul at JAX's default precision runs as there), at sizes that reach the peak
+  (8192³ bf16 on an accelerator);
+- the read bandwidth of a streaming reduction (``jnp.sum`` over ≥ 1 GiB), the memory roof: a decode
+  step mostly reads, and nothing that runs on the device reads faster;
+- the bandwidth of a donated in-place ``x + 1`` (read + write), shown beside it.
+
+Each figure is the best of several timed repeats after a warm-up: a roof is what the device can do. On a known accelerator a
+calibrated peak above the data sheet by more than 5%, or below 60% of it, is listed in ``suspect``
+and flagged wherever it is used. Calibrations are cached per device in ``$JAXLLM_CACHE_DIR`` (default
+``~/.cache/jaxllm``) with their date and versions; a damaged cache is measured afresh, with a warning.
 """
 
 from __future__ import annotations
@@ -14,13 +23,16 @@ import datetime
 import json
 import os
 import re
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm.timing import time_compiled
+FORMAT = 2  # bumped when the calibration's fields change; older caches are measured afresh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,48 +42,60 @@ class Published:
     bandwidth_bytes_per_s: float
     memory_bytes: float
     source: str
+    tf32_flops_per_s: float | None = None  # dense TF32 tensor-core peak (NVIDIA only)
+    f32_flops_per_s: float | None = None  # full-precision f32 (CUDA cores on NVIDIA)
 
 
-_TB, _GB = 1e12, 1e9
+_T, _TB, _GB = 1e12, 1e12, 1e9
+_H100 = "NVIDIA H100 Tensor Core GPU datasheet"
 # Ordered: the first pattern that matches jax.devices()[0].device_kind (lower-cased) wins.
 PUBLISHED: list[tuple[str, Published]] = [
     (
         r"h100.*pcie",
-        Published(
-            "H100 PCIe", 756e12, 2.0 * _TB, 80 * _GB, "NVIDIA H100 Tensor Core GPU datasheet"
-        ),
+        Published("H100 PCIe", 756 * _T, 2.0 * _TB, 80 * _GB, _H100, 378 * _T, 51 * _T),
     ),
     (
         r"h100",
-        Published(
-            "H100 SXM", 989e12, 3.35 * _TB, 80 * _GB, "NVIDIA H100 Tensor Core GPU datasheet (SXM)"
-        ),
+        Published("H100 SXM", 989 * _T, 3.35 * _TB, 80 * _GB, _H100 + " (SXM)", 494 * _T, 67 * _T),
     ),
     (
         r"h200",
         Published(
-            "H200 SXM", 989e12, 4.8 * _TB, 141 * _GB, "NVIDIA H200 Tensor Core GPU datasheet"
+            "H200 SXM",
+            989 * _T,
+            4.8 * _TB,
+            141 * _GB,
+            "NVIDIA H200 Tensor Core GPU datasheet",
+            494 * _T,
+            67 * _T,
         ),
     ),
     (
         r"a100.*80",
         Published(
-            "A100 80GB SXM", 312e12, 2.039 * _TB, 80 * _GB, "NVIDIA A100 Tensor Core GPU datasheet"
+            "A100 80GB SXM",
+            312 * _T,
+            2.039 * _TB,
+            80 * _GB,
+            "NVIDIA A100 Tensor Core GPU datasheet",
+            156 * _T,
+            19.5 * _T,
         ),
     ),
     (
         r"v5 ?lite|v5e",
-        Published("TPU v5e", 197e12, 819 * _GB, 16 * _GB, "cloud.google.com/tpu/docs/v5e"),
+        Published("TPU v5e", 197 * _T, 819 * _GB, 16 * _GB, "cloud.google.com/tpu/docs/v5e"),
     ),
     (
         r"v5p|v5$",
-        Published("TPU v5p", 459e12, 2765 * _GB, 95 * _GB, "cloud.google.com/tpu/docs/v5p"),
+        Published("TPU v5p", 459 * _T, 2765 * _GB, 95 * _GB, "cloud.google.com/tpu/docs/v5p"),
     ),
     (
         r"v6 ?lite|v6e",
-        Published("TPU v6e", 918e12, 1638 * _GB, 32 * _GB, "cloud.google.com/tpu/docs/v6e"),
+        Published("TPU v6e", 918 * _T, 1638 * _GB, 32 * _GB, "cloud.google.com/tpu/docs/v6e"),
     ),
 ]
+SUSPECT_ABOVE, SUSPECT_BELOW = 1.05, 0.60  # calibrated / data sheet outside these is suspect
 
 
 def device_kind() -> str:
@@ -84,42 +108,123 @@ def published(kind: str | None = None) -> Published | None:
     return next((p for pattern, p in PUBLISHED if re.search(pattern, kind)), None)
 
 
-def _matmul_flops_per_s(n: int, dtype: Any, repeats: int) -> float:
-    """Achieved FLOP/s of an [n, n] @ [n, n] matmul in ``dtype`` with float32 accumulation."""
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    a = jnp.ones((n, n), dtype)
-    compiled = dot.lower(a, a).compile()
-    timing = time_compiled(compiled, lambda: (a, a), repeats=repeats, warmup=1)
-    return 2 * n**3 / timing.seconds_median
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What one calibration runs: matmul sides, bytes streamed, calls per timed repeat."""
+
+    matmul_n: int  # bf16 and TF32 products are [n, n] @ [n, n]
+    f32_n: int  # full-precision f32 product (slow on tensor-core GPUs)
+    read_bytes: int
+    copy_bytes: int
+    calls: int  # back-to-back calls per timed repeat (amortises dispatch on an accelerator)
+    repeats: int
 
 
-def _copy_bytes_per_s(nbytes: int, repeats: int) -> float:
-    """Achieved bytes/s of y = x + 1 on a donated float32 array: it reads and writes every byte."""
-    step = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-    n = nbytes // 4
-    compiled = step.lower(jax.ShapeDtypeStruct((n,), jnp.float32)).compile()
-    timing = time_compiled(
-        compiled, lambda: (jnp.zeros((n,), jnp.float32),), repeats=repeats, warmup=1
+def sizes(platform: str, quick: bool) -> Sizes:
+    """Peak-reaching sizes per platform; ``quick`` is for tests (about a second anywhere)."""
+    if quick:
+        return Sizes(512, 512, 64 << 20, 64 << 20, 1, 3)
+    if platform == "cpu":  # under 10 s on 2 cores; 4096³ reaches XLA:CPU's GEMM peak
+        return Sizes(4096, 4096, 1 << 30, 256 << 20, 1, 3)
+    return Sizes(8192, 4096, 2 << 30, 1 << 30, 10, 5)
+
+
+def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> float:
+    """Seconds per call: the fastest of ``size.repeats`` timings of ``size.calls`` back-to-back
+    calls (a roof is the best the device does; slower repeats measure interference)."""
+    jax.block_until_ready(fn(*args))  # warm-up (compiled on first call)
+    times = []
+    for _ in range(size.repeats):
+        start = time.perf_counter()
+        out = [fn(*args) for _ in range(size.calls)]
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / size.calls)
+    return min(times)
+
+
+def _matmul_flops_per_s(n: int, dtype: Any, precision: str, size: Sizes) -> float:
+    """Achieved FLOP/s of an [n, n] @ [n, n] product in ``dtype`` accumulated in f32."""
+    dot = jax.jit(
+        lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
     )
-    return 2 * n * 4 / timing.seconds_median
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    return 2 * n**3 / _seconds_per_call(dot, (a, a), size)
+
+
+def _read_bytes_per_s(size: Sizes) -> float:
+    """Achieved bytes/s of a jitted ``jnp.sum`` over ``size.read_bytes`` of f32: read once."""
+    x = jnp.ones((size.read_bytes // 4,), jnp.float32)
+    return size.read_bytes / _seconds_per_call(jax.jit(jnp.sum), (x,), size)
+
+
+def _copy_bytes_per_s(size: Sizes) -> float:
+    """Achieved bytes/s of y = x + 1 on a donated f32 array: each byte read and written once."""
+    step = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    x = jnp.zeros((size.copy_bytes // 4,), jnp.float32)
+    x = step(x)  # compile and warm up
+    times = []
+    for _ in range(size.repeats):
+        jax.block_until_ready(x)
+        start = time.perf_counter()
+        for _ in range(size.calls):
+            x = step(x)
+        jax.block_until_ready(x)
+        times.append((time.perf_counter() - start) / size.calls)
+    return 2 * size.copy_bytes / min(times)
+
+
+def _measure_peaks(platform: str, size: Sizes) -> dict[str, float | None]:
+    bf16 = _matmul_flops_per_s(size.matmul_n, jnp.bfloat16, "default", size)
+    f32 = _matmul_flops_per_s(size.f32_n, jnp.float32, "highest", size)
+    tf32 = (
+        None
+        if platform == "cpu"
+        else _matmul_flops_per_s(size.matmul_n, jnp.float32, "default", size)
+    )
+    return {
+        "bf16_flops_per_s": bf16,
+        "f32_flops_per_s": f32,
+        "tf32_flops_per_s": tf32,
+        "read_bytes_per_s": _read_bytes_per_s(size),
+        "copy_bytes_per_s": _copy_bytes_per_s(size),
+    }
+
+
+def suspect(calibration: dict[str, Any]) -> list[str]:
+    """One line per calibrated peak outside [60%, 105%] of the device's data sheet ([] if none)."""
+    sheet = published(calibration["device_kind"])
+    if sheet is None or calibration["platform"] == "cpu":
+        return []
+    pairs = [
+        ("bf16_flops_per_s", sheet.bf16_flops_per_s),
+        ("tf32_flops_per_s", sheet.tf32_flops_per_s),
+        ("f32_flops_per_s", sheet.f32_flops_per_s),
+        ("read_bytes_per_s", sheet.bandwidth_bytes_per_s),
+    ]
+    lines = []
+    for key, ref in pairs:
+        value = calibration.get(key)
+        if value and ref and not SUSPECT_BELOW <= value / ref <= SUSPECT_ABOVE:
+            lines.append(f"{key} {value:.3g} is {value / ref:.0%} of the data sheet's {ref:.3g}")
+    return lines
 
 
 def measure(quick: bool = False) -> dict[str, Any]:
-    """Calibrates this device now (about 1 s quick, a few seconds otherwise)."""
-    n, nbytes, repeats = (1024, 64 << 20, 3) if quick else (2048, 256 << 20, 5)
-    return {
-        "device_kind": device_kind(),
-        "platform": jax.devices()[0].platform,
-        "f32_flops_per_s": _matmul_flops_per_s(n, jnp.float32, repeats),
-        "bf16_flops_per_s": _matmul_flops_per_s(n, jnp.bfloat16, repeats),
-        "copy_bytes_per_s": _copy_bytes_per_s(nbytes, repeats),
-        "matmul_n": n,
-        "copy_bytes": nbytes,
+    """Calibrates this device now (about a second quick; under 10 s on a CPU, seconds on a GPU)."""
+    device = jax.devices()[0]
+    size = sizes(device.platform, quick)
+    out: dict[str, Any] = {"device_kind": device.device_kind, "platform": device.platform}
+    out |= _measure_peaks(device.platform, size)
+    out |= {f"size_{k}": v for k, v in dataclasses.asdict(size).items()}
+    out |= {
         "quick": quick,
+        "format": FORMAT,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
         "jaxlib": jax.lib.__version__,  # pyright: ignore[reportAttributeAccessIssue]
     }
+    out["suspect"] = suspect(out)
+    return out
 
 
 def cache_path() -> Path:
@@ -128,38 +233,77 @@ def cache_path() -> Path:
     return Path(root) / f"calibration-{slug}.json"
 
 
+def _warn(message: str) -> None:
+    print(f"jaxllm: warning: {message}", file=sys.stderr)
+
+
+def _read_cache(path: Path, quick: bool) -> dict[str, Any] | None:
+    """The cached calibration if it is usable for this run; None (with a warning if damaged)."""
+    if not path.exists():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        _warn(f"calibration cache {path} is unreadable ({err}); measuring again")
+        return None
+    if not isinstance(cached, dict) or cached.get("format") != FORMAT:
+        _warn(f"calibration cache {path} is not a calibration of this version; measuring again")
+        return None
+    if cached.get("jax") != jax.__version__ or cached.get("quick") not in (False, quick):
+        return None
+    return cached
+
+
 def calibrate(refresh: bool = False, quick: bool = False) -> dict[str, Any]:
     """This device's calibration: read from the cache unless ``refresh`` or the cached one was made
-    with other versions (or is a quick one when a full one is asked for); measured and saved otherwise."""
+    with other versions (or is a quick one when a full one is asked for); measured and saved otherwise.
+    A cache that cannot be written costs a warning, not the measurement."""
     path = cache_path()
-    if not refresh and path.exists():
-        cached = json.loads(path.read_text())
-        same = cached.get("jax") == jax.__version__ and cached.get("quick") in (False, quick)
-        if same:
-            return cached
+    cached = None if refresh else _read_cache(path, quick)
+    if cached is not None:
+        return cached
     result = measure(quick)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    except OSError as err:
+        _warn(f"could not save the calibration to {path} ({err})")
+    for line in result["suspect"]:
+        _warn(f"suspect calibration: {line}")
     return result
+
+
+def matmul_key(calibration: dict[str, Any], dtype: str) -> str:
+    """The calibrated peak that matmuls in ``dtype`` run at: bf16; on a GPU, f32 at JAX's default
+    precision runs as TF32 (full f32 only under ``jax_default_matmul_precision='highest'``)."""
+    if dtype in ("bfloat16", "float16"):
+        return "bf16_flops_per_s"
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    tf32 = calibration.get("tf32_flops_per_s") and precision not in ("highest", "float32")
+    return "tf32_flops_per_s" if tf32 else "f32_flops_per_s"
 
 
 def roofline_peaks(
     calibration: dict[str, Any], dtype: str, data_sheet: bool = True
 ) -> dict[str, Any]:
     """The peaks a roofline uses for matmuls in ``dtype``: calibrated on a CPU (or with
-    ``data_sheet=False``), the data sheet's on a known accelerator (bf16; float32 matmuls keep the
-    calibrated figure, as data sheets differ on what an f32 matmul may use)."""
-    key = "bf16_flops_per_s" if dtype in ("bfloat16", "float16") else "f32_flops_per_s"
+    ``data_sheet=False``), the data sheet's on a known accelerator. The memory roof is the read
+    bandwidth. ``suspect`` lists calibrated figures outside the data sheet's plausible range."""
+    key = matmul_key(calibration, dtype)
     sheet = published(calibration["device_kind"]) if data_sheet else None
-    if calibration["platform"] == "cpu" or sheet is None:
+    flops = getattr(sheet, key, None) if sheet is not None else None
+    if calibration["platform"] == "cpu" or sheet is None or flops is None:
         return {
             "flops_per_s": calibration[key],
-            "bandwidth_bytes_per_s": calibration["copy_bytes_per_s"],
+            "bandwidth_bytes_per_s": calibration["read_bytes_per_s"],
+            "matmul": key.removesuffix("_flops_per_s"),
             "source": f"calibrated ({calibration['date']})",
+            "suspect": calibration.get("suspect", []),
         }
-    flops = sheet.bf16_flops_per_s if key == "bf16_flops_per_s" else calibration[key]
     return {
         "flops_per_s": flops,
         "bandwidth_bytes_per_s": sheet.bandwidth_bytes_per_s,
+        "matmul": key.removesuffix("_flops_per_s"),
         "source": sheet.source,
+        "suspect": [],
     }

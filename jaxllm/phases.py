@@ -15,6 +15,8 @@ Sizes are checked here, before anything is traced.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from jaxllm import analytic
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
-from jaxllm.model import init_params, param_shapes
+from jaxllm.model import param_shapes
 
 PHASES = ("train", "prefill", "decode")
 
@@ -71,6 +73,26 @@ def _unwrap(phase: Any) -> Any:
     return getattr(phase, "jitted", phase)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _filler(salt: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Uniform in [-0.02, 0.02): an integer hash of each element's index and ``salt``."""
+    x = jax.lax.iota(jnp.uint32, math.prod(shape)) * jnp.uint32(2654435761) + salt
+    x = x ^ (x >> 15)
+    unit = (x >> 8).astype(jnp.float32) * (2.0**-24)  # [0, 1)
+    return ((unit - 0.5) * 0.04).astype(dtype).reshape(shape)
+
+
+def filler_params(config: ModelConfig, seed: int = 0) -> Any:
+    """Weights to time a phase with: deterministic, varied, in [-0.02, 0.02), one small compiled
+    program per distinct parameter shape. A phase's time does not depend on weight values, while
+    drawing 10^8-10^9 normal samples (``init_params``) costs more than the timing itself."""
+    leaves, tree = jax.tree.flatten(param_shapes(config))
+    salts = [jnp.uint32((seed * 1000003 + i) * 40503 % 2**32) for i in range(len(leaves))]
+    return tree.unflatten(
+        [_filler(k, s.shape, s.dtype) for k, s in zip(salts, leaves, strict=True)]
+    )
+
+
 def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Callable]:
     from jaxllm import train
 
@@ -80,16 +102,18 @@ def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Calla
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
 
     def make_args(key: jax.Array) -> Callable[[], tuple]:
-        fresh = train.init_state(config, optimizer, key)
+        fresh = jax.jit(lambda p: train.state_from_params(p, optimizer))(filler_params(config))
         data = jax.random.randint(key, (batch, seq + 1), 0, config.vocab_size, jnp.int32)
-        return lambda: (jax.tree.map(jnp.copy, fresh), data)  # the state is donated
+        copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s))  # the state is donated
+        return lambda: (copy(fresh), data)
 
     return step, (state, tokens), make_args
 
 
 def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
     cache = jax.eval_shape(lambda: KVCache.init(config, batch, capacity))
-    return cache, lambda: KVCache.init(config, batch, capacity).replace(index=jnp.int32(index))
+    fresh = jax.jit(lambda: KVCache.init(config, batch, capacity).replace(index=jnp.int32(index)))
+    return cache, fresh
 
 
 def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
@@ -101,7 +125,7 @@ def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int)
     pad = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
     def make_args(key: jax.Array) -> Callable[[], tuple]:
-        params = init_params(config, key)
+        params = filler_params(config)
         ids = jax.random.randint(key, tokens.shape, 0, config.vocab_size, jnp.int32)
         if phase == "prefill":
             return lambda: (params, ids, jnp.zeros((batch,), jnp.int32), fresh_cache())

@@ -109,17 +109,17 @@ def _f32(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+def state_from_params(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """A step-0 state around ``params`` with float32 optimizer state (traceable)."""
+    opt_state = optimizer.init(_f32(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
 def init_state(
     config: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array
 ) -> TrainState:
     """Fresh parameters (``init_params``) and float32 optimizer state, at step 0; one compiled call."""
-
-    def init(key: jax.Array) -> TrainState:
-        params = init_params(config, key)
-        opt_state = optimizer.init(_f32(params))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-
-    return jax.jit(init)(key)
+    return jax.jit(lambda k: state_from_params(init_params(config, k), optimizer))(key)
 
 
 def loss_fn(params: Params, batch: Batch, config: ModelConfig) -> jax.Array:

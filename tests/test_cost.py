@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllm.cost import analyze, normalize_costs
+from jaxllm.cost import analyze, call_graph, normalize_costs
 
 M = 64
 MATMUL = 2 * M**3  # flops of one [M, M] @ [M, M]
@@ -70,6 +70,46 @@ def test_loop_of_unknown_trip_count_is_flagged():
     assert cost.loops == (None,)
     assert not cost.loop_corrected
     assert cost.flops == cost.raw_flops  # left as XLA counted it, and said so
+    assert "trip count" in cost.loop_note
+
+
+def test_loops_inside_called_computations_are_corrected():
+    """A scan inside a conditional's branch (as loops sit inside command buffers or calls on a
+    GPU) is reached through the call graph, not only through the entry's own while ops."""
+
+    def f(x):
+        scan5 = lambda y: jax.lax.scan(lambda c, _: (c @ c, None), y, None, length=5)[0]  # noqa: E731
+        scan2 = lambda y: jax.lax.scan(lambda c, _: (c @ c, None), y, None, length=2)[0]  # noqa: E731
+        return jax.lax.cond(x[0, 0] > 0, scan5, scan2, x)
+
+    cost = analyze(jax.jit(f), X)
+    assert cost.loop_corrected and sorted(n or 0 for n in cost.loops) == [2, 5]
+    assert cost.flops == pytest.approx(5 * MATMUL, rel=1e-2)  # the costliest branch, as XLA does
+    assert cost.raw_flops == pytest.approx(MATMUL, rel=1e-2)
+
+
+def test_call_graph_reads_sites_of_an_hlo_text():
+    text = "\n".join(
+        [
+            "HloModule m",
+            "%body (p: f32[]) -> f32[] {",
+            "  ROOT %p = f32[] parameter(0)",
+            "}",
+            "ENTRY %main (a: f32[]) -> f32[] {",
+            '  %w = (s32[], f32[]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}',
+            "  %c = f32[] conditional(%q, %a, %a), branch_computations={%b0, %b1}",
+            "  %f = f32[] fusion(%a), kind=kLoop, calls=%fused",
+            "  ROOT %k = f32[] call(%a), to_apply=%command_buffer",
+            "}",
+        ]
+    )
+    entry, sites = call_graph(text)
+    assert entry == "main" and sites["body"] == []
+    assert [(s.opcode, s.callees, s.trip_count) for s in sites["main"]] == [
+        ("while", ("cond", "body"), 7),
+        ("conditional", ("b0", "b1"), None),
+        ("call", ("command_buffer",), None),
+    ]  # the fusion is left out: no loop sits inside a fusion
 
 
 def test_memory_fields_and_donation():

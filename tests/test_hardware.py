@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import pytest
 
 from jaxllm import hardware
@@ -32,26 +33,66 @@ def test_unknown_device_has_no_published_peaks():
 def test_quick_calibration_is_measured_cached_and_is_the_cpu_roofline(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
     first = hardware.calibrate(quick=True)
-    for key in ("f32_flops_per_s", "bf16_flops_per_s", "copy_bytes_per_s"):
+    for key in ("f32_flops_per_s", "bf16_flops_per_s", "read_bytes_per_s", "copy_bytes_per_s"):
         assert first[key] > 1e8  # any CPU does > 0.1 GFLOP/s and > 0.1 GB/s
+    assert first["tf32_flops_per_s"] is None and first["suspect"] == []  # no TF32, no sheet
     saved = json.loads(hardware.cache_path().read_text())
     assert saved == first and saved["date"] and saved["jax"]
     assert hardware.calibrate(quick=True) == first  # read back, not re-measured
     peaks = hardware.roofline_peaks(first, "float32")
     assert peaks["flops_per_s"] == first["f32_flops_per_s"]
-    assert peaks["bandwidth_bytes_per_s"] == first["copy_bytes_per_s"]
+    assert peaks["bandwidth_bytes_per_s"] == first["read_bytes_per_s"]  # the memory roof: reads
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", json.dumps({"format": 1, "jax": jax.__version__})]
+)
+def test_a_damaged_cache_is_measured_afresh_with_a_warning(tmp_path, monkeypatch, capsys, content):
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
+    hardware.cache_path().write_text(content)
+    result = hardware.calibrate(quick=True)
+    assert result["read_bytes_per_s"] > 0
+    assert str(hardware.cache_path()) in capsys.readouterr().err
+    assert json.loads(hardware.cache_path().read_text()) == result  # healed
+
+
+def test_an_unwritable_cache_is_a_warning_not_a_failure(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(blocker / "sub"))  # a directory under a file
+    assert hardware.calibrate(quick=True)["f32_flops_per_s"] > 0
+    assert "could not save the calibration" in capsys.readouterr().err
+
+
+H100 = {
+    "device_kind": "NVIDIA H100 80GB HBM3",
+    "platform": "gpu",
+    "f32_flops_per_s": 5e13,
+    "tf32_flops_per_s": 4e14,
+    "bf16_flops_per_s": 7e14,
+    "read_bytes_per_s": 3e12,
+    "copy_bytes_per_s": 2.8e12,
+    "date": "-",
+}
 
 
 def test_accelerator_roofline_uses_the_data_sheet():
-    calibration = {
-        "device_kind": "NVIDIA H100 80GB HBM3",
-        "platform": "gpu",
-        "f32_flops_per_s": 5e13,
-        "bf16_flops_per_s": 7e14,
-        "copy_bytes_per_s": 3e12,
-        "date": "-",
-    }
-    peaks = hardware.roofline_peaks(calibration, "bfloat16")
+    peaks = hardware.roofline_peaks({**H100, "suspect": []}, "bfloat16")
     assert peaks["flops_per_s"] == 989e12 and peaks["bandwidth_bytes_per_s"] == 3.35e12
-    measured = hardware.roofline_peaks(calibration, "bfloat16", data_sheet=False)
+    measured = hardware.roofline_peaks({**H100, "suspect": []}, "bfloat16", data_sheet=False)
     assert measured["flops_per_s"] == 7e14 and measured["bandwidth_bytes_per_s"] == 3e12
+
+
+def test_f32_matmuls_on_a_gpu_run_at_the_tf32_peak_unless_precision_is_highest():
+    with jax.default_matmul_precision("default"):
+        assert hardware.matmul_key(H100, "float32") == "tf32_flops_per_s"
+        assert hardware.roofline_peaks(H100, "float32")["flops_per_s"] == 494e12
+    with jax.default_matmul_precision("highest"):
+        assert hardware.matmul_key(H100, "float32") == "f32_flops_per_s"
+
+
+def test_calibrations_off_the_data_sheet_are_suspect():
+    assert hardware.suspect(H100) == []  # 71-85% of the sheet
+    low = {**H100, "bf16_flops_per_s": 114e12, "read_bytes_per_s": 4e12}  # 12%, and 119%
+    lines = hardware.suspect(low)
+    assert len(lines) == 2 and "bf16_flops_per_s" in lines[0] and "read_bytes_per_s" in lines[1]
