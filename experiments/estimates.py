@@ -21,7 +21,6 @@ import numpy as np
 
 from jaxllm import experiment
 from jaxllm.bench import analyze_phase
-from jaxllm.config import get_preset
 
 
 def dispatch_seconds(repeats: int = 200) -> float:
@@ -63,9 +62,9 @@ def reasons(row: experiment.Row) -> str:
     return "; ".join(out) or "within noise of the roof"
 
 
-def measure(preset: str, quick: bool) -> list[experiment.Row]:
-    config = get_preset(preset)
-    seq = 64 if quick else min(256, config.max_len)
+def measure(preset: str, dtype: str | None, quick: bool) -> list[experiment.Row]:
+    config = experiment.model_config(preset, dtype)
+    seq = 64 if quick else min(1024 if experiment.accelerator() else 256, config.max_len)
     points = [
         ("train", 2 if quick else 8, seq),
         ("prefill", 1, seq),
@@ -136,7 +135,7 @@ def plot(rows: list[experiment.Row], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = experiment.parse_args("estimates", __doc__, argv)
-    rows = measure(args.preset, args.quick)
+    rows = measure(args.preset, args.dtype, args.quick)
     experiment.write_csv(args.out / "data.csv", rows)
     plot(rows, args.out / "estimates.png")
     lines = [

@@ -42,8 +42,10 @@ def prefill_cost(cfg: ModelConfig, batch: int, seq: int) -> tuple[int, int]:
     )
 
 
-def scenario(preset: str, lo: int, hi: int, seed: int, quick: bool) -> experiment.Row:
-    cfg = get_preset(preset)
+def scenario(
+    preset: str, dtype: str | None, lo: int, hi: int, seed: int, quick: bool
+) -> experiment.Row:
+    cfg = experiment.model_config(preset, dtype)
     lengths = sorted(np.random.default_rng(seed).integers(lo, hi + 1, size=8).tolist())
     longest = max(lengths)
     padded_flops, padded_bytes = prefill_cost(cfg, len(lengths), longest)
@@ -105,9 +107,15 @@ def plot(rows: list[experiment.Row], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = experiment.parse_args("padding", __doc__, argv)
-    hi = min(get_preset(args.preset).max_len, 64 if args.quick else 256)
+    hi = min(
+        get_preset(args.preset).max_len,
+        64 if args.quick else 1024 if experiment.accelerator() else 256,
+    )
     los = [hi, 4] if args.quick else [hi, 3 * hi // 4, hi // 2, hi // 4, 4]
-    rows = [scenario(args.preset, lo, hi, seed=i, quick=args.quick) for i, lo in enumerate(los)]
+    rows = [
+        scenario(args.preset, args.dtype, lo, hi, seed=i, quick=args.quick)
+        for i, lo in enumerate(los)
+    ]
     experiment.write_csv(args.out / "data.csv", rows)
     plot(rows, args.out / "padding.png")
     lines = [

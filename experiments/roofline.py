@@ -16,7 +16,6 @@ import sys
 
 from jaxllm import experiment, hardware
 from jaxllm.bench import analyze_phase, peaks_line, si
-from jaxllm.config import get_preset
 
 
 def shapes(quick: bool, max_len: int) -> list[tuple[str, int, int]]:
@@ -29,7 +28,8 @@ def shapes(quick: bool, max_len: int) -> list[tuple[str, int, int]]:
             ("decode", 1, 64),
             ("decode", 16, 64),
         ]
-    lengths = [s for s in (64, 128, 256) if s <= max_len]
+    top = 1024 if experiment.accelerator() else 256
+    lengths = [s for s in (64, 128, 256, 512, 1024) if s <= min(top, max_len)]
     return (
         [("train", 8, lengths[-1])]
         + [("prefill", 1, t) for t in lengths]
@@ -38,8 +38,8 @@ def shapes(quick: bool, max_len: int) -> list[tuple[str, int, int]]:
     )
 
 
-def measure(preset: str, quick: bool) -> list[experiment.Row]:
-    config = get_preset(preset)
+def measure(preset: str, dtype: str | None, quick: bool) -> list[experiment.Row]:
+    config = experiment.model_config(preset, dtype)
     rows = []
     for phase, batch, seq in shapes(quick, config.max_len):
         out = analyze_phase(config, phase, batch, seq, measure=True, quick=quick, preset=preset)
@@ -129,7 +129,7 @@ def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = experiment.parse_args("roofline", __doc__, argv)
-    rows = measure(args.preset, args.quick)
+    rows = measure(args.preset, args.dtype, args.quick)
     calibration = hardware.calibrate(quick=args.quick)
     experiment.write_csv(args.out / "data.csv", rows)
     experiment.write_json(args.out / "calibration.json", calibration)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Calibrated peaks: {peaks_line(calibration)}; "
         f"ridge {rows[0]['ridge']:.1f} FLOP/byte ({args.preset} computes in "
-        f"{get_preset(args.preset).dtype}).",
+        f"{experiment.model_config(args.preset, args.dtype).dtype}).",
         "",
         "| phase | B | T or S | intensity (FLOP/B) | bound | predicted | measured | measured / roof |",
         "|---|---|---|---|---|---|---|---|",

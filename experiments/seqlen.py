@@ -19,8 +19,10 @@ from jaxllm.bench import analyze_phase, si
 from jaxllm.config import get_preset
 
 
-def measure(preset: str, lengths: list[int], quick: bool) -> list[experiment.Row]:
-    config = get_preset(preset)
+def measure(
+    preset: str, dtype: str | None, lengths: list[int], quick: bool
+) -> list[experiment.Row]:
+    config = experiment.model_config(preset, dtype)
     rows = []
     for phase in ("prefill", "decode"):
         for t in lengths:
@@ -87,8 +89,9 @@ def plot(rows: list[experiment.Row], path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = experiment.parse_args("seqlen", __doc__, argv)
     max_len = get_preset(args.preset).max_len
-    lengths = [t for t in ((32, 64) if args.quick else (16, 32, 64, 128, 256)) if t <= max_len]
-    rows = measure(args.preset, lengths, args.quick)
+    full = (16, 32, 64, 128, 256) + ((512, 1024) if experiment.accelerator() else ())
+    lengths = [t for t in ((32, 64) if args.quick else full) if t <= max_len]
+    rows = measure(args.preset, args.dtype, lengths, args.quick)
     experiment.write_csv(args.out / "data.csv", rows)
     plot(rows, args.out / "seqlen.png")
     lines = [

@@ -133,9 +133,8 @@ class _LoopCorrector:
     bodies by their trip counts, wherever in the call graph the loops sit (the entry, inside other
     loops, or inside called computations such as a conditional's branches or a GPU command buffer)."""
 
-    def __init__(self, compiled: Any, raw_entry: Costs) -> None:
-        self._compiled = compiled
-        self.text = compiled.as_text()
+    def __init__(self, hlo_text: str, raw_entry: Costs) -> None:
+        self.text = hlo_text
         self.entry, self.sites = call_graph(self.text)
         self._raw: dict[str, Costs] = {self.entry: raw_entry}
         self._loops: dict[str, bool] = {}
@@ -156,7 +155,7 @@ class _LoopCorrector:
 
     def raw(self, computation: str) -> Costs:
         if computation not in self._raw:
-            costs = computation_costs(self._compiled, self.text, computation)
+            costs = computation_costs(self.text, computation)
             self._raw[computation] = normalize_costs(costs)
         return self._raw[computation]
 
@@ -193,18 +192,28 @@ def loop_corrected_costs(compiled: Any) -> tuple[Costs, Costs, str, tuple[int | 
     """(corrected, raw, note, trip counts) for a ``jax.stages.Compiled``; ``note`` is "" when every
     loop was corrected, else why not (the figures then stay as XLA counted them)."""
     raw = normalize_costs(compiled.cost_analysis())
-    corrector = _LoopCorrector(compiled, raw)
+    corrected, note, loops = correct_loops(compiled.as_text(), raw)
+    return corrected, raw, note, loops
+
+
+def correct_loops(hlo_text: str, raw: Costs) -> tuple[Costs, str, tuple[int | None, ...]]:
+    """(corrected costs, note, trip counts) of an optimized HLO module whose whole-program costs
+    XLA reported as ``raw``; the same on every backend."""
+    corrector = _LoopCorrector(hlo_text, raw)
     loops = tuple(w.trip_count for w in corrector.whiles())
     if not loops:
-        return raw, raw, "", loops
+        return raw, "", loops
     try:
         corrected = corrector.corrected(corrector.entry)
     except (ValueError, HloCostError) as err:  # flagged, never under-counted
-        return raw, raw, f"loop bodies could not be costed: {err}", loops
+        return raw, f"loop bodies could not be costed: {err}", loops
     if corrector.unknown:
-        note = f"{corrector.unknown} loop(s) without a known trip count are counted once"
-        return corrected, raw, note, loops
-    return corrected, raw, "", loops
+        return (
+            corrected,
+            f"{corrector.unknown} loop(s) without a known trip count are counted once",
+            loops,
+        )
+    return corrected, "", loops
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from jaxllm.config import ModelConfig, get_preset
+
 Row = dict[str, Any]
 
 
@@ -28,8 +30,9 @@ def parse_args(
     preset: bool = True,
 ) -> argparse.Namespace:
     """--quick (smallest scale that still shows the effect), --out (default results/NAME), and the
-    script's own flags added by ``extra``; with ``preset``, --preset (default ``small``, ``tiny`` with
-    --quick)."""
+    script's own flags added by ``extra``; with ``preset``, --preset (default ``tiny`` with --quick,
+    else ``small`` on a CPU and ``gpt2-medium`` on an accelerator) and --dtype (compute dtype;
+    default the preset's on a CPU, bfloat16 on an accelerator, where bf16 is what runs fast)."""
     parser = argparse.ArgumentParser(
         prog=f"experiments/{name}.py",
         description=doc,
@@ -38,14 +41,30 @@ def parse_args(
     parser.add_argument("--quick", action="store_true", help="smallest scale (smoke tests)")
     parser.add_argument("--out", type=Path, default=Path("results") / name, help="output folder")
     if preset:
-        parser.add_argument("--preset", help="model preset (default: small; tiny with --quick)")
+        parser.add_argument("--preset", help="model preset (default: by device; tiny with --quick)")
+        parser.add_argument(
+            "--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: by device)"
+        )
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
     if getattr(args, "preset", "") is None:
-        args.preset = "tiny" if args.quick else "small"
+        args.preset = "tiny" if args.quick else ("gpt2-medium" if accelerator() else "small")
+    if preset and args.dtype is None and accelerator() and not args.quick:
+        args.dtype = "bfloat16"
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def accelerator() -> bool:
+    """Whether this process runs on a GPU or TPU (experiments then use larger, bf16 shapes)."""
+    return jax.devices()[0].platform != "cpu"
+
+
+def model_config(preset: str, dtype: str | None = None) -> ModelConfig:
+    """The preset's config, computing in ``dtype`` when given (bf16 keeps f32 master weights)."""
+    config = get_preset(preset)
+    return config if dtype is None else config.replace(dtype=dtype)
 
 
 def write_csv(path: Path, rows: list[Row]) -> None:

@@ -82,11 +82,12 @@ def _filler(salt: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return ((unit - 0.5) * 0.04).astype(dtype).reshape(shape)
 
 
-def filler_params(config: ModelConfig, seed: int = 0) -> Any:
+def filler_params(shapes: Any, seed: int = 0) -> Any:
     """Weights to time a phase with: deterministic, varied, in [-0.02, 0.02), one small compiled
-    program per distinct parameter shape. A phase's time does not depend on weight values, while
-    drawing 10^8-10^9 normal samples (``init_params``) costs more than the timing itself."""
-    leaves, tree = jax.tree.flatten(param_shapes(config))
+    program per distinct parameter shape (``shapes``: ``param_shapes(config)``). A phase's time
+    does not depend on weight values, while drawing 10^8-10^9 normal samples (``init_params``)
+    costs more than the timing itself."""
+    leaves, tree = jax.tree.flatten(shapes)
     salts = [jnp.uint32((seed * 1000003 + i) * 40503 % 2**32) for i in range(len(leaves))]
     return tree.unflatten(
         [_filler(k, s.shape, s.dtype) for k, s in zip(salts, leaves, strict=True)]
@@ -102,7 +103,8 @@ def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Calla
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
 
     def make_args(key: jax.Array) -> Callable[[], tuple]:
-        fresh = jax.jit(lambda p: train.state_from_params(p, optimizer))(filler_params(config))
+        params = filler_params(state.params)
+        fresh = jax.jit(lambda p: train.state_from_params(p, optimizer))(params)
         data = jax.random.randint(key, (batch, seq + 1), 0, config.vocab_size, jnp.int32)
         copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s))  # the state is donated
         return lambda: (copy(fresh), data)
@@ -124,14 +126,15 @@ def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int)
     tokens = jax.ShapeDtypeStruct((batch, seq) if phase == "prefill" else (batch,), jnp.int32)
     pad = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
+    params = param_shapes(config)
+
     def make_args(key: jax.Array) -> Callable[[], tuple]:
-        params = filler_params(config)
+        weights = filler_params(params)
         ids = jax.random.randint(key, tokens.shape, 0, config.vocab_size, jnp.int32)
         if phase == "prefill":
-            return lambda: (params, ids, jnp.zeros((batch,), jnp.int32), fresh_cache())
-        return lambda: (params, fresh_cache(), ids)
+            return lambda: (weights, ids, jnp.zeros((batch,), jnp.int32), fresh_cache())
+        return lambda: (weights, fresh_cache(), ids)
 
-    params = param_shapes(config)
     if phase == "prefill":
         return _unwrap(serve.make_prefill(config)), (params, tokens, pad, abstract_cache), make_args
     return _unwrap(serve.make_decode_step(config)), (params, abstract_cache, tokens), make_args

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+
+pytest.importorskip("safetensors")  # the `hf` extra; absent from some GPU images
+pytest.importorskip("tokenizers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from jaxllm import hf
 from jaxllm.cache import KVCache
