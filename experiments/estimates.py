@@ -58,7 +58,7 @@ def reasons(row: experiment.Row) -> str:
             "softmax and norms off the matmul units)"
         )
     elif row["bound"] == "memory" and row["mbu"] < 0.5:
-        out.append(f"memory-bound at {row['mbu']:.0%} of the copy bandwidth")
+        out.append(f"memory-bound at {row['mbu']:.0%} of the read bandwidth")
     return "; ".join(out) or "within noise of the roof"
 
 

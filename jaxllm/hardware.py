@@ -278,7 +278,7 @@ def matmul_key(calibration: dict[str, Any], dtype: str) -> str:
     precision runs as TF32 (full f32 only under ``jax_default_matmul_precision='highest'``)."""
     if dtype in ("bfloat16", "float16"):
         return "bf16_flops_per_s"
-    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    precision = str(getattr(jax.config, "jax_default_matmul_precision", None) or "default").lower()
     tf32 = calibration.get("tf32_flops_per_s") and precision not in ("highest", "float32")
     return "tf32_flops_per_s" if tf32 else "f32_flops_per_s"
 

@@ -29,6 +29,7 @@ def calibration_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_quick_writes_data_plot_and_summary(name, tmp_path):
     out = tmp_path / name
@@ -50,7 +51,11 @@ def test_experiment_quick_writes_data_plot_and_summary(name, tmp_path):
         assert f"({plot.name})" in summary, f"summary.md does not show {plot.name}"
 
 
-def test_report_gathers_summaries(tmp_path):
+def test_report_gathers_summaries(tmp_path, monkeypatch):
+    from jaxllm import hardware
+
+    quick = hardware.calibrate(quick=True)  # the report's full calibration takes seconds
+    monkeypatch.setattr(hardware, "calibrate", lambda **_: quick)
     results = tmp_path / "results"
     load("memory").main(["--quick", "--out", str(results / "memory")])
     out = tmp_path / "report"
@@ -64,3 +69,62 @@ def test_report_gathers_summaries(tmp_path):
     assert "Calibrated peaks" in report and "(memory/memory.png)" in report
     assert (out / "memory" / "memory.png").is_file()
     assert "Missing: " in report  # the experiments not run are named, not silently dropped
+
+
+# One fast check per experiment, on a value it computes (the runs above are `make test-all`).
+
+
+def test_roofline_shapes_cover_every_phase_within_the_context():
+    shapes = load("roofline").shapes(quick=False, max_len=128)
+    assert {phase for phase, _, _ in shapes} == {"train", "prefill", "decode"}
+    assert max(seq for _, _, seq in shapes) == 128
+
+
+def test_decode_batch_knees_on_a_made_up_roofline():
+    """t(B) = max(1 ms, B * 0.1 ms) meets at B = 10; intensity 2B against a ridge of 12 crosses at 6."""
+    module = load("decode_batch")
+    rows = [
+        {"batch": b, "seconds_median": max(1e-3, b * 1e-4), "intensity": 2.0 * b, "ridge": 12.0}
+        for b in (1, 2, 4, 8, 16, 32)
+    ]
+    assert module.measured_knee(rows) == pytest.approx(10.0)
+    assert module.predicted_knee(rows) == pytest.approx(6.0)
+    assert module.predicted_knee(rows[:2]) is None  # never reaches the ridge
+
+
+def test_memory_kv_rows_follow_the_cache_formula():
+    from jaxllm.config import get_preset
+
+    cfg = get_preset("small")
+    rows = load("memory").kv_rows(["small"])
+    row = next(r for r in rows if r["batch"] == 8 and r["seq"] == 128)
+    bytes_per = 4 if cfg.compute_dtype == "float32" else 2
+    expected = 2 * bytes_per * 8 * 128 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    assert row["kv_bytes"] == expected
+
+
+def test_seqlen_slope_reads_quadratic_and_linear_growth():
+    module = load("seqlen")
+    rows = [{"seq": t, "quad": t * t, "lin": 3 * t} for t in (64, 128, 256)]
+    assert module.slope(rows, "quad") == pytest.approx(2.0)
+    assert module.slope(rows, "lin") == pytest.approx(1.0)
+
+
+def test_estimates_reasons_name_the_gaps_the_row_shows():
+    row = {
+        "dispatch_share": 0.2,
+        "raw_over_corrected_flops": 0.5,
+        "xla_over_analytic_bytes": 3.0,
+        "predicted_over_measured": 0.5,
+        "bound": "memory",
+        "mfu": 0.01,
+        "mbu": 0.3,
+    }
+    text = load("estimates").reasons(row)
+    assert "dispatch is 20%" in text and "raw FLOPs are 50%" in text and "3.0x" in text
+    assert "30% of the read bandwidth" in text
+
+
+def test_padding_buckets_are_powers_of_two():
+    module = load("padding")
+    assert module.groups([3, 4, 5, 9, 16, 17]) == {4: 2, 8: 1, 16: 2, 32: 1}

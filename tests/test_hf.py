@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("safetensors")  # the `hf` extra; absent from some GPU images
 pytest.importorskip("tokenizers")
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file, save_file
 
 from jaxllm import hf
 from jaxllm.cache import KVCache
