@@ -32,12 +32,12 @@ test-all: $(DEPS)
 	$(PY) -m pytest -q
 
 fmt: $(STAMP)
-	$(BIN)/ruff format jaxllm tests experiments
-	$(BIN)/ruff check --fix jaxllm tests experiments
+	$(BIN)/ruff format jaxllm tests experiments scripts
+	$(BIN)/ruff check --fix jaxllm tests experiments scripts
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check jaxllm tests experiments
-	$(BIN)/ruff check jaxllm tests experiments
+	$(BIN)/ruff format --check jaxllm tests experiments scripts
+	$(BIN)/ruff check jaxllm tests experiments scripts
 
 types: $(STAMP)
 	$(BIN)/pyright

@@ -61,12 +61,10 @@ class XlaCost:
 def normalize_costs(costs: Any) -> Costs:
     """``cost_analysis()`` output -> {flops, transcendentals, bytes accessed}.
 
-    Older jax returns a list holding one dict; missing keys mean zero (CPU omits ``transcendentals``
-    when there are none); a negative value (older GPU backends report -1) means "not computed" and
+    Missing keys mean zero (CPU omits ``transcendentals`` when there are none); a negative value
+    (XLA's generic model reports -1 for a custom call it cannot see into) means "not computed" and
     raises, rather than be summed as a count.
     """
-    if isinstance(costs, list | tuple):
-        costs = costs[0] if costs else {}
     if not isinstance(costs, Mapping):
         raise ValueError(f"XLA cost analysis returned {type(costs).__name__}, expected a dict")
     out = {key: float(costs.get(key, 0.0)) for key in COST_KEYS}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import re
@@ -221,7 +222,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "format": FORMAT,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__,  # pyright: ignore[reportAttributeAccessIssue]
+        "jaxlib": importlib.metadata.version("jaxlib"),
     }
     out["suspect"] = suspect(out)
     return out

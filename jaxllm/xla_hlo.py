@@ -1,3 +1,4 @@
+# pyright: reportPrivateImportUsage=false
 """The one place jaxllm reaches into private XLA entry points: costing one computation of an
 optimized HLO module by the backend's own cost model.
 
@@ -15,6 +16,7 @@ loop-corrected.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from typing import Any
 
@@ -33,7 +35,7 @@ def _entry_points() -> tuple[Any, Any]:
         return hlo.hlo_module_from_text, xla_client._xla.hlo_module_cost_analysis
     except (ImportError, AttributeError) as err:
         raise HloCostError(
-            f"jaxlib {jax.lib.__version__} has no hlo_module_from_text / "  # pyright: ignore[reportAttributeAccessIssue]
+            f"jaxlib {importlib.metadata.version('jaxlib')} has no hlo_module_from_text / "
             f"hlo_module_cost_analysis ({err}); per-loop costs are unavailable"
         ) from err
 

@@ -42,6 +42,7 @@ an dec_g_b1_s256 --preset gpt2 $BF --phase decode --batch 1 --seq 256 --measure
 if [ -f .peers/peer_gpu.py ]; then
   step torch peer; timeout 150 python3 .peers/peer_gpu.py > $R/torch_peer.jsonl 2> $R/torch_peer.err; echo "rc=$?"; cat $R/torch_peer.jsonl
 fi
+[ -f scripts/generate_speed.py ] && { step "generate speed"; timeout 90 python3 scripts/generate_speed.py > $R/generate_speed.jsonl 2>$R/generate_speed.err; echo "rc=$?"; cat $R/generate_speed.jsonl; tail -c 300 $R/generate_speed.err; }
 step pytest
 timeout 240 python3 -m pytest -q -m "not slow" -p no:cacheprovider -n 6 -rfE --tb=line > $R/pytest.txt 2>&1
 echo "rc=$?"; grep -E "^(FAILED|ERROR)" $R/pytest.txt | head -40; tail -2 $R/pytest.txt

@@ -8,7 +8,7 @@ several timed repeats of back-to-back calls after a warm-up, timed with CUDA eve
 
 import json
 
-import torch
+import torch  # pyright: ignore[reportMissingImports]  (only on the GPU machine)
 
 
 def best_seconds(fn, calls: int = 10, repeats: int = 5) -> float:

@@ -137,8 +137,8 @@ def test_memory_fields_and_donation():
     assert donated.compile_seconds > 0
 
 
-def test_normalize_costs_accepts_old_list_form_and_rejects_negative():
-    assert normalize_costs([{"flops": 2.0, "bytes accessed": 8.0}]) == {
+def test_normalize_costs_fills_missing_keys_and_rejects_negative():
+    assert normalize_costs({"flops": 2.0, "bytes accessed": 8.0}) == {
         "flops": 2.0,
         "transcendentals": 0.0,
         "bytes accessed": 8.0,
