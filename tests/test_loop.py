@@ -107,15 +107,76 @@ def test_interrupted_saves_are_never_loaded(tmp_path, corpus):
     loop.train(tmp_path, data=corpus, ckpt_every=4, **RUN)
     assert checkpoint.complete_steps(tmp_path) == [4, 8]
     _, params8 = checkpoint.load_params(tmp_path)
-    # A save cut short after the rename (no commit marker) and one cut short before it (orbax's tmp dir).
-    shutil.copytree(tmp_path / "8", tmp_path / "12")
-    (tmp_path / "12" / checkpoint.COMMIT_MARKER).unlink()
+    # A save cut short before orbax renamed its temporary directory into place.
     shutil.copytree(tmp_path / "8", tmp_path / "16.orbax-checkpoint-tmp-1234")
     assert checkpoint.latest_step(tmp_path) == 8
     chex.assert_trees_all_equal(checkpoint.load_params(tmp_path)[1], params8)
-    with pytest.raises(checkpoint.CheckpointError, match="no complete step 12"):
-        checkpoint.load_params(tmp_path, step=12)
+    with pytest.raises(checkpoint.CheckpointError, match="no complete step 16"):
+        checkpoint.load_params(tmp_path, step=16)
     assert loop.train(tmp_path, resume=True)["step"] == 8  # nothing left to do
+
+
+def _data_files(step_dir):
+    return sorted(
+        p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"
+    )
+
+
+DAMAGE = {
+    "truncated": lambda step: [
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]) for f in _data_files(step)
+    ],
+    "overwritten": lambda step: [
+        f.write_bytes(b"\0" * f.stat().st_size) for f in _data_files(step)
+    ],
+    "deleted": lambda step: [f.unlink() for f in _data_files(step)],
+    "no opt_state": lambda step: shutil.rmtree(step / "opt_state"),
+    "no meta": lambda step: shutil.rmtree(step / "meta"),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """A finished RUN with checkpoints at steps 4 and 8, and its parameters at each."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    loop.train(run_dir, data=corpus, ckpt_every=4, **RUN)
+    return run_dir, {s: checkpoint.load_params(run_dir, step=s)[1] for s in (4, 8)}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_latest_step_falls_back_to_the_newest_that_restores(tmp_path, trained, damage):
+    run_dir, params = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    DAMAGE[damage](tmp_path / "run" / "8")
+    warnings = []
+    _, loaded = checkpoint.load_params(tmp_path / "run", warn=warnings.append)
+    chex.assert_trees_all_equal(loaded, params[4] if damage != "no opt_state" else params[8])
+    if damage != "no opt_state":  # serving reads params and meta alone
+        assert len(warnings) == 1 and "skipped step 8" in warnings[0]
+
+
+def test_resume_past_a_damaged_step_is_exact(tmp_path, trained, capsys):
+    run_dir, params = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    DAMAGE["truncated"](tmp_path / "run" / "8")
+    assert loop.train(tmp_path / "run", resume=True)["step"] == 8
+    assert "skipped step 8" in capsys.readouterr().err
+    chex.assert_trees_all_equal(checkpoint.load_params(tmp_path / "run")[1], params[8])
+    steps = [r["step"] for r in _train_records(tmp_path / "run")]
+    assert steps == list(range(1, 9))
+
+
+def test_no_step_restores_is_one_error(tmp_path, trained):
+    run_dir, _ = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    for step in (4, 8):
+        DAMAGE["deleted"](tmp_path / "run" / str(step))
+    with pytest.raises(
+        checkpoint.DamagedCheckpointError, match=r"no checkpoint .* loads: step 8 .*; step 4"
+    ):
+        checkpoint.load_params(tmp_path / "run")
+    with pytest.raises(checkpoint.DamagedCheckpointError):
+        loop.train(tmp_path / "run", resume=True)
 
 
 @pytest.mark.parametrize(
