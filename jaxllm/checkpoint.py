@@ -138,11 +138,11 @@ def newest_that_loads(
             raise CheckpointError(f"{path} has no complete step {step} (complete: {steps[::-1]})")
         steps = [step]
     skipped = []
+    _drop_restore_leftovers()  # before a restore fails: its debris may come from other threads
     for s in steps:
         try:
             loaded = load(s)
         except Exception as err:  # a damaged step fails in many ways (OSError, ValueError, ...)
-            _drop_restore_leftovers()
             skipped.append(f"step {s} ({_reason(err)})")
             continue
         for line in skipped:

@@ -429,11 +429,15 @@ def train(
     path = Path(run_dir)
     if resume and not path.is_dir():
         raise checkpoint.CheckpointError(f"no checkpoint directory at {path}")
-    if not resume:
-        resolve(path, resume, preset, overrides, requested)
+    corpus = None
+    if not resume:  # everything checked before the directory is made
+        _, settings, _ = resolve(path, resume, preset, overrides, requested)
+        corpus = prepare_data(settings, None)
         path.mkdir(parents=True, exist_ok=True)
     with runlock.hold(path):
-        return _train_locked(path, preset, overrides, resume, stream or sys.stderr, requested)
+        return _train_locked(
+            path, preset, overrides, resume, stream or sys.stderr, requested, corpus
+        )
 
 
 def _train_locked(
@@ -443,9 +447,12 @@ def _train_locked(
     resume: bool,
     stream: TextIO,
     requested: dict[str, Any],
+    corpus: Corpus | None,
 ) -> dict[str, Any]:
+    """``train`` while holding the directory: resolved again, since another process may have saved
+    into it meanwhile; ``corpus``: already loaded for a fresh run."""
     config, settings, meta = resolve(path, resume, preset, overrides, requested)
-    corpus = prepare_data(settings, meta)
+    corpus = corpus or prepare_data(settings, meta)
     notes: list[str] = []
     restored = None if meta is None else restore_state(path, config, settings, notes.append)
     start = 0 if restored is None else int(restored.step)
