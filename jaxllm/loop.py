@@ -202,7 +202,8 @@ def check_memory(config: ModelConfig, settings: TrainSettings) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """The token streams of a run (int32 [n]) and what checkpoints record about them."""
+    """The token streams of a run (uint16 [n], possibly memory-mapped) and what checkpoints record
+    about them."""
 
     train: np.ndarray
     val: np.ndarray
