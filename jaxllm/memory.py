@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -87,8 +88,9 @@ def address_space_available(proc: Path = PROC_SELF) -> int | None:
     return max(0, soft - used)
 
 
-def device_available(device: jax.Device | None = None) -> int | None:
-    """An accelerator's allocator limit minus what is in use; None on a CPU (host memory applies)."""
+def device_available(device: Any = None) -> int | None:
+    """An accelerator's allocator limit minus what is in use (of ``device``, default the first);
+    None on a CPU (host memory applies)."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return None

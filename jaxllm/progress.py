@@ -63,7 +63,10 @@ def truncate_metrics(run_dir: str | Path, step: int) -> list[str]:
     for number, (line, found) in enumerate(zip(lines, steps, strict=True), 1):
         if found is None:
             raise MetricsError(f"{path} line {number} is not a metrics record: {line!r:.80}")
-    path.write_text("".join(f"{line}\n" for line, s in zip(lines, steps, strict=True) if s <= step))  # pyright: ignore[reportOperatorIssue]
+    kept = [
+        f"{line}\n" for line, s in zip(lines, steps, strict=True) if s is not None and s <= step
+    ]
+    path.write_text("".join(kept))
     return notes
 
 
