@@ -57,8 +57,7 @@ def save(
     config: ModelConfig,
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Save step ``step`` (blocking until it is complete on disk). A step directory already there
-    is a damaged step that loading skipped (or an older run's): it is replaced."""
+    """Save step ``step`` (blocking until it is complete on disk)."""
     items: dict[str, Any] = {
         "params": ocp.args.StandardSave(params),  # pyright: ignore[reportCallIssue]
         "meta": ocp.args.JsonSave({"config": config.to_dict(), **(meta or {})}),  # pyright: ignore[reportCallIssue]
@@ -66,8 +65,8 @@ def save(
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)  # pyright: ignore[reportCallIssue]
     stale = Path(mngr.directory) / str(step)
-    if stale.exists():
-        shutil.rmtree(stale)
+    if stale.exists() and step not in mngr.all_steps():
+        shutil.rmtree(stale)  # the remains of a save orbax does not count: it would refuse the step
         mngr.reload()
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
     mngr.wait_until_finished()
@@ -93,6 +92,17 @@ def _steps_newest_first(path: Path) -> list[int]:
 def latest_step(run_dir: str | Path) -> int:
     """The newest complete step in ``run_dir``; CheckpointError if there is none."""
     return _steps_newest_first(Path(run_dir))[0]
+
+
+def set_aside(run_dir: str | Path, step: int) -> Path:
+    """Rename step ``step`` to ``<step>.damaged`` (``.damaged-2``, ...), out of orbax's sight (so its
+    retention never keeps it in place of a good step) but kept for inspection; returns the new path."""
+    path = Path(run_dir) / str(step)
+    target, n = path.with_name(f"{step}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{step}.damaged-{n}")
+    return path.rename(target)
 
 
 def _reason(err: Exception) -> str:

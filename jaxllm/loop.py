@@ -393,7 +393,8 @@ def restore_state(
     run_dir: Path, config: ModelConfig, settings: TrainSettings, warn: checkpoint.Warn
 ) -> TrainState:
     """The state of the newest checkpoint of ``run_dir`` that restores with ``config`` and finite
-    values; each newer step skipped is passed to ``warn`` with the reason."""
+    values; each newer step is skipped (``warn`` hears why) and set aside, since the run is about to
+    write new steps in its place."""
     s = settings
     optimizer = compiled_steps(
         config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum
@@ -407,6 +408,8 @@ def restore_state(
         return checkpoint.load_state(run_dir, step, shapes.params, shapes.opt_state)
 
     step, (params, opt_state) = checkpoint.newest_that_loads(run_dir, load, warn)
+    for newer in [s for s in checkpoint.complete_steps(run_dir) if s > step]:
+        warn(f"moved damaged step {newer} aside to {checkpoint.set_aside(run_dir, newer)}")
     return TrainState(step=np.int32(step), params=params, opt_state=opt_state)  # pyright: ignore[reportArgumentType]
 
 

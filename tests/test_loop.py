@@ -170,8 +170,10 @@ def test_resume_past_a_damaged_step_is_exact(tmp_path, trained, capsys):
     run_dir, params = trained
     shutil.copytree(run_dir, tmp_path / "run")
     DAMAGE["truncated"](tmp_path / "run" / "8")
-    assert loop.train(tmp_path / "run", resume=True)["step"] == 8
+    assert loop.train(tmp_path / "run", resume=True, keep=1)["step"] == 8
     assert "skipped step 8" in capsys.readouterr().err
+    assert (tmp_path / "run" / "8.damaged").is_dir()  # kept for inspection, out of orbax's sight
+    assert checkpoint.complete_steps(tmp_path / "run") == [8]  # keep=1 kept the new, good step
     chex.assert_trees_all_equal(checkpoint.load_params(tmp_path / "run")[1], params[8])
     steps = [r["step"] for r in _train_records(tmp_path / "run")]
     assert steps == list(range(1, 9))

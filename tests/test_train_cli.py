@@ -135,10 +135,18 @@ def test_failures_of_the_run_itself_exit_1_with_one_line(tmp_path, corpus, monke
     _one_line(capsys, "in use by another process")
 
 
-def test_ctrl_c_outside_the_loop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
-    def interrupted(*_, **__):
-        raise KeyboardInterrupt
+@pytest.mark.parametrize(
+    ("raised", "status", "word"),
+    [
+        (KeyboardInterrupt(), 128 + signal.SIGINT, "interrupted"),
+        (loop.DivergedError("step 3: loss nan"), 1, "loss nan"),
+        (checkpoint.DamagedCheckpointError("no checkpoint loads"), 1, "no checkpoint loads"),
+    ],
+)
+def test_exit_status_by_kind_of_ending(tmp_path, monkeypatch, capsys, raised, status, word):
+    def ends(*_, **__):
+        raise raised
 
-    monkeypatch.setattr(loop, "train", interrupted)
-    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 128 + signal.SIGINT
-    _one_line(capsys, "interrupted")
+    monkeypatch.setattr(loop, "train", ends)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == status
+    _one_line(capsys, word)
