@@ -7,13 +7,12 @@ prefill, and decode at B in {1, 8, 32, 128}) for some presets and yields one suc
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
-from jaxllm import hardware, phases
+from jaxllm import hardware, memory, phases
 from jaxllm.config import ModelConfig, get_preset
 from jaxllm.cost import analyze_compiled, compile_timed
 from jaxllm.roofline import roofline
@@ -23,18 +22,9 @@ DECODE_BATCHES = (1, 8, 32, 128)
 
 
 def available_bytes() -> int:
-    """Memory the device can give a program now: the allocator's limit minus what is in use on an
-    accelerator; on a CPU the host's MemAvailable (its physical memory where /proc is missing)."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError):
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory a program may still use: ``jaxllm.memory.available_bytes`` (device memory on an
+    accelerator; on a CPU the least of MemAvailable, the cgroup limit and ``ulimit -v``)."""
+    return memory.available_bytes()
 
 
 def _measure(

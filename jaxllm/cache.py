@@ -109,6 +109,21 @@ class KVCache(struct.PyTreeNode):
         """Bytes of K and V in the filled slots [0, index) (host-side: reads ``index``)."""
         return self.nbytes() * int(self.index) // self.capacity
 
+    def check_built_for(self, config: ModelConfig) -> None:
+        """ValueError unless this cache has ``config``'s layers, key/value heads and head width and a
+        write index in [0, capacity] (host-side: reads ``index``; call it before tracing)."""
+        _, heads, _, width = self.layer_shape
+        built = (self.n_layers, heads, width)
+        wanted = (config.n_layers, config.n_kv_heads, config.head_dim)
+        if built != wanted:
+            raise ValueError(
+                f"the KV cache has (layers, kv heads, head dim) = {built}, the model {wanted}"
+            )
+        if not 0 <= int(self.index) <= self.capacity:
+            raise ValueError(
+                f"the KV cache index {int(self.index)} is outside [0, {self.capacity}]"
+            )
+
     def check_room(self, new_tokens: int, max_len: int) -> int:
         """Raise ValueError unless ``new_tokens`` more slots fit; return the current index.
 

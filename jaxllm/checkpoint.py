@@ -3,9 +3,12 @@
 Layout: ``RUN_DIR/<step>/{params, opt_state, meta}``. ``params`` and ``opt_state`` are pytrees saved with
 orbax's standard handler; ``meta`` is JSON holding at least ``{"config": ModelConfig fields}`` plus
 whatever the caller adds (data state, training settings). Orbax writes each step into a temporary
-directory, writes its commit marker (``commit_success.txt``) there and renames the directory when it is
-complete. A step counts only if its directory holds that marker, so a save interrupted at any point (a
-temporary directory left behind, or a step directory without its marker) is never loaded as a whole one.
+directory and renames it when it is complete; which steps are complete is orbax's call
+(``CheckpointManager.all_steps``), so a save interrupted at any point is never loaded as a whole one.
+
+A complete step can still be damaged afterwards (a truncated or deleted file, non-finite weights).
+Loading the latest step therefore tries the steps newest first and takes the first that restores,
+reporting each one it skipped and why; ``DamagedCheckpointError`` (exit status 1) only if none restores.
 Serving reads ``params`` and ``meta`` alone; resuming training also restores ``opt_state``.
 """
 
@@ -13,20 +16,29 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxllm.config import ModelConfig, field_names
+from jaxllm.errors import RunError
+from jaxllm.finite import require_finite
 from jaxllm.model import Params, param_shapes
 
-COMMIT_MARKER = "commit_success.txt"  # orbax's marker of a finished step (atomicity_types)
+T = TypeVar("T")
+Warn = Callable[[str], None]
 
 
 class CheckpointError(ValueError):
-    """A missing, incomplete or foreign checkpoint."""
+    """A missing or foreign checkpoint, or one that does not match the request (exit status 2)."""
+
+
+class DamagedCheckpointError(RunError):
+    """No complete step of a run directory restores (exit status 1)."""
 
 
 def manager(run_dir: str | Path, keep: int | None = 3) -> ocp.CheckpointManager:
@@ -35,11 +47,6 @@ def manager(run_dir: str | Path, keep: int | None = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(run_dir).absolute(), options=options, item_names=("params", "opt_state", "meta")
     )
-
-
-def is_complete(run_dir: str | Path, step: int) -> bool:
-    """Whether step ``step`` of ``run_dir`` was saved to the end (its commit marker exists)."""
-    return (Path(run_dir) / str(step) / COMMIT_MARKER).is_file()
 
 
 def save(
@@ -58,48 +65,120 @@ def save(
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)  # pyright: ignore[reportCallIssue]
     stale = Path(mngr.directory) / str(step)
-    if stale.exists() and not is_complete(stale.parent, step):
-        shutil.rmtree(stale)  # the remains of an interrupted save: orbax would refuse the step
+    if stale.exists() and step not in mngr.all_steps():
+        shutil.rmtree(stale)  # the remains of a save orbax does not count: it would refuse the step
         mngr.reload()
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
     mngr.wait_until_finished()
 
 
 def complete_steps(run_dir: str | Path) -> list[int]:
-    """The complete steps in ``run_dir``, oldest first (none if the directory does not exist)."""
+    """The steps orbax counts as complete in ``run_dir``, oldest first (none without the directory)."""
     path = Path(run_dir)
     if not path.is_dir():
         return []
-    return [s for s in manager(path, keep=None).all_steps() if is_complete(path, s)]
+    return sorted(manager(path, keep=None).all_steps())
 
 
-def latest_step(run_dir: str | Path) -> int:
-    """The newest complete step in ``run_dir``; CheckpointError if there is none."""
-    path = Path(run_dir)
+def _steps_newest_first(path: Path) -> list[int]:
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
     steps = complete_steps(path)
     if not steps:
         raise CheckpointError(f"no complete checkpoint in {path}")
-    return steps[-1]
+    return steps[::-1]
 
 
-def _step_or_latest(path: Path, step: int | None) -> int:
-    if step is None:
-        return latest_step(path)
-    if not is_complete(path, step):
-        raise CheckpointError(f"{path} has no complete step {step} (no {COMMIT_MARKER})")
-    return step
+def latest_step(run_dir: str | Path) -> int:
+    """The newest complete step in ``run_dir``; CheckpointError if there is none."""
+    return _steps_newest_first(Path(run_dir))[0]
 
 
-def load_meta(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
-    """The JSON metadata of ``step`` (default: latest)."""
+def set_aside(run_dir: str | Path, step: int) -> Path:
+    """Rename step ``step`` to ``<step>.damaged`` (``.damaged-2``, ...), out of orbax's sight (so its
+    retention never keeps it in place of a good step) but kept for inspection; returns the new path."""
+    path = Path(run_dir) / str(step)
+    target, n = path.with_name(f"{step}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{step}.damaged-{n}")
+    return path.rename(target)
+
+
+def _reason(err: Exception) -> str:
+    lines = str(err).strip().splitlines() or [""]
+    text = lines[0] if len(lines[0]) <= 200 else lines[0][:200] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def _restore_leftover(unraisable: Any) -> bool:
+    """Whether an unraisable exception is debris of a failed orbax restore: its pending reads, which
+    report the error already raised again, or find orbax's event loop closed when they finish."""
+    err, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+        return True
+    return code is not None and "orbax" in code.co_filename
+
+
+def _drop_restore_leftovers() -> None:
+    """From now on, pass every unraisable exception but a failed restore's debris to the hook that
+    was in place (installed once per process)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_restore_leftovers", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _restore_leftover(unraisable):
+            previous(unraisable)
+
+    hook.drops_restore_leftovers = True  # pyright: ignore[reportFunctionMemberAccess]
+    sys.unraisablehook = hook
+
+
+def newest_that_loads(
+    run_dir: str | Path, load: Callable[[int], T], warn: Warn, step: int | None = None
+) -> tuple[int, T]:
+    """``(step, load(step))`` for the newest complete step (or only ``step``) for which ``load``
+    succeeds, calling ``warn`` with each newer step skipped and why. DamagedCheckpointError if none loads;
+    CheckpointError if there is no complete step (or ``step`` is not one)."""
     path = Path(run_dir)
-    step = _step_or_latest(path, step)
-    meta_file = path / str(step) / "meta" / "metadata"
+    steps = _steps_newest_first(path)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"{path} has no complete step {step} (complete: {steps[::-1]})")
+        steps = [step]
+    skipped = []
+    _drop_restore_leftovers()  # before a restore fails: its debris may come from other threads
+    for s in steps:
+        try:
+            loaded = load(s)
+        except Exception as err:  # a damaged step fails in many ways (OSError, ValueError, ...)
+            skipped.append(f"step {s} ({_reason(err)})")
+            continue
+        for line in skipped:
+            warn(f"{path}: skipped {line}")
+        return s, loaded
+    raise DamagedCheckpointError(f"no checkpoint in {path} loads: {'; '.join(skipped)}")
+
+
+def _quiet(_: str) -> None:
+    """A ``Warn`` that says nothing."""
+
+
+def read_meta(run_dir: str | Path, step: int) -> dict[str, Any]:
+    """The JSON metadata of complete step ``step``; CheckpointError if it has none."""
+    meta_file = Path(run_dir) / str(step) / "meta" / "metadata"
     if not meta_file.is_file():
-        raise CheckpointError(f"{path} step {step} has no jaxllm metadata ({meta_file} missing)")
-    return json.loads(meta_file.read_text())
+        raise CheckpointError(f"{run_dir} step {step} has no jaxllm metadata ({meta_file} missing)")
+    meta = json.loads(meta_file.read_text())
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is not a JSON object")
+    return meta
+
+
+def load_meta(run_dir: str | Path, step: int | None = None, warn: Warn = _quiet) -> dict[str, Any]:
+    """The JSON metadata of ``step`` (default: the newest step whose metadata reads)."""
+    return newest_that_loads(run_dir, lambda s: read_meta(run_dir, s), warn, step)[1]
 
 
 def config_from_meta(meta: dict[str, Any], source: str | Path) -> ModelConfig:
@@ -113,23 +192,32 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
 
 
-def load_params(run_dir: str | Path, step: int | None = None) -> tuple[ModelConfig, Params]:
-    """The config and parameters of ``step`` (default: the latest complete one)."""
-    path = Path(run_dir)
-    step = _step_or_latest(path, step)
-    config = config_from_meta(load_meta(path, step), path)
+def _restore_params(path: Path, step: int) -> tuple[ModelConfig, Params]:
+    config = config_from_meta(read_meta(path, step), path)
     restored = manager(path, keep=None).restore(
         step,
         args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(param_shapes(config)))),  # pyright: ignore[reportCallIssue]
     )
+    require_finite(restored["params"], f"{path} step {step}")
     return config, restored["params"]
 
 
-def load_state(run_dir: str | Path, step: int, params: Any, opt_state: Any) -> tuple[Params, Any]:
-    """Parameters and optimizer state of ``step``, restored into the structure, shapes and dtypes of
-    ``params`` and ``opt_state`` (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
+def load_params(
+    run_dir: str | Path, step: int | None = None, warn: Warn = _quiet
+) -> tuple[ModelConfig, Params]:
+    """The config and parameters of ``step`` (default: the newest complete step that restores with
+    finite parameters; ``warn`` hears of each newer step skipped)."""
     path = Path(run_dir)
-    step = _step_or_latest(path, step)
+    if step is None:  # a foreign directory is bad input, not damage: refuse it as such
+        config_from_meta(load_meta(path), path)
+    return newest_that_loads(path, lambda s: _restore_params(path, s), warn, step)[1]
+
+
+def load_state(run_dir: str | Path, step: int, params: Any, opt_state: Any) -> tuple[Params, Any]:
+    """Parameters and optimizer state of complete step ``step``, restored into the structure, shapes
+    and dtypes of ``params`` and ``opt_state`` (arrays or ``jax.ShapeDtypeStruct`` leaves);
+    NonFiniteError if either holds NaN or infinite values."""
+    path = Path(run_dir)
     restored = manager(path, keep=None).restore(
         step,
         args=ocp.args.Composite(
@@ -137,4 +225,6 @@ def load_state(run_dir: str | Path, step: int, params: Any, opt_state: Any) -> t
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),  # pyright: ignore[reportCallIssue]
         ),
     )
-    return restored["params"], restored["opt_state"]
+    params, opt_state = restored["params"], restored["opt_state"]
+    require_finite((params, opt_state), f"{path} step {step}")
+    return params, opt_state

@@ -1,4 +1,5 @@
-"""The ``jaxllm`` command: a subcommand per job; bad input exits non-zero with one readable line."""
+"""The ``jaxllm`` command: a subcommand per job. Exit status (``jaxllm.errors``): 0 success; 2 bad input,
+one line; 1 a run that failed on its own, one line; 128 + N after signal N (130 on Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset
+from jaxllm.errors import RunError
+
+MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -60,6 +64,24 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: an integer seed in [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def _directory(text: str) -> str:
+    """argparse type: a non-empty path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    return text
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -118,13 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    try:
-        summary = loop.train(
-            args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
-        )
-    except KeyboardInterrupt:  # before the loop took over the signal: nothing trained, nothing lost
-        print("jaxllm: interrupted before training started", file=sys.stderr)
-        return 128 + signal.SIGINT
+    summary = loop.train(
+        args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
+    )
     print(loop.describe_summary(summary))
     stopped = summary["stopped_by"]
     return 128 + signal.Signals[stopped].value if stopped else 0
@@ -150,7 +168,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="text file or directory (default: the built-in "
         "corpus, the Python standard library's top-level .py files)",
     )
-    p.add_argument("--out", default="runs/small", help="run directory (default: runs/small)")
+    p.add_argument(
+        "--out", type=_directory, default="runs/small", help="run directory (default: runs/small)"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
@@ -167,7 +187,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--accum", **int_opt, help="micro-batches per update, dividing B (default: 1)")
     p.add_argument(
-        "--seed", **int_opt, help="seed of the initial parameters and batch order (default: 0)"
+        "--seed",
+        type=_seed,
+        default=None,
+        help=f"seed of the initial parameters and batch order, 0 to {MAX_SEED} (default: 0)",
     )
     p.add_argument(
         "--val-fraction",
@@ -223,6 +246,8 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from jaxllm import bench, hardware
 
+    for preset in args.presets:  # every name checked before anything is measured
+        get_preset(preset)
     calibration = hardware.calibrate(quick=args.quick)
     print(json.dumps({"calibration": calibration}) if args.json else bench.header(calibration))
     for row in bench.bench(args.presets, args.batches, args.quick):
@@ -269,10 +294,29 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt, or the lines of --prompts-file: split on newlines only (\\n, \\r\\n, \\r), so a
+    form feed or U+2028 inside a prompt stays in it."""
     if args.prompt is not None:
         return [args.prompt]
-    with open(args.prompts_file, encoding="utf-8") as f:
-        return f.read().splitlines()
+    with open(args.prompts_file, encoding="utf-8") as f:  # universal newlines: \r\n, \r -> \n
+        text = f.read()
+    return text.removesuffix("\n").split("\n")
+
+
+# Characters that would break the one-line-per-prompt plain output, and how they are written.
+_ESCAPES = str.maketrans(
+    {
+        "\\": "\\\\",
+        "\n": "\\n",
+        "\r": "\\r",
+        **{c: f"\\u{ord(c):04x}" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"},
+    }
+)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: backslashes doubled, line breaks written as \\n, \\r or \\uXXXX."""
+    return text.translate(_ESCAPES)
 
 
 def _generation_model(args: argparse.Namespace) -> tuple[ModelConfig, Any, Any, tuple[int, ...]]:
@@ -289,8 +333,12 @@ def _generation_model(args: argparse.Namespace) -> tuple[ModelConfig, Any, Any, 
         raise UsageError("--override applies to --hf-dir (a jaxllm checkpoint keeps its config)")
     from jaxllm import checkpoint, data
 
-    config, params = checkpoint.load_params(args.checkpoint)
+    config, params = checkpoint.load_params(args.checkpoint, warn=_warn)
     return config, params, data, (data.EOT,)
+
+
+def _warn(message: str) -> None:
+    print(f"jaxllm: warning: {message}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -316,7 +364,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         outputs = [tokenizer.decode(t) for t in gen.tokens]
     if not args.json:
-        print("\n".join(outputs))
+        print("\n".join(map(one_line, outputs)))
         return 0
     results = [
         {"prompt": p, "text": o, "tokens": t, "stopped": s}
@@ -358,10 +406,17 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     src.add_argument("--prompt-ids", metavar="IDS", help="one prompt as token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="0 = greedy, as is anything below 1e-6 (default: 1.0)",
+    )
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set with mass p")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help=f"sampling seed, 0 to {MAX_SEED} (default: 0)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
@@ -391,12 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (see the module docstring)."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, OSError) as err:
+    except (RunError, OSError) as err:
         print(f"jaxllm: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, UsageError | ValueError) else 1
+        return 1
+    except ValueError as err:
+        print(f"jaxllm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # training saves first (loop.stop_requests); anything else just stops
+        print("jaxllm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

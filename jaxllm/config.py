@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+MAX_SIZE = 2**31 - 1  # sizes index int32 arrays (token ids, positions, shapes)
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rotary"]
 MLPKind = Literal["gelu", "swiglu"]
@@ -62,12 +63,12 @@ class ModelConfig:
             "d_ff",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+                raise ValueError(f"{name} must be a positive integer <= {MAX_SIZE}, got {value!r}")
         for name in ("norm_eps", "rope_base"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if not isinstance(value, int | float) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         for field in dataclasses.fields(self):
             choices = _literal_choices(field.name)
             value = getattr(self, field.name)

@@ -1,7 +1,9 @@
 """Byte-level tokens, corpora and fixed-shape batches.
 
 Tokens: the 256 byte values of UTF-8 text, plus ``EOT`` (256), the end-of-text token that ends every
-document. A corpus is one int32 token stream: its documents' bytes, each followed by EOT. The built-in
+document. A corpus is one uint16 token stream: its documents' bytes, each followed by EOT; a corpus of
+more than ``MEMMAP_BYTES`` is written to an unlinked temporary file (in ``$TMPDIR``) and memory-mapped,
+so its size is bounded by disk rather than RAM. Batches are int32. The built-in
 default corpus is the top-level ``.py`` sources of the running interpreter's standard library (≈ 4.7 MB),
 read in sorted order, so every machine with the same Python has the same corpus.
 
@@ -13,13 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 EOT = 256  # end-of-text token
 VOCAB_SIZE = 257  # 256 byte values + EOT
-_EOT_ARRAY = np.array([EOT], np.int32)
+_EOT_ARRAY = np.array([EOT], np.uint16)
+MEMMAP_BYTES = 256 * 2**20  # corpora above this many bytes of text are memory-mapped
+_CHUNK = 64 * 2**20  # tokens (or bytes) handled at once when a stream is read in pieces
 
 
 class DataError(ValueError):
@@ -53,23 +59,52 @@ def _files_under(path: Path) -> list[Path]:
     raise DataError(f"data path {path} does not exist")
 
 
-def _read(path: Path) -> np.ndarray:
+def _pieces(path: Path) -> Iterator[np.ndarray]:
+    """The bytes of ``path`` as uint16 tokens, ``_CHUNK`` at a time."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                yield np.frombuffer(chunk, np.uint8).astype(np.uint16)
     except OSError as err:
         raise DataError(f"cannot read data file {path}: {err.strerror or err}") from None
-    return np.frombuffer(raw, np.uint8).astype(np.int32)
+
+
+def _documents(files: list[Path]) -> Iterator[np.ndarray]:
+    """The token stream of ``files`` in pieces: each non-empty file's bytes, then EOT."""
+    for path in files:
+        empty = True
+        for piece in _pieces(path):
+            empty = False
+            yield piece
+        if not empty:
+            yield _EOT_ARRAY
+
+
+def _mapped(files: list[Path]) -> np.ndarray:
+    """The stream written to an unlinked temporary file and memory-mapped read-only (the mapping
+    keeps the file alive; the system frees it when the mapping goes)."""
+    with tempfile.TemporaryFile(prefix="jaxllm-corpus-") as out:
+        n = 0
+        for piece in _documents(files):
+            out.write(piece.tobytes())
+            n += piece.size
+        out.flush()
+        return np.memmap(out, np.uint16, mode="r", shape=(n,)) if n else np.empty(0, np.uint16)
 
 
 def load_corpus(path: str | Path | None = None) -> np.ndarray:
-    """Token stream int32 [n] of a text file, of every file under a directory (sorted, hidden files
-    skipped), or, for ``None``, of the built-in corpus. Each document is followed by EOT."""
+    """Token stream uint16 [n] of a text file, of every file under a directory (sorted, hidden files
+    skipped), or, for ``None``, of the built-in corpus. Each document is followed by EOT. Above
+    ``MEMMAP_BYTES`` of text the stream is a read-only ``np.memmap``."""
     files = default_corpus_files() if path is None else _files_under(Path(path))
-    docs = [_read(f) for f in files]
-    if not any(d.size for d in docs):
+    if sum(f.stat().st_size for f in files) > MEMMAP_BYTES:
+        tokens = _mapped(files)
+    else:
+        tokens = np.concatenate([np.empty(0, np.uint16), *_documents(files)])
+    if not tokens.size:
         where = "the built-in corpus" if path is None else str(path)
         raise DataError(f"no text in {where} ({len(files)} files, 0 bytes)")
-    return np.concatenate([part for d in docs if d.size for part in (d, _EOT_ARRAY)])
+    return tokens
 
 
 def describe(path: str | Path | None) -> str:
@@ -80,8 +115,12 @@ def describe(path: str | Path | None) -> str:
 
 
 def fingerprint(tokens: np.ndarray) -> str:
-    """SHA-256 of the token stream: a resumed run checks it trains on the same data."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()
+    """SHA-256 of the token stream as int32 (little-endian) bytes, hashed ``_CHUNK`` tokens at a time:
+    a resumed run checks it trains on the same data."""
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), _CHUNK):
+        digest.update(np.asarray(tokens[start : start + _CHUNK], "<i4").tobytes())
+    return digest.hexdigest()
 
 
 def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +141,7 @@ def check_windows(tokens: np.ndarray, seq_len: int, name: str) -> None:
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
-    return tokens[starts[:, None] + np.arange(seq_len + 1)]  # [B, T+1]
+    return tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)  # [B, T+1]
 
 
 def train_batch(
@@ -124,6 +163,8 @@ def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: i
 def unigram_entropy(tokens: np.ndarray) -> float:
     """Entropy of the token frequencies of ``tokens`` in nats per token: the loss of the best model
     that ignores context."""
-    counts = np.bincount(tokens, minlength=VOCAB_SIZE).astype(np.float64)
+    counts = np.zeros(VOCAB_SIZE, np.float64)
+    for start in range(0, len(tokens), _CHUNK):
+        counts += np.bincount(tokens[start : start + _CHUNK], minlength=VOCAB_SIZE)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -26,6 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jaxllm.config import ModelConfig, apply_overrides
+from jaxllm.finite import require_finite
 from jaxllm.model import Params
 
 CONFIG = "config.json"
@@ -43,7 +44,9 @@ def load(
 ) -> tuple[ModelConfig, Params]:
     """The config (with ``FIELD=VALUE`` overrides) and parameters of the checkpoint in ``hf_dir``."""
     config = load_config(hf_dir, overrides)
-    return config, load_params(hf_dir, config)
+    params = load_params(hf_dir, config)
+    require_finite(params, f"{hf_dir}: the weights")
+    return config, params
 
 
 def load_config(hf_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
@@ -136,6 +139,8 @@ def _rope_base(raw: dict[str, Any], path: Path) -> float:
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise HFError(f"{path}: {key} must be a JSON object, got {value!r}")
         kind = value.get("rope_type", value.get("type", "default"))
         if kind != "default":
             raise HFError(f"{path}: {key} of type {kind!r} is not supported (plain RoPE only)")
@@ -191,7 +196,7 @@ class Tensors:
 
     def _locate(self) -> dict[str, Path]:
         single, index = self.dir / SINGLE, self.dir / INDEX
-        if single.is_file():
+        if single.exists():
             with self._open(single) as f:
                 return dict.fromkeys(f.keys(), single)
         if index.is_file():
@@ -203,11 +208,11 @@ class Tensors:
 
     @staticmethod
     def _open(path: Path) -> Any:
-        if not path.is_file():
+        if not path.exists():
             raise HFError(f"{path}: missing (listed in {INDEX})")
         try:
             return safe_open(str(path), framework="flax")
-        except SafetensorError as err:
+        except (SafetensorError, OSError) as err:
             raise HFError(f"{path}: not a readable safetensors file ({err})") from None
 
     def has(self, name: str) -> bool:

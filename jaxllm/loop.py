@@ -27,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import checkpoint, data
+from jaxllm import analytic, checkpoint, data, memory, runlock
 from jaxllm.config import ModelConfig, apply_overrides, get_preset
+from jaxllm.errors import RunError
+from jaxllm.finite import NonFiniteError, require_finite
 from jaxllm.model import count_params
 from jaxllm.progress import Reporter, format_seconds, truncate_metrics
 from jaxllm.train import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
@@ -39,8 +41,11 @@ SUMMARY_FILE = "summary.json"
 RESUME_FREE = frozenset({"eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "data"})
 
 
-class DivergedError(ValueError):
-    """A non-finite loss or gradient norm; the last good checkpoint is left in place."""
+MAX_SEED = 2**32 - 1  # jax.random.key takes the seed modulo 2**32: larger seeds would alias
+
+
+class DivergedError(RunError):
+    """A non-finite loss, gradient norm or parameter; the last good checkpoint is left in place."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +86,12 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.warmup is None:
             object.__setattr__(self, "warmup", self.steps // 10)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.batch % self.accum:
             raise ValueError(f"batch {self.batch} is not divisible by accum {self.accum}")
         make_optimizer(self.lr, self.steps, self.warmup or 0, self.weight_decay, self.clip_norm)
-        if not 0 < self.val_fraction < 1:
+        if not 0 < self.val_fraction < 1:  # NaN fails too
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
     def check(self, config: ModelConfig) -> None:
@@ -112,11 +117,26 @@ def resolve(
     overrides: list[str] | tuple[str, ...],
     requested: dict[str, Any],
 ) -> tuple[ModelConfig, TrainSettings, dict[str, Any] | None]:
-    """The config, settings and (when resuming) checkpoint metadata of a run.
+    """The config, settings and (when resuming) checkpoint metadata of a run, all checked.
 
     A fresh run needs a directory without checkpoints. A resumed run takes what is not requested from
-    its checkpoint; what is requested must match, except the ``RESUME_FREE`` settings.
+    the newest checkpoint whose metadata reads; what is requested must match, except the
+    ``RESUME_FREE`` settings.
     """
+    config, settings, meta = _resolve(run_dir, resume, preset, overrides, requested)
+    settings.check(config)
+    check_layout(run_dir, settings.data)
+    check_memory(config, settings)
+    return config, settings, meta
+
+
+def _resolve(
+    run_dir: Path,
+    resume: bool,
+    preset: str | None,
+    overrides: list[str] | tuple[str, ...],
+    requested: dict[str, Any],
+) -> tuple[ModelConfig, TrainSettings, dict[str, Any] | None]:
     if not resume:
         steps = checkpoint.complete_steps(run_dir)
         if steps:
@@ -143,9 +163,47 @@ def resolve(
     return config, TrainSettings(**{**meta["train"], **requested}), meta
 
 
+def check_layout(run_dir: Path, data_path: str | None) -> None:
+    """ValueError if the run directory lies inside the ``--data`` directory: its checkpoints would
+    be read as corpus, and the corpus would change under every resume."""
+    if data_path is None or not Path(data_path).is_dir():
+        return
+    out, corpus = run_dir.resolve(), Path(data_path).resolve()
+    if out.is_relative_to(corpus):
+        raise ValueError(
+            f"--out {run_dir} is inside --data {data_path}: the run's own files would be read as "
+            "training data; choose an --out outside the data directory"
+        )
+
+
+def memory_needed(config: ModelConfig, settings: TrainSettings) -> dict[str, int]:
+    """Bytes a run holds at once: the train step's (``analytic.train_memory`` of one micro-batch of
+    B / accum rows) and the validation set (int32 [eval_batches, B, T+1]), counted twice: the host
+    copy it is built in and the device copy it is moved to."""
+    s = settings
+    step = analytic.train_memory(config, s.batch // s.accum, s.seq)["total"]
+    val = 2 * s.eval_batches * s.batch * (s.seq + 1) * 4
+    return {"train_step": step, "validation_set": val, "total": step + val}
+
+
+def check_memory(config: ModelConfig, settings: TrainSettings) -> None:
+    """ValueError, before anything is allocated, if the run needs more memory than this process may
+    use (``memory.available_bytes``: RAM, cgroup and ``ulimit -v`` limits, or device memory)."""
+    need, free = memory_needed(config, settings), memory.available_bytes()
+    if need["total"] > free:
+        raise ValueError(
+            f"training needs about {memory.gib(need['total'])} (train step "
+            f"{memory.gib(need['train_step'])} at --batch {settings.batch} --seq {settings.seq} "
+            f"--accum {settings.accum}, validation set {memory.gib(need['validation_set'])} at "
+            f"--eval-batches {settings.eval_batches}) but this process may use "
+            f"{memory.gib(free)}; lower them"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """The token streams of a run (int32 [n]) and what checkpoints record about them."""
+    """The token streams of a run (uint16 [n], possibly memory-mapped) and what checkpoints record
+    about them."""
 
     train: np.ndarray
     val: np.ndarray
@@ -230,27 +288,34 @@ class Run:
         self.saved_step: int | None = None
         self.last_metrics: dict[str, float] = {}
 
-    def initial_state(self, start: int) -> TrainState:
-        """Fresh at step 0, else restored from checkpoint ``start``; committed to the default device
-        either way, like the step's own output: a state of uncommitted (or mixed) arrays is a
-        different call signature and would make the step compile again."""
-        key = jax.random.key(self.settings.seed)
-        if start == 0:
-            state = init_state(self.config, self.optimizer, key)
+    def initial_state(self, restored: TrainState | None) -> TrainState:
+        """Fresh at step 0, else the ``restored`` state; committed to the default device either way,
+        like the step's own output: a state of uncommitted (or mixed) arrays is a different call
+        signature and would make the step compile again."""
+        if restored is None:
+            state = init_state(self.config, self.optimizer, jax.random.key(self.settings.seed))
         else:
-            shapes = jax.eval_shape(lambda: init_state(self.config, self.optimizer, key))
-            params, opt_state = checkpoint.load_state(
-                self.run_dir, start, shapes.params, shapes.opt_state
-            )
-            state = TrainState(step=np.int32(start), params=params, opt_state=opt_state)  # pyright: ignore[reportArgumentType]
-            self.saved_step = start
+            state = restored
+            self.saved_step = int(restored.step)
         return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
     def evaluate(self, state: TrainState, step: int) -> None:
         losses = [float(self.eval_step(state.params, batch)) for batch in self.eval_set]
         self.reporter.val(step, statistics.fmean(losses))
 
+    def kept(self) -> str:
+        """Where the last good checkpoint is, in words."""
+        if self.saved_step is None:
+            return "no checkpoint was saved"
+        return f"the last good checkpoint is step {self.saved_step} in {self.run_dir}"
+
     def save(self, state: TrainState, step: int) -> None:
+        """Save step ``step``; DivergedError instead if its parameters or optimizer state are not
+        all finite (such a state is never saved or called good)."""
+        try:
+            require_finite((state.params, state.opt_state), f"the state after step {step}")
+        except NonFiniteError as err:
+            raise DivergedError(f"{err}; not saved, {self.kept()}") from None
         meta = {
             "step": step,
             "train": dataclasses.asdict(self.settings),
@@ -269,14 +334,9 @@ class Run:
         values = {k: float(v) for k, v in metrics.items()}  # waits for the step
         seconds = time.perf_counter() - began
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            kept = (
-                f"the last good checkpoint is step {self.saved_step} in {self.run_dir}"
-                if self.saved_step is not None
-                else "no checkpoint was saved"
-            )
             raise DivergedError(
                 f"step {step + 1}: loss {values['loss']} / grad_norm {values['grad_norm']} "
-                f"is not finite; stopped, {kept}"
+                f"is not finite; stopped, {self.kept()}"
             )
         self.last_metrics = values
         self.reporter.train(step + 1, values, seconds)
@@ -329,6 +389,30 @@ def _header(config: ModelConfig, settings: TrainSettings, corpus: Corpus, start:
     )
 
 
+def restore_state(
+    run_dir: Path, config: ModelConfig, settings: TrainSettings, warn: checkpoint.Warn
+) -> TrainState:
+    """The state of the newest checkpoint of ``run_dir`` that restores with ``config`` and finite
+    values; each newer step is skipped (``warn`` hears why) and set aside, since the run is about to
+    write new steps in its place."""
+    s = settings
+    optimizer = compiled_steps(
+        config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum
+    )[0]
+    shapes = jax.eval_shape(lambda: init_state(config, optimizer, jax.random.key(s.seed)))
+
+    def load(step: int) -> tuple[Any, Any]:
+        saved = checkpoint.config_from_meta(checkpoint.read_meta(run_dir, step), run_dir)
+        if saved != config:
+            raise checkpoint.CheckpointError(f"step {step} holds another model config")
+        return checkpoint.load_state(run_dir, step, shapes.params, shapes.opt_state)
+
+    step, (params, opt_state) = checkpoint.newest_that_loads(run_dir, load, warn)
+    for newer in [s for s in checkpoint.complete_steps(run_dir) if s > step]:
+        warn(f"moved damaged step {newer} aside to {checkpoint.set_aside(run_dir, newer)}")
+    return TrainState(step=np.int32(step), params=params, opt_state=opt_state)  # pyright: ignore[reportArgumentType]
+
+
 def train(
     run_dir: str | Path,
     *,
@@ -340,26 +424,54 @@ def train(
 ) -> dict[str, Any]:
     """Train into ``run_dir``; ``requested`` holds ``TrainSettings`` fields. Returns the summary
     (also written to ``RUN_DIR/summary.json``); ``summary["stopped_by"]`` names a signal that stopped
-    the run early (its checkpoint saved), else None."""
+    the run early (its checkpoint saved), else None.
+
+    Bad input is refused before the directory is created; the run then holds the directory's lock
+    (``runlock``) and checks again under it, so a second process on the same directory is refused."""
+    if str(run_dir) == "":
+        raise ValueError("the run directory (--out) must not be empty")
     path = Path(run_dir)
+    if resume and not path.is_dir():
+        raise checkpoint.CheckpointError(f"no checkpoint directory at {path}")
+    corpus = None
+    if not resume:  # everything checked before the directory is made
+        _, settings, _ = resolve(path, resume, preset, overrides, requested)
+        corpus = prepare_data(settings, None)
+        path.mkdir(parents=True, exist_ok=True)
+    with runlock.hold(path):
+        return _train_locked(
+            path, preset, overrides, resume, stream or sys.stderr, requested, corpus
+        )
+
+
+def _train_locked(
+    path: Path,
+    preset: str | None,
+    overrides: list[str] | tuple[str, ...],
+    resume: bool,
+    stream: TextIO,
+    requested: dict[str, Any],
+    corpus: Corpus | None,
+) -> dict[str, Any]:
+    """``train`` while holding the directory: resolved again, since another process may have saved
+    into it meanwhile; ``corpus``: already loaded for a fresh run."""
     config, settings, meta = resolve(path, resume, preset, overrides, requested)
-    settings.check(config)
-    corpus = prepare_data(settings, meta)
-    start = 0 if meta is None else int(meta["step"])
-    path.mkdir(parents=True, exist_ok=True)
-    truncate_metrics(path, start)
+    corpus = corpus or prepare_data(settings, meta)
+    notes: list[str] = []
+    restored = None if meta is None else restore_state(path, config, settings, notes.append)
+    start = 0 if restored is None else int(restored.step)
+    if restored is not None:
+        notes += truncate_metrics(path, start)
     reporter = Reporter(
-        path,
-        settings.steps,
-        settings.batch * settings.seq,
-        sys.stderr if stream is None else stream,
-        settings.log_every,
+        path, settings.steps, settings.batch * settings.seq, stream, settings.log_every, start > 0
     )
+    for note in notes:
+        reporter.line(f"warning: {note}")
     reporter.line(_header(config, settings, corpus, start))
     try:
         run = Run(path, config, settings, corpus, reporter)
         with stop_requests() as stop:
-            step = run.loop(run.initial_state(start), start, stop)
+            step = run.loop(run.initial_state(restored), start, stop)
     finally:
         reporter.close()
     summary = _summary(path, corpus, step, settings, reporter)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from jaxllm.errors import RunError
+
 METRICS_FILE = "metrics.jsonl"
 _BAR_WIDTH = 24
 
@@ -28,14 +30,44 @@ def format_seconds(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop records after ``step``: a resumed run rewrites the steps its predecessor did not save."""
+class MetricsError(RunError):
+    """A ``metrics.jsonl`` damaged before its last line (exit status 1)."""
+
+
+def _record_step(line: str) -> int | None:
+    """The ``step`` of one JSON line, or None if the line is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> list[str]:
+    """Drop records after ``step``: a resumed run rewrites the steps its predecessor did not save.
+
+    A last line that is not a whole record is what a crash or a full disk leaves mid-write: it is
+    dropped, and the returned notes say so. A damaged line before the last raises MetricsError
+    naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        return []
+    lines = path.read_text(errors="replace").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    notes, steps = [], [_record_step(line) for line in lines]
+    if steps and steps[-1] is None:
+        notes.append(f"{path}: dropped a torn last line (line {len(lines)}: {lines[-1]!r:.60})")
+        lines, steps = lines[:-1], steps[:-1]
+    for number, (line, found) in enumerate(zip(lines, steps, strict=True), 1):
+        if found is None:
+            raise MetricsError(f"{path} line {number} is not a metrics record: {line!r:.80}")
+    kept = [
+        f"{line}\n" for line, s in zip(lines, steps, strict=True) if s is not None and s <= step
+    ]
     path.write_text("".join(kept))
+    return notes
 
 
 class Reporter:
@@ -52,11 +84,14 @@ class Reporter:
         tokens_per_step: int,
         stream: TextIO,
         log_every: int,
+        append: bool = False,
     ) -> None:
+        """``append``: add to the metrics of the run being resumed; otherwise (a fresh run) any
+        records of an earlier attempt in ``run_dir`` are replaced."""
         self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
         self.log_every = log_every
         self.tty = stream.isatty()
-        self.metrics = (run_dir / METRICS_FILE).open("a")
+        self.metrics = (run_dir / METRICS_FILE).open("a" if append else "w")
         self.start = time.perf_counter()
         self.step_times: list[float] = []  # seconds of each step after the first
         self.first_step = True

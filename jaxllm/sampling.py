@@ -16,6 +16,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+# Positive temperatures below this are greedy: float32 logits divided by them overflow to inf.
+TEMPERATURE_FLOOR = 1e-6
+
 
 def greedy(logits: jax.Array) -> jax.Array:
     """The most likely token of each row: logits[B, V] -> int32 [B] (ties: the lowest id)."""
@@ -44,7 +47,8 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """How to pick the next token: temperature (0 = greedy), then top-k, then top-p.
+    """How to pick the next token: temperature (0 = greedy, as is any below ``TEMPERATURE_FLOOR``),
+    then top-k, then top-p.
 
     ``top_k=None`` and ``top_p=None`` switch those filters off.
     """
@@ -57,6 +61,8 @@ class Sampler:
         t, k, p = self.temperature, self.top_k, self.top_p
         if not isinstance(t, int | float) or not t >= 0 or t == float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if t < TEMPERATURE_FLOOR:
+            object.__setattr__(self, "temperature", 0.0)
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
         if p is not None and (not isinstance(p, int | float) or not 0 < p <= 1):

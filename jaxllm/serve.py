@@ -115,6 +115,7 @@ def _check_prefill(
     ids, pad = check_tokens(config, tokens, "prompt token"), np.asarray(pad)
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"prefill tokens must be [B, T] with T >= 1, got shape {ids.shape}")
+    cache.check_built_for(config)
     _check_batch(cache, ids.shape[0], "prefill tokens")
     if pad.shape != ids.shape[:1] or np.any(pad < 0) or np.any(pad >= ids.shape[1]):
         raise ValueError(
@@ -131,6 +132,7 @@ def _check_decode(config: ModelConfig, params: Params, cache: KVCache, tokens: A
     ids = check_tokens(config, tokens)
     if ids.ndim != 1:
         raise ValueError(f"decode tokens must be [B], got shape {ids.shape}")
+    cache.check_built_for(config)
     _check_batch(cache, ids.shape[0], "decode tokens")
     if int(cache.index) == 0:
         raise ValueError("decode_step needs a prefilled cache (index 0: run prefill first)")

@@ -15,6 +15,7 @@ large preset can be lowered from ``jax.eval_shape(lambda: init_state(...))``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -54,8 +55,8 @@ def decay_mask(params: Params) -> Params:
 def make_schedule(lr: float, total_steps: int, warmup: int, final_fraction: float = 0.1) -> Any:
     """Learning rate by step: linear from 0 to ``lr`` over ``warmup`` steps, then cosine decay to
     ``final_fraction * lr`` at ``total_steps``."""
-    if not lr > 0:
-        raise ValueError(f"learning rate must be positive, got {lr}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"learning rate must be a positive finite number, got {lr}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be at least 1, got {total_steps}")
     if not 0 <= warmup < total_steps:
@@ -75,10 +76,10 @@ def make_optimizer(
     """Global-norm clipping, then AdamW (β1 0.9, β2 0.95, decay masked to weight matrices) on a
     warmup-cosine schedule. The learning rate of each update is kept in the optimizer state
     (``optax.inject_hyperparams``) so the step can report it."""
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
-    if not clip_norm > 0:
-        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    if not 0 < clip_norm < math.inf:
+        raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),

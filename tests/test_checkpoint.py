@@ -25,7 +25,7 @@ def test_missing_and_foreign_checkpoints_are_named(tmp_path):
         checkpoint.load_params(tmp_path)
     (tmp_path / "3" / "meta").mkdir(parents=True)
     (tmp_path / "3" / "_CHECKPOINT_METADATA").write_text("{}")
-    (tmp_path / "3" / checkpoint.COMMIT_MARKER).write_text("")
+    (tmp_path / "3" / "commit_success.txt").write_text("")
     (tmp_path / "3" / "meta" / "metadata").write_text('{"config": {"width": 3}}')
     with pytest.raises(checkpoint.CheckpointError, match="not a jaxllm checkpoint"):
         checkpoint.load_params(tmp_path)

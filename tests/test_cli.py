@@ -48,6 +48,7 @@ def test_info_table(capsys):
         (["info", "--override", "n_layers=two"], "integer"),
         (["info", "--override", "n_heads=5"], "divisible"),
         (["info", "--bogus"], "unrecognized"),
+        (["info", "--override", "vocab_size=2147483648"], "vocab_size must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, word, capsys):
@@ -65,3 +66,12 @@ def test_console_entry_point_runs_as_module():
     )
     assert proc.returncode == 2 and proc.stderr.startswith("jaxllm: error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_checks_every_preset_before_measuring(monkeypatch, capsys):
+    from jaxllm import hardware
+
+    monkeypatch.setattr(hardware, "calibrate", lambda **_: pytest.fail("measured first"))
+    assert main(["bench", "--presets", "tiny", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nosuch'" in err and err.count("\n") == 1

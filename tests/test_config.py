@@ -22,6 +22,8 @@ def test_presets_are_valid_and_gpt2_shapes_match_openai():
         ({"n_heads": 4, "n_kv_heads": 3}, ["n_heads=4", "n_kv_heads=3"]),
         ({"n_layers": 0}, ["n_layers", "positive"]),
         ({"d_ff": -1}, ["d_ff", "positive"]),
+        ({"vocab_size": 2**31}, ["vocab_size", "2147483647", "2147483648"]),
+        ({"rope_base": float("inf")}, ["rope_base", "finite"]),
         ({"norm": "batchnorm"}, ["norm", "layernorm", "rmsnorm"]),
         ({"remat": "some"}, ["remat", "dots"]),
         ({"dtype": "int8"}, ["dtype", "bfloat16"]),

@@ -1,3 +1,4 @@
+import hashlib
 import math
 
 import numpy as np
@@ -105,3 +106,22 @@ def test_unigram_entropy_in_nats():
     assert data.unigram_entropy(np.array([7, 7, 7])) == 0.0
     p = np.array([0.75, 0.25])
     assert data.unigram_entropy(np.array([0, 0, 0, 1])) == pytest.approx(-(p * np.log(p)).sum())
+
+
+def test_a_large_corpus_is_memory_mapped_and_reads_the_same(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_bytes(b"hello\n" * 1000)
+    (tmp_path / "b.txt").write_bytes("wörld".encode() * 500)
+    in_memory = data.load_corpus(tmp_path)
+    monkeypatch.setattr(data, "MEMMAP_BYTES", 100)
+    monkeypatch.setattr(data, "_CHUNK", 1000)  # several pieces per file
+    mapped = data.load_corpus(tmp_path)
+    assert isinstance(mapped, np.memmap) and not isinstance(in_memory, np.memmap)
+    expected = [*b"hello\n" * 1000, data.EOT, *"wörld".encode() * 500, data.EOT]
+    assert mapped.tolist() == in_memory.tolist() == expected
+    # The fingerprint is still SHA-256 of the int32 stream (what earlier checkpoints recorded).
+    truth = hashlib.sha256(np.array(expected, "<i4").tobytes()).hexdigest()
+    assert data.fingerprint(mapped) == data.fingerprint(in_memory) == truth
+    assert data.unigram_entropy(mapped) == pytest.approx(data.unigram_entropy(np.array(expected)))
+    batch = data.train_batch(mapped, 3, 4, 16, 0)
+    assert batch.dtype == np.int32
+    np.testing.assert_array_equal(batch, data.train_batch(np.array(expected), 3, 4, 16, 0))

@@ -1,9 +1,10 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from jaxllm import checkpoint, data
+from jaxllm import checkpoint, cli, data, serve
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 from jaxllm.model import init_params
@@ -59,6 +60,8 @@ def test_plain_output_and_seeded_sampling(run_dir, capsys):
         (["--prompt", "x", "--top-p", "1.5"], "top_p"),
         (["--prompt", "x", "--prompts-file", "f"], "not allowed with"),
         (["--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
+        (["--prompt", "x", "--seed", str(2**64)], "expected a seed in [0, 4294967295]"),
+        (["--prompt", "x", "--seed", "-1"], "expected a seed in [0, 4294967295]"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(run_dir, extra, word, capsys):
@@ -75,3 +78,46 @@ def test_missing_or_foreign_checkpoint(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "foreign"), "--prompt", "x"]) != 0
     err = capsys.readouterr().err
     assert "jaxllm: error:" in err and err.count("\n") == 1
+
+
+def test_prompts_split_on_newlines_only_and_plain_output_is_one_line_each(
+    run_dir, tmp_path, capsys
+):
+    file = tmp_path / "prompts.txt"
+    file.write_text("a\x0cb\r\nc\u2028d\n", encoding="utf-8")
+    common = ["--checkpoint", run_dir, "--max-new-tokens", "3", "--temperature", "0"]
+    results = _generate(capsys, *common, "--prompts-file", str(file))["results"]
+    assert [r["prompt"] for r in results] == ["a\x0cb", "c\u2028d"]
+    assert cli.one_line("x\ny\\n\u2028") == "x\\ny\\\\n\\u2028"
+    texts = [r["text"] for r in results]
+    assert main(["generate", *common, "--prompts-file", str(file)]) == 0
+    assert capsys.readouterr().out == "".join(cli.one_line(t) + "\n" for t in texts)
+
+
+def test_ctrl_c_during_generate_exits_130_without_a_traceback(run_dir, monkeypatch, capsys):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve, "generate", interrupted)
+    assert main(["generate", "--checkpoint", run_dir, "--prompt", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err == "jaxllm: interrupted\n"
+
+
+def _save(path, step, params):
+    checkpoint.save(checkpoint.manager(path), step, params, None, CFG)
+
+
+def test_non_finite_or_damaged_checkpoints_are_refused_or_skipped(tmp_path, capsys):
+    params = init_params(CFG, jax.random.key(0))
+    nan = jax.tree.map(lambda p: p.at[0].set(jnp.nan) if p.ndim else p, params)
+    _save(tmp_path / "nan", 1, nan)
+    argv = ["--prompt", "x", "--max-new-tokens", "2", "--temperature", "0"]
+    assert main(["generate", "--checkpoint", str(tmp_path / "nan"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "NaN or infinite" in err and err.count("\n") == 1
+    _save(tmp_path / "mixed", 1, params)
+    _save(tmp_path / "mixed", 2, nan)
+    assert main(["generate", "--checkpoint", str(tmp_path / "mixed"), *argv]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("jaxllm: warning:") and "skipped step 2" in err

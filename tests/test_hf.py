@@ -24,6 +24,7 @@ from jaxllm import hf
 from jaxllm.cache import KVCache
 from jaxllm.cli import main
 from jaxllm.config import ModelConfig
+from jaxllm.finite import NonFiniteError
 from jaxllm.model import Transformer, param_shapes, unstack_layers
 from jaxllm.tokenizer import load_hf_tokenizer, parse_ids
 
@@ -303,6 +304,40 @@ def test_corrupt_safetensors_is_refused(tmp_path):
     path = copy_fixture(tmp_path, "gpt2")
     (path / "model.safetensors").write_bytes(b"not safetensors")
     _refused(path, "model.safetensors: not a readable safetensors file")
+
+
+def test_unreadable_safetensors_is_not_called_missing(tmp_path, monkeypatch):
+    path = copy_fixture(tmp_path, "llama")
+
+    def denied(name, framework):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(hf, "safe_open", denied)  # chmod 000 does not stop root
+    _refused(path, "model.safetensors: not a readable safetensors file", "Permission denied")
+
+
+def test_rope_parameters_that_are_not_an_object_are_refused(tmp_path):
+    path = copy_fixture(tmp_path, "llama")
+    edit_config(path, rope_parameters="default")
+    _refused(path, "config.json", "rope_parameters must be a JSON object, got 'default'")
+
+
+def test_non_finite_weights_are_refused_with_one_line(tmp_path, capsys):
+    path = copy_fixture(tmp_path, "llama")
+
+    def poison(tensors: dict) -> None:
+        embedding = tensors["model.embed_tokens.weight"].copy()
+        embedding[3, 1] = np.nan
+        tensors["model.embed_tokens.weight"] = embedding
+
+    edit_tensors(path, poison)
+    with pytest.raises(NonFiniteError, match=r"1 NaN or infinite values in 1 arrays.*embed"):
+        hf.load(path)
+    assert (
+        main(["generate", "--hf-dir", str(path), "--prompt-ids", "1,2", "--temperature", "0"]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "NaN" in err and err.count("\n") == 1
 
 
 # --- CLI --------------------------------------------------------------------------------------

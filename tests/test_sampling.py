@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampling import GREEDY, Sampler, top_k_filter, top_p_filter
+from jaxllm.sampling import GREEDY, TEMPERATURE_FLOOR, Sampler, top_k_filter, top_p_filter
 
 V = 50
 
@@ -83,3 +83,12 @@ def test_bad_settings_raise(kwargs, word):
 def test_sampler_is_hashable_static_config():
     assert hash(Sampler(1.0, 5, 0.9)) == hash(Sampler(1.0, 5, 0.9))
     assert jnp.dtype(GREEDY(jnp.zeros((2, V)), jax.random.key(0)).dtype) == jnp.int32
+
+
+@pytest.mark.parametrize("t", [1e-38, 1e-45, TEMPERATURE_FLOOR / 2])
+def test_a_temperature_below_the_floor_is_greedy(logits, t):
+    sampler = Sampler(t)
+    assert sampler == GREEDY
+    expected = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(_draws(sampler, logits, 8), np.broadcast_to(expected, (8, 4)))
+    assert Sampler(TEMPERATURE_FLOOR).temperature == TEMPERATURE_FLOOR

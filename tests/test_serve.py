@@ -250,3 +250,22 @@ def test_buckets_bound_the_shapes():
     assert serve.windows(8, 64) == [64]
     assert serve.windows(8, 1024) == [128, 256, 512, 1024]
     assert serve.windows(300, 1024) == [512, 1024]
+
+
+@pytest.mark.parametrize(
+    ("built", "shape"),
+    [({"n_layers": 3}, r"\(3, 2, 8\)"), ({"n_kv_heads": 1}, r"\(2, 1, 8\)")],
+)
+def test_a_cache_built_for_another_model_is_refused(built, shape):
+    cfg = tiny("gpt2")  # (layers, kv heads, head dim) = (2, 2, 8)
+    other = KVCache.init(cfg.replace(**built), batch=1, capacity=8)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=rf"the KV cache has .* = {shape}, the model \(2, 2, 8\)"):
+        serve.make_prefill(cfg)(params_of(cfg), tokens, jnp.zeros(1, jnp.int32), other)
+
+
+def test_a_negative_cache_index_is_refused():
+    cfg = tiny("gpt2")
+    cache = KVCache.init(cfg, batch=1, capacity=8).replace(index=jnp.int32(-2))
+    with pytest.raises(ValueError, match=r"index -2 is outside \[0, 8\]"):
+        serve.make_decode_step(cfg)(params_of(cfg), cache, jnp.ones(1, jnp.int32))

@@ -1,3 +1,4 @@
+import errno
 import json
 import signal
 import subprocess
@@ -7,7 +8,7 @@ import time
 import chex
 import pytest
 
-from jaxllm import checkpoint, data, loop
+from jaxllm import checkpoint, data, loop, runlock
 from jaxllm.cli import main
 
 TINY = ["--preset", "tiny", "--batch", "4", "--seq", "16"]
@@ -56,6 +57,10 @@ def test_train_command_writes_a_run_that_serving_can_load(tmp_path, corpus, caps
         (["--data", "/nonexistent/corpus"], "does not exist"),
         (["--resume"], "no checkpoint directory"),
         (["--steps", "ten"], "invalid int value"),
+        (["--seed", str(2**64)], "expected a seed in [0, 4294967295]"),
+        (["--lr", "inf"], "learning rate must be a positive finite number"),
+        (["--weight-decay", "nan"], "weight_decay must be a finite number"),
+        (["--out", ""], "expected a directory, got an empty path"),
     ],
 )
 def test_bad_train_input_is_one_line(tmp_path, extra, word, capsys):
@@ -102,3 +107,46 @@ def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, corpus):
     chex.assert_trees_all_equal(
         checkpoint.load_params(out)[1], checkpoint.load_params(tmp_path / "straight")[1]
     )
+
+
+def _one_line(capsys, *words):
+    """The error is one line, after any progress lines, with no traceback."""
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert err.count("jaxllm: ") == 1 and last.startswith("jaxllm: ") and "Traceback" not in err
+    for word in words:
+        assert word in last, err
+
+
+def test_failures_of_the_run_itself_exit_1_with_one_line(tmp_path, corpus, monkeypatch, capsys):
+    argv = ["train", *TINY, "--steps", "8", "--data", corpus, "--eval-every", "4"]
+    argv += ["--eval-batches", "1", "--ckpt-every", "4"]
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 1
+    _one_line(capsys, "No space left on device")
+    monkeypatch.undo()
+    (tmp_path / "busy").mkdir()
+    with runlock.hold(tmp_path / "busy"):
+        assert main([*argv, "--out", str(tmp_path / "busy")]) == 2
+    _one_line(capsys, "in use by another process")
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "word"),
+    [
+        (KeyboardInterrupt(), 128 + signal.SIGINT, "interrupted"),
+        (loop.DivergedError("step 3: loss nan"), 1, "loss nan"),
+        (checkpoint.DamagedCheckpointError("no checkpoint loads"), 1, "no checkpoint loads"),
+    ],
+)
+def test_exit_status_by_kind_of_ending(tmp_path, monkeypatch, capsys, raised, status, word):
+    def ends(*_, **__):
+        raise raised
+
+    monkeypatch.setattr(loop, "train", ends)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == status
+    _one_line(capsys, word)
