@@ -408,7 +408,7 @@ def restore_state(
         return checkpoint.load_state(run_dir, step, shapes.params, shapes.opt_state)
 
     step, (params, opt_state) = checkpoint.newest_that_loads(run_dir, load, warn)
-    for newer in [s for s in checkpoint.complete_steps(run_dir) if s > step]:
+    for newer in [n for n in checkpoint.complete_steps(run_dir) if n > step]:
         warn(f"moved damaged step {newer} aside to {checkpoint.set_aside(run_dir, newer)}")
     return TrainState(step=np.int32(step), params=params, opt_state=opt_state)  # pyright: ignore[reportArgumentType]
 
