@@ -120,9 +120,12 @@ def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     if phase == "train":
         jitted, args, make_args = _train(config, batch, seq)
     else:
-        # Served as jaxllm.serve.generate serves it: with unrolled layers (serve.for_serving), since
-        # slicing stacked weights and cache per layer copies them on every step.
-        config = config.replace(scan_layers=False)
+        from jaxllm import serve
+
+        # Served as jaxllm.serve.generate serves it (serve.serving_config): layers unrolled, since
+        # slicing stacked weights and cache per layer copies them on every step, and weights stored
+        # in the compute dtype.
+        config = serve.serving_config(config)
         jitted, args, make_args = _serve(config, phase, batch, seq, capacity)
     tokens = batch if phase == "decode" else batch * seq
     slots = capacity if phase == "decode" else 0
