@@ -18,8 +18,9 @@ loop (``block_0`` ... ``block_{L-1}``); ``stack_layers``/``unstack_layers`` conv
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -109,7 +110,7 @@ def attention_mask(pad: jax.Array, offset: jax.Array | int, t: int, s: int, new:
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def attention_implementation(dtype: jnp.dtype, head_dim: int) -> str:
+def attention_implementation(dtype: jnp.dtype, head_dim: int) -> Literal["cudnn", "xla"]:
     """``jax.nn.dot_product_attention``'s implementation for this device, dtype and head dim H.
 
     "cudnn" (the fused flash kernel: no [T, S] scores in memory, the causal half skipped) on an NVIDIA
@@ -135,13 +136,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pad: jax.Array | 
         mask = jnp.broadcast_to(
             jnp.arange(T)[None, None, None, :] >= pad[:, None, None, None], (pad.shape[0], 1, T, T)
         )
-    impl = attention_implementation(q.dtype, q.shape[-1])
+    attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=True)
     try:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)  # pyright: ignore[reportArgumentType]
-    except (NotImplementedError, RuntimeError):  # cuDNN absent or the shape unsupported
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation="xla"
-        )
+        return attend(implementation=attention_implementation(q.dtype, q.shape[-1]))
+    except (NotImplementedError, RuntimeError):  # cuDNN missing, or this shape unsupported
+        return attend(implementation="xla")
 
 
 def cached_attention(
@@ -153,14 +152,17 @@ def cached_attention(
     offset: jax.Array | int,
 ) -> jax.Array:
     """Attention of T new queries (slots ``offset + t``) to the S cached slots and to each other:
-    [B, T, N, H]. Scores are computed block by block (cache, new) so the cache is never concatenated
-    (a copy); the softmax runs in float32 over both blocks."""
+    [B, T, N, H], computed in the cache's dtype (``jaxllm.cache.cache_dtype``). Scores are computed
+    block by block (cache, new) so the cache is never concatenated (a copy); the softmax runs in
+    float32 over both blocks."""
     B, T, N, H = q.shape
     K = k_new.shape[1]
-    q = q.reshape(B, T, K, N // K, H) * jnp.asarray(1.0 / math.sqrt(H), q.dtype)
     k_old, v_old = kv
+    dtype = k_old.dtype
+    q = q.astype(dtype).reshape(B, T, K, N // K, H) * jnp.asarray(1.0 / math.sqrt(H), dtype)
+    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
     scores = [
-        jnp.einsum("BTKGH,BKSH->BKGTS", q, k_old.astype(q.dtype)),
+        jnp.einsum("BTKGH,BKSH->BKGTS", q, k_old),
         jnp.einsum("BTKGH,BKSH->BKGTS", q, k_new),
     ]
     masks = [
@@ -172,7 +174,7 @@ def cached_attention(
     logits = jnp.where(jnp.concatenate(masks, axis=-1), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     S = k_old.shape[2]
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S], v_old.astype(q.dtype))
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S], v_old)
     out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., S:], v_new)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -205,7 +207,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, pad)
         else:
             assert pad is not None  # a cache holds its padding
-            out = cached_attention(q, k_new, v_new, kv, pad, offset)
+            out = cached_attention(q, k_new, v_new, kv, pad, offset).astype(q.dtype)
             # A data dependency from this layer's reads of the cache to its new keys and values: it
             # orders the in-place cache write after the reads. Without it XLA cannot tell the order
             # and copies the whole cache (measured: 2 full copies per layer). x * 0 is kept by XLA for

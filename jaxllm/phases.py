@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import analytic
-from jaxllm.cache import KVCache
+from jaxllm.cache import KVCache, cache_dtype
 from jaxllm.config import ModelConfig
 from jaxllm.model import init_params, param_shapes
 
@@ -150,13 +150,13 @@ def analytic_view(program: Program) -> dict[str, Any]:
         nbytes = 2 * state + 2 * memory["grads"] + 2 * memory["activations"]
     elif program.phase == "prefill":
         flops = {c: analytic.prefill_flops(cfg, B, S, read, c) for c in ("xla", "causal")}
-        memory = analytic.serve_memory(cfg, B, cap)
+        memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
         # Weights read once, the cache written, float32 logits of the last position out.
         nbytes = memory["params"] + memory["kv_cache"] + B * cfg.vocab_size * 4
     else:
         flops = {c: analytic.decode_flops(cfg, B, S - 1, read, c) for c in ("xla", "causal")}
-        memory = analytic.serve_memory(cfg, B, cap)
-        moved = analytic.decode_bytes(cfg, B, S - 1, read)
+        memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
+        moved = analytic.decode_bytes(cfg, B, S - 1, read, cache_dtype(cfg))
         nbytes = moved["total_allocated"]
     out = {
         "flops": flops["xla"],
