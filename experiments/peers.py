@@ -160,39 +160,45 @@ def peer_decode(dtype: str, context: int) -> dict[int, float]:
     return {r["config"]["batch"]: r["step_seconds"]["median"] for r in recs}
 
 
-def cells(args: argparse.Namespace) -> list[tuple[str, Callable[[], float], Callable[[], Any]]]:
-    """(name, jaxllm timer, peer timer) in the order a round runs them; a peer timer may return a
-    dict keyed by batch shared by several cells (run once per round)."""
-    out: list[tuple[str, Callable[[], float], Callable[[], Any]]] = []
+Cell = tuple[str, Callable[[], Callable[[], float]], Callable[[], float]]
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    """(name, builder of the jaxllm timer, PyTorch timer), in the order a round runs them. Builders
+    compile; cells decoding one dtype at one context share one peer process per round."""
+    out: list[Cell] = []
     for dtype in DTYPES:
         out.append(
             (
                 f"train {dtype} B=4 T=256",
-                jax_train(dtype, args.steps),
+                lambda d=dtype: jax_train(d, args.steps),
                 lambda d=dtype: peer_train(d, args.steps),
             )
         )
     out.append(
-        ("prefill float32 B=1 T=1024", jax_prefill(args.steps), lambda: peer_prefill(args.steps))
+        (
+            "prefill float32 B=1 T=1024",
+            lambda: jax_prefill(args.steps),
+            lambda: peer_prefill(args.steps),
+        )
     )
     for dtype in DTYPES:
         for context, (_, batches) in CONTEXTS.items():
             peer = _shared(lambda d=dtype, c=context: peer_decode(d, c))
-            for batch in batches:
-                name = f"decode {dtype} B={batch} context {context}"
+            for b in batches:
                 out.append(
                     (
-                        name,
-                        jax_decode(dtype, batch, context, args.decode_steps),
-                        lambda p=peer, b=batch: p()[b],
+                        f"decode {dtype} B={b} context {context}",
+                        lambda d=dtype, b=b, c=context: jax_decode(d, b, c, args.decode_steps),
+                        lambda p=peer, b=b: p()[b],
                     )
                 )
-                if context == 96 and batch in args.generate_batches:
+                if context == 96 and b in args.generate_batches:
                     out.append(
                         (
-                            f"generate {dtype} B={batch} context 64-128",
-                            jax_generate(dtype, batch),
-                            lambda p=peer, b=batch: p()[b],
+                            f"generate {dtype} B={b} context 64-128",
+                            lambda d=dtype, b=b: jax_generate(d, b),
+                            lambda p=peer, b=b: p()[b],
                         )
                     )
     return out
@@ -231,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generate-batches", type=int, nargs="*", default=[1])
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument(
+        "--only", nargs="*", help="run only the cells whose name holds one of these"
+    )
+    parser.add_argument(
         "--from-log", type=Path, help="rebuild the tables from the stderr of an earlier run"
     )
     args = parser.parse_args(argv)
@@ -245,7 +254,11 @@ def main(argv: list[str] | None = None) -> None:
         _write(args, times, f"rebuilt from the log of a run ({args.from_log.name})")
         return
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    todo = cells(args)
+    todo = [
+        (name, build(), peer)
+        for name, build, peer in cells(args)
+        if not args.only or any(word in name for word in args.only)
+    ]
     times = {}
     for r in range(args.rounds):
         _ROUND[0] = r
