@@ -240,18 +240,23 @@ def main(argv: list[str] | None = None) -> None:
         "--only", nargs="*", help="run only the cells whose name holds one of these"
     )
     parser.add_argument(
-        "--from-log", type=Path, help="rebuild the tables from the stderr of an earlier run"
+        "--from-log",
+        type=Path,
+        nargs="+",
+        help="rebuild the tables from the stderr of earlier runs",
     )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_log:
         times: Times = {}
-        for line in args.from_log.read_text().splitlines():
-            if m := LINE.match(line):
-                mine, theirs = times.setdefault(m.group(2), ([], []))
-                mine.append(float(m.group(3)))
-                theirs.append(float(m.group(4)))
-        _write(args, times, f"rebuilt from the log of a run ({args.from_log.name})")
+        for log in args.from_log:
+            for line in log.read_text().splitlines():
+                if m := LINE.match(line):
+                    mine, theirs = times.setdefault(m.group(2), ([], []))
+                    mine.append(float(m.group(3)))
+                    theirs.append(float(m.group(4)))
+        names = ", ".join(log.name for log in args.from_log)
+        _write(args, times, f"rebuilt from the logs of runs ({names})")
         return
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     todo = [
