@@ -181,13 +181,20 @@ def decode_flops(
     return batch * matmul_flops_per_token(config) + attention_flops(config, batch, 1, keys)
 
 
-def decode_bytes(config: ModelConfig, batch: int, filled: int, slots: int) -> dict[str, int]:
+def decode_bytes(
+    config: ModelConfig,
+    batch: int,
+    filled: int,
+    slots: int,
+    kv_dtype: jnp.dtype | str | None = None,
+) -> dict[str, int]:
     """Bytes one decode step must move at least (each byte once, no re-reads).
 
     weights: every parameter, except lookup tables that are only gathered (an untied token
     embedding, learned positions), which give B rows; kv_read: K and V of the S = ``slots`` slots the
     step reads (``allocated``: the capacity, or the window it attends) or of the ``filled`` ones;
-    kv_write: the new token's K and V; io: tokens in, float32 logits out.
+    kv_write: the new token's K and V; io: tokens in, float32 logits out. The cache is in
+    ``kv_dtype`` (default: the compute dtype; see ``jaxllm.cache.cache_dtype``).
     """
     itemsize = _bytes(config.storage_dtype)
     counts = param_counts(config)
@@ -195,9 +202,9 @@ def decode_bytes(config: ModelConfig, batch: int, filled: int, slots: int) -> di
     weights = (counts["total"] - gathered) * itemsize + 2 * batch * config.d_model * itemsize
     out = {
         "weights": weights,
-        "kv_read_allocated": kv_cache_bytes(config, batch, slots),
-        "kv_read_filled": kv_cache_bytes(config, batch, filled),
-        "kv_write": kv_cache_bytes(config, batch, 1),
+        "kv_read_allocated": kv_cache_bytes(config, batch, slots, kv_dtype),
+        "kv_read_filled": kv_cache_bytes(config, batch, filled, kv_dtype),
+        "kv_write": kv_cache_bytes(config, batch, 1, kv_dtype),
         "io": batch * 4 + batch * config.vocab_size * 4,
     }
     fixed = out["weights"] + out["kv_write"] + out["io"]
@@ -267,9 +274,13 @@ def train_memory(config: ModelConfig, batch: int, seq: int) -> dict[str, int]:
     return out
 
 
-def serve_memory(config: ModelConfig, batch: int, slots: int) -> dict[str, int]:
-    """Bytes serving holds: params + a KV cache of S = ``slots`` slots per sequence."""
-    out = {"params": param_bytes(config), "kv_cache": kv_cache_bytes(config, batch, slots)}
+def serve_memory(
+    config: ModelConfig, batch: int, slots: int, kv_dtype: jnp.dtype | str | None = None
+) -> dict[str, int]:
+    """Bytes serving holds: params + a KV cache of S = ``slots`` slots per sequence (in ``kv_dtype``,
+    default the compute dtype)."""
+    kv = kv_cache_bytes(config, batch, slots, kv_dtype)
+    out = {"params": param_bytes(config), "kv_cache": kv}
     out["total"] = sum(out.values())
     return out
 

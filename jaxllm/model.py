@@ -18,8 +18,9 @@ loop (``block_0`` ... ``block_{L-1}``); ``stack_layers``/``unstack_layers`` conv
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -106,6 +107,78 @@ def attention_mask(pad: jax.Array, offset: jax.Array | int, t: int, s: int, new:
     return (visible[None, :, :] & unpadded)[:, None, None, :, :]
 
 
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(dtype: jnp.dtype, head_dim: int) -> Literal["cudnn", "xla"]:
+    """``jax.nn.dot_product_attention``'s implementation for this device, dtype and head dim H.
+
+    "cudnn" (the fused flash kernel: no [T, S] scores in memory, the causal half skipped) on an NVIDIA
+    GPU for bf16/fp16 with H a multiple of 8 up to 128; "xla" (scores materialised) elsewhere. The
+    default (None) is XLA's in jax 0.10, even on a GPU, so the choice is made here.
+    """
+    on_cuda = jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version
+    fits = jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if on_cuda and fits else "xla"
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pad: jax.Array | None) -> jax.Array:
+    """Causal self-attention of a whole sequence, through ``jax.nn.dot_product_attention``.
+
+    q [B, T, N, H], k and v [B, T, K, H] (N a multiple of K: grouped queries share a key head) ->
+    [B, T, N, H]. Scores scaled by 1/sqrt(H); softmax in float32. Keys in columns below ``pad[b]``
+    (left padding, None: none) are hidden; a query with no visible key (a padding row) gets uniform
+    weights, not NaN.
+    """
+    T = q.shape[1]
+    mask = None
+    if pad is not None:
+        mask = jnp.broadcast_to(
+            jnp.arange(T)[None, None, None, :] >= pad[:, None, None, None], (pad.shape[0], 1, T, T)
+        )
+    attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=True)
+    try:
+        return attend(implementation=attention_implementation(q.dtype, q.shape[-1]))
+    except (NotImplementedError, RuntimeError):  # cuDNN missing, or this shape unsupported
+        return attend(implementation="xla")
+
+
+def cached_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k_new: jax.Array,  # [B, K, T, H]
+    v_new: jax.Array,  # [B, K, T, H]
+    kv: LayerKV,  # ([B, K, S, H], [B, K, S, H]) read only
+    pad: jax.Array,  # [B]
+    offset: jax.Array | int,
+) -> jax.Array:
+    """Attention of T new queries (slots ``offset + t``) to the S cached slots and to each other:
+    [B, T, N, H], computed in the cache's dtype (``jaxllm.cache.cache_dtype``). Scores are computed
+    block by block (cache, new) so the cache is never concatenated (a copy); the softmax runs in
+    float32 over both blocks."""
+    B, T, N, H = q.shape
+    K = k_new.shape[1]
+    k_old, v_old = kv
+    dtype = k_old.dtype
+    q = q.astype(dtype).reshape(B, T, K, N // K, H) * jnp.asarray(1.0 / math.sqrt(H), dtype)
+    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
+    scores = [
+        jnp.einsum("BTKGH,BKSH->BKGTS", q, k_old),
+        jnp.einsum("BTKGH,BKSH->BKGTS", q, k_new),
+    ]
+    masks = [
+        attention_mask(pad, offset, T, k_old.shape[2], new=False),
+        attention_mask(pad, offset, T, T, new=True),
+    ]
+    logits = jnp.concatenate(scores, axis=-1).astype(jnp.float32)
+    # A fully masked row (a padding query) gets uniform weights rather than NaN.
+    logits = jnp.where(jnp.concatenate(masks, axis=-1), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    S = k_old.shape[2]
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S], v_old)
+    out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., S:], v_new)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
     """Causal self-attention with N query heads sharing K key/value heads in groups of G."""
 
@@ -116,45 +189,25 @@ class Attention(nn.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
-        pad: jax.Array,  # [B]
+        pad: jax.Array | None,  # [B], or None: no padding
         offset: jax.Array | int,  # slot of the first new token
         kv: LayerKV | None,
     ) -> tuple[jax.Array, LayerKV]:
         """Returns the output [B, T, D] and the new tokens' keys and values ([B, K, T, H] each)."""
         cfg = self.config
-        D, N, K, H, G = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.groups
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.use_bias
         q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if bias else None, cfg, name="q")(x)
         k = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="k")(x)
         v = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="v")(x)
         if cfg.positions == "rotary":
             q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-        B, T = x.shape[:2]
-        q = q.reshape(B, T, K, G, H) * jnp.asarray(1.0 / math.sqrt(H), q.dtype)
         k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-
-        scores = [jnp.einsum("BTKGH,BKSH->BKGTS", q, k_new)]  # [B, K, G, T, T]
-        masks = [attention_mask(pad, offset, T, T, new=True)]
-        values = [v_new]
-        if kv is not None:
-            k_old, v_old = (
-                kv  # [B, K, S, H]: read only; the cache is written once, after all layers
-            )
-            scores.insert(0, jnp.einsum("BTKGH,BKSH->BKGTS", q, k_old.astype(q.dtype)))
-            masks.insert(0, attention_mask(pad, offset, T, k_old.shape[2], new=False))
-            values.insert(0, v_old.astype(q.dtype))
-        logits = jnp.concatenate(scores, axis=-1).astype(jnp.float32)
-        mask = jnp.concatenate(masks, axis=-1)
-        # A fully masked row (a padding query) gets uniform weights rather than NaN.
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-        splits = [val.shape[2] for val in values][:-1]
-        parts = jnp.split(probs, [sum(splits[: i + 1]) for i in range(len(splits))], axis=-1)
-        out = sum(
-            jnp.einsum("BKGTS,BKSH->BKGTH", p, val) for p, val in zip(parts, values, strict=True)
-        )
-        out = jnp.asarray(out).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-        if kv is not None:
+        if kv is None:
+            out = causal_attention(q, k, v, pad)
+        else:
+            assert pad is not None  # a cache holds its padding
+            out = cached_attention(q, k_new, v_new, kv, pad, offset).astype(q.dtype)
             # A data dependency from this layer's reads of the cache to its new keys and values: it
             # orders the in-place cache write after the reads. Without it XLA cannot tell the order
             # and copies the whole cache (measured: 2 full copies per layer). x * 0 is kept by XLA for
@@ -196,7 +249,7 @@ class Block(nn.Module):
         x: jax.Array,  # [B, T, D]
         kv: LayerKV | None,
         positions: jax.Array,
-        pad: jax.Array,
+        pad: jax.Array | None,
         offset: jax.Array | int,
     ) -> tuple[jax.Array, LayerKV]:
         cfg = self.config
@@ -236,7 +289,6 @@ class Transformer(nn.Module):
             pad, offset = cache.pad, cache.index
         else:
             offset = 0
-            pad = jnp.zeros(tokens.shape[:1], jnp.int32) if pad is None else pad
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,
@@ -271,7 +323,7 @@ class Transformer(nn.Module):
         x: jax.Array,
         cache: KVCache | None,
         positions: jax.Array,
-        pad: jax.Array,
+        pad: jax.Array | None,
         offset: jax.Array | int,
     ) -> tuple[jax.Array, LayerKV]:
         """Runs the L blocks; returns x and the new keys and values stacked to [L, B, K, T, H]."""

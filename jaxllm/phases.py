@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import analytic
-from jaxllm.cache import KVCache
+from jaxllm.cache import KVCache, cache_dtype
 from jaxllm.config import ModelConfig
 from jaxllm.model import param_shapes
 
@@ -147,9 +147,12 @@ def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     if phase == "train":
         jitted, args, make_args = _train(config, batch, seq)
     else:
-        # Served as jaxllm.serve.generate serves it: with unrolled layers (serve.for_serving), since
-        # slicing stacked weights and cache per layer copies them on every step.
-        config = config.replace(scan_layers=False)
+        from jaxllm import serve
+
+        # Served as jaxllm.serve.generate serves it (serve.serving_config): layers unrolled, since
+        # slicing stacked weights and cache per layer copies them on every step, and weights stored
+        # in the compute dtype.
+        config = serve.serving_config(config)
         jitted, args, make_args = _serve(config, phase, batch, seq, capacity)
     tokens = batch if phase == "decode" else batch * seq
     slots = capacity if phase == "decode" else 0
@@ -174,13 +177,13 @@ def analytic_view(program: Program) -> dict[str, Any]:
         nbytes = 2 * state + 2 * memory["grads"] + 2 * memory["activations"]
     elif program.phase == "prefill":
         flops = {c: analytic.prefill_flops(cfg, B, S, read, c) for c in ("xla", "causal")}
-        memory = analytic.serve_memory(cfg, B, cap)
+        memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
         # Weights read once, the cache written, float32 logits of the last position out.
         nbytes = memory["params"] + memory["kv_cache"] + B * cfg.vocab_size * 4
     else:
         flops = {c: analytic.decode_flops(cfg, B, S - 1, read, c) for c in ("xla", "causal")}
-        memory = analytic.serve_memory(cfg, B, cap)
-        moved = analytic.decode_bytes(cfg, B, S - 1, read)
+        memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
+        moved = analytic.decode_bytes(cfg, B, S - 1, read, cache_dtype(cfg))
         nbytes = moved["total_allocated"]
     out = {
         "flops": flops["xla"],

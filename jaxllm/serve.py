@@ -320,31 +320,43 @@ def _split_outputs(
     return [r[:-1] if s else r for r, s in zip(rows, stopped, strict=True)], stopped
 
 
-def _prefill_batch(config: ModelConfig, params: Params, batch: Batch) -> tuple[Any, KVCache, float]:
-    cache = KVCache.init(config, batch.tokens.shape[0], batch.capacity)
+def _prefill_batch(
+    prefill: Any, params: Params, batch: Batch, cache: KVCache
+) -> tuple[Any, Any, float]:
+    """Run the compiled prefill on the batch; (logits, cache, seconds from dispatch to result)."""
     start = time.perf_counter()
-    logits, cache = make_prefill(config)(params, batch.tokens, batch.pad, cache)
+    logits, cache = prefill(params, batch.tokens, batch.pad, cache)
     jax.block_until_ready(logits)
     return logits, cache, time.perf_counter() - start
 
 
 def _compile_prefill(config: ModelConfig, params: Params, batch: Batch) -> Any:
-    """Compile prefill ahead (cached by jax), so its timing excludes compilation; returns the cache
-    shape."""
+    """Prefill compiled ahead for this batch's shapes, so that its timing excludes compilation.
+
+    Call the returned executable itself: a later call of the jitted function compiles again (its
+    concrete arguments carry shardings the abstract ones lack)."""
     cache = jax.eval_shape(lambda: KVCache.init(config, batch.tokens.shape[0], batch.capacity))
-    make_prefill(config).lower(params, batch.tokens, batch.pad, cache).compile()
-    return cache
+    return make_prefill(config).lower(params, batch.tokens, batch.pad, cache).compile()
+
+
+def serving_config(config: ModelConfig) -> ModelConfig:
+    """The config served: layers unrolled (``scan_layers=False``) and parameters stored in the compute
+    dtype (``param_dtype=dtype``).
+
+    On CPU, XLA materialises each layer's slice of stacked [L, ...] weights (and cache) as a copy, so a
+    decode step over scanned layers copies every weight once per step. Decoding reads every weight
+    once per step, so bf16 serving stores them in bf16: half the bytes, and no per-step conversion.
+    Training keeps float32 master weights (``param_dtype``) whatever the compute dtype.
+    """
+    return config.replace(scan_layers=False, param_dtype=config.dtype)
 
 
 def for_serving(config: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
-    """The config and parameters to serve with: layers unrolled (``scan_layers=False``).
-
-    On CPU, XLA materialises each layer's slice of stacked [L, ...] weights (and cache) as a copy, so a
-    decode step over scanned layers copies every weight once per step; unstacking once here avoids it.
-    """
-    if not config.scan_layers:
-        return config, params
-    return config.replace(scan_layers=False), unstack_layers(params, config.n_layers)
+    """``serving_config(config)`` and the parameters in its layout and dtype (unstacked, cast)."""
+    served = serving_config(config)
+    if config.scan_layers:
+        params = unstack_layers(params, config.n_layers)
+    return served, jax.tree.map(lambda x: x.astype(served.storage_dtype), params)
 
 
 def generate(
@@ -367,13 +379,14 @@ def generate(
     key = jax.random.key(0) if key is None else key
     loop = make_decode_loop(config, sampler, batch.tokens.shape[1])
     start = time.perf_counter()
-    cache = _compile_prefill(config, params, batch)
+    prefill = _compile_prefill(config, params, batch)
+    cache = KVCache.init(config, batch.tokens.shape[0], batch.capacity)
     logits = jax.ShapeDtypeStruct((batch.tokens.shape[0], config.vocab_size), jnp.float32)
-    loop.lower(params, cache, logits, key, batch.limits, stop).compile()
+    decode = loop.lower(params, cache, logits, key, batch.limits, stop).compile()
     compile_s = time.perf_counter() - start
-    logits, cache, prefill_s = _prefill_batch(config, params, batch)
+    logits, cache, prefill_s = _prefill_batch(prefill, params, batch, cache)
     start = time.perf_counter()
-    out, length, steps, _ = loop(params, cache, logits, key, batch.limits, stop)
+    out, length, steps, _ = decode(params, cache, logits, key, batch.limits, stop)
     out, length = np.asarray(out), np.asarray(length)
     decode_s = time.perf_counter() - start
     tokens, stopped = _split_outputs(out, length, stop)
@@ -429,9 +442,10 @@ def generate_per_step(
     batch = make_batch(config, prompts, max_new_tokens)
     stop = check_tokens(config, np.asarray(stop_tokens, np.int32).reshape(-1), "stop token")
     start = time.perf_counter()
-    _compile_prefill(config, params, batch)
+    prefill = _compile_prefill(config, params, batch)
     compile_s = time.perf_counter() - start  # the decode step compiles during its first call
-    logits, cache, prefill_s = _prefill_batch(config, params, batch)
+    cache = KVCache.init(config, batch.tokens.shape[0], batch.capacity)
+    logits, cache, prefill_s = _prefill_batch(prefill, params, batch, cache)
     start = time.perf_counter()
     rng = jax.random.key(0) if key is None else key
     out, length, n = _host_loop(config, params, sampler, batch, logits, cache, rng, stop)

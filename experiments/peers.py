@@ -1,0 +1,327 @@
+"""jaxllm beside PyTorch on this machine: gpt2 train, prefill and decode, interleaved in one run.
+
+Each round times every jaxllm cell, then the PyTorch peer (``../shared/peers``: ``peer_train.py`` and
+``peer_generate.py`` run as subprocesses with the same shapes), so that load from other processes hits
+both alike. A cell's figure is the median over rounds of each round's median; the ratio is jaxllm's
+speed over PyTorch's (> 1: jaxllm faster). Writes ``peers-cpu.csv`` and ``peers-cpu.md`` to --out.
+
+Shapes (the issue's table): train B=4 T=256 (f32, and bf16 compute with f32 master weights: torch
+bf16 autocast); prefill B=1 T=1024 f32; decode B = 1, 8, 32 at a mean context of 96 (64-token prompt,
+64 new) and B = 1, 32 at 1008 (1000-token prompt, 16 new), f32 and bf16 (bf16 weights on both sides;
+PyTorch keeps its KV cache in bf16, jaxllm on a CPU in float32: ``jaxllm.cache.cache_dtype``). A
+jaxllm decode step runs at the mean context in a 1024-slot cache, reading the window
+``jaxllm.serve.generate`` would read; the peer attends its filled slots. ``generate`` (the on-device
+loop) is timed at context 96 as well, per decode step, against the standalone step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import serve, train
+from jaxllm.cache import KVCache
+from jaxllm.config import PRESETS, ModelConfig
+from jaxllm.experiment import write_csv
+from jaxllm.model import init_params
+
+PEERS = Path(os.environ.get("PEERS_DIR", Path(__file__).resolve().parents[2] / "shared" / "peers"))
+PEER_PYTHON = os.environ.get("PEER_PYTHON", "/tmp/peerenv/bin/python")
+GPT2 = ["--n-layer", "12", "--n-head", "12", "--d-model", "768", "--vocab", "50257"]
+DTYPES = ("float32", "bfloat16")
+# Mean context -> (prompt, new tokens) the peer runs, and the batch sizes timed there.
+CONTEXTS = {96: ((64, 64), (1, 8, 32)), 1008: ((1000, 16), (1, 32))}
+CAPACITY = 1024
+
+
+def _times(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of fn (blocked on its result), after one warm-up call."""
+    jax.block_until_ready(fn())
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return statistics.median(out)
+
+
+def _gpt2(dtype: str) -> ModelConfig:
+    return PRESETS["gpt2"].replace(dtype=dtype)
+
+
+def jax_train(dtype: str, steps: int) -> Callable[[], float]:
+    config = _gpt2(dtype)
+    optimizer = train.make_optimizer()
+    step = train.make_train_step(config, optimizer)
+    state = train.init_state(config, optimizer, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (4, 257), 0, config.vocab_size, jnp.int32)
+    box = [step.lower(state, batch).compile(), state]
+
+    def once() -> Any:
+        box[1], metrics = box[0](box[1], batch)
+        return metrics["loss"]
+
+    return lambda: _times(once, steps)
+
+
+@functools.cache
+def _served(dtype: str) -> tuple[ModelConfig, Any]:
+    """gpt2 as ``serve.generate`` serves it (unrolled layers, weights in the compute dtype)."""
+    return serve.for_serving(_gpt2(dtype), init_params(_gpt2(dtype), jax.random.key(0)))
+
+
+def jax_prefill(steps: int) -> Callable[[], float]:
+    config, params = _served("float32")
+    tokens, pad = jnp.ones((1, 1024), jnp.int32), jnp.zeros((1,), jnp.int32)
+    cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1024))
+    compiled = serve.make_prefill(config).lower(params, tokens, pad, cache).compile()
+    return lambda: _times(
+        lambda: compiled(params, tokens, pad, KVCache.init(config, 1, 1024))[0], steps
+    )
+
+
+def jax_decode(dtype: str, batch: int, context: int, steps: int) -> Callable[[], float]:
+    """A decode step completing ``context`` tokens, in the window generate would read."""
+    config, params = _served(dtype)
+    window = next(w for w in serve.windows(64, CAPACITY) if w >= context)
+    cache = jax.eval_shape(lambda: KVCache.init(config, batch, CAPACITY)).replace(window=window)
+    tokens = jnp.ones((batch,), jnp.int32)
+    compiled = serve.make_decode_step(config).jitted.lower(params, cache, tokens).compile()
+
+    def timed() -> float:
+        box = [KVCache.init(config, batch, CAPACITY).replace(window=window)]
+
+        def once() -> Any:
+            logits, box[0] = compiled(params, box[0].replace(index=jnp.int32(context - 1)), tokens)
+            return logits
+
+        return _times(once, steps)
+
+    return timed
+
+
+def jax_generate(dtype: str, batch: int) -> Callable[[], float]:
+    """Seconds per decode step of ``serve.generate``'s on-device loop: 64-token prompts, 64 new."""
+    config, params = _served(dtype)
+    prompts = [list(range(1, 65))] * batch
+
+    def once() -> float:
+        gen = serve.generate(config, params, prompts, 64)
+        return gen.decode_s / gen.decode_steps
+
+    once()  # compiles
+    return once
+
+
+def _peer(script: str, *args: str) -> list[dict[str, Any]]:
+    cmd = [PEER_PYTHON, str(PEERS / script), *GPT2, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=PEERS)
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def peer_train(dtype: str, steps: int) -> float:
+    precision = "fp32" if dtype == "float32" else "bf16-autocast"
+    args = ["--seq", "256", "--batch", "4", "--steps", str(steps), "--warmup", "1"]
+    (rec,) = [
+        r for r in _peer("peer_train.py", *args, "--precision", precision) if r["kind"] == "train"
+    ]
+    return rec["step_seconds"]["median"]
+
+
+def peer_prefill(steps: int) -> float:
+    args = ["--n-positions", "1024", "--prefill-len", "1024", "--prefill-batches", "1"]
+    args += ["--prefill-repeats", str(steps), "--prefill-variants", "own", "--batch-sizes", ""]
+    (rec,) = [r for r in _peer("peer_generate.py", *args) if r["kind"] == "prefill"]
+    return rec["seconds"]["median"]
+
+
+def peer_decode(dtype: str, context: int) -> dict[int, float]:
+    """Median seconds per decode step by batch size (the peer's own model, filled slots attended)."""
+    (prompt, gen), batches = CONTEXTS[context]
+    args = ["--n-positions", "1024", "--decode-prompt", str(prompt), "--gen", str(gen)]
+    args += ["--batch-sizes", ",".join(map(str, batches)), "--methods", "own_loop"]
+    args += ["--repeats", "1", "--prefill-batches", "", "--cache-capacity", str(CAPACITY)]
+    args += ["--precision", "fp32" if dtype == "float32" else "bf16"]
+    recs = [r for r in _peer("peer_generate.py", *args) if r["kind"] == "decode"]
+    return {r["config"]["batch"]: r["step_seconds"]["median"] for r in recs}
+
+
+Cell = tuple[str, Callable[[], Callable[[], float]], Callable[[], float]]
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    """(name, builder of the jaxllm timer, PyTorch timer), in the order a round runs them. Builders
+    compile; cells decoding one dtype at one context share one peer process per round."""
+    out: list[Cell] = []
+    for dtype in DTYPES:
+        out.append(
+            (
+                f"train {dtype} B=4 T=256",
+                lambda d=dtype: jax_train(d, args.steps),
+                lambda d=dtype: peer_train(d, args.steps),
+            )
+        )
+    out.append(
+        (
+            "prefill float32 B=1 T=1024",
+            lambda: jax_prefill(args.steps),
+            lambda: peer_prefill(args.steps),
+        )
+    )
+    for dtype in DTYPES:
+        for context, (_, batches) in CONTEXTS.items():
+            peer = _shared(lambda d=dtype, c=context: peer_decode(d, c))
+            for b in batches:
+                out.append(
+                    (
+                        f"decode {dtype} B={b} context {context}",
+                        lambda d=dtype, b=b, c=context: jax_decode(d, b, c, args.decode_steps),
+                        lambda p=peer, b=b: p()[b],
+                    )
+                )
+                if context == 96 and b in args.generate_batches:
+                    out.append(
+                        (
+                            f"generate {dtype} B={b} context 64-128",
+                            lambda d=dtype, b=b: jax_generate(d, b),
+                            lambda p=peer, b=b: p()[b],
+                        )
+                    )
+    return out
+
+
+def _shared(fn: Callable[[], dict[int, float]]) -> Callable[[], dict[int, float]]:
+    """fn's result, computed once per round (``_ROUND[0]``: the round running)."""
+    memo: dict[int, dict[int, float]] = {}
+
+    def get() -> dict[int, float]:
+        if _ROUND[0] not in memo:
+            memo[_ROUND[0]] = fn()
+        return memo[_ROUND[0]]
+
+    return get
+
+
+_ROUND = [0]
+
+
+LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s$")
+Times = dict[
+    str, tuple[list[float], list[float]]
+]  # cell -> (jaxllm seconds, PyTorch seconds) by round
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed train steps / prefills per round"
+    )
+    parser.add_argument("--decode-steps", type=int, default=7, help="timed decode steps per round")
+    parser.add_argument("--generate-batches", type=int, nargs="*", default=[1])
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument(
+        "--only", nargs="*", help="run only the cells whose name holds one of these"
+    )
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        nargs="+",
+        help="rebuild the tables from the stderr of earlier runs",
+    )
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_log:
+        times: Times = {}
+        for log in args.from_log:
+            for line in log.read_text().splitlines():
+                if m := LINE.match(line):
+                    mine, theirs = times.setdefault(m.group(2), ([], []))
+                    mine.append(float(m.group(3)))
+                    theirs.append(float(m.group(4)))
+        names = ", ".join(log.name for log in args.from_log)
+        _write(args, times, f"rebuilt from the logs of runs ({names})")
+        return
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    todo = [
+        (name, build(), peer)
+        for name, build, peer in cells(args)
+        if not args.only or any(word in name for word in args.only)
+    ]
+    times = {}
+    for r in range(args.rounds):
+        _ROUND[0] = r
+        for name, mine, peer in todo:
+            j, p = mine(), peer()
+            times.setdefault(name, ([], []))[0].append(j)
+            times[name][1].append(p)
+            print(
+                f"round {r} {name}: jaxllm {j:.6g} s, PyTorch {p:.6g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            _write(args, times, f"run started {started}")  # a cut-off run leaves what it measured
+
+
+def _write(args: argparse.Namespace, times: Times, when: str) -> None:
+    rows = []
+    for name, (mine, theirs) in times.items():
+        j, p = statistics.median(mine), statistics.median(theirs)
+        rows.append(
+            {
+                "cell": name,
+                "jaxllm_s": j,
+                "pytorch_s": p,
+                "speed_ratio": p / j,
+                "rounds": len(mine),
+                "jaxllm_spread": f"{min(mine):.4g}-{max(mine):.4g}",
+                "pytorch_spread": f"{min(theirs):.4g}-{max(theirs):.4g}",
+            }
+        )
+    write_csv(args.out / "peers-cpu.csv", rows)
+    (args.out / "peers-cpu.md").write_text(_markdown(rows, when))
+
+
+def _markdown(rows: list[dict[str, Any]], when: str) -> str:
+    load = os.getloadavg()
+    lines = [
+        "# jaxllm beside PyTorch on this CPU (generated by experiments/peers.py)",
+        "",
+        f"{when.capitalize()}; {platform.processor() or platform.machine()}, {os.cpu_count()} "
+        f"cores, jax {jax.__version__}; load average when written {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} (the machine is shared: compare only ratios within this run). Seconds per "
+        "train step, per prefill, per decode step; each the median over the rounds (column `rounds` "
+        "of the CSV) of each round's median, jaxllm and PyTorch timed one after the other per cell. "
+        "Ratio = jaxllm speed / PyTorch speed (> 1: jaxllm faster). `generate` rows: the on-device "
+        "loop's seconds per decode step "
+        "(contexts 64 to 128) beside the peer's step at context 96.",
+        "",
+        "| cell | jaxllm (s) | PyTorch (s) | jaxllm / PyTorch speed | jaxllm range | PyTorch range |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cell']} | {r['jaxllm_s']:.4g} | {r['pytorch_s']:.4g} | {r['speed_ratio']:.2f}× | "
+            f"{r['jaxllm_spread']} | {r['pytorch_spread']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
