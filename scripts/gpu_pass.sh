@@ -44,7 +44,7 @@ if [ -f .peers/peer_gpu.py ]; then
 fi
 [ -f scripts/generate_speed.py ] && { step "generate speed"; timeout 90 python3 scripts/generate_speed.py > $R/generate_speed.jsonl 2>$R/generate_speed.err; echo "rc=$?"; cat $R/generate_speed.jsonl; tail -c 300 $R/generate_speed.err; }
 step pytest
-timeout 240 python3 -m pytest -q -m "not slow" -p no:cacheprovider -n 6 -rfE --tb=line > $R/pytest.txt 2>&1
+timeout 200 python3 -m pytest -q -m "not slow" -p no:cacheprovider -n 8 -rfE --tb=line > $R/pytest.txt 2>&1
 echo "rc=$?"; grep -E "^(FAILED|ERROR)" $R/pytest.txt | head -40; tail -2 $R/pytest.txt
 
 for e in decode_batch roofline; do

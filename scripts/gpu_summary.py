@@ -159,7 +159,7 @@ def main(argv: list[str]) -> int:
         "## Decode inside `generate`'s on-device loop (`scripts/generate_speed.py`)",
         "",
         *generate_speed(res, cal.get("read_bytes_per_s")),
-        "## Test suite (`pytest -m 'not slow' -n 6`)",
+        "## Test suite (`pytest -m 'not slow' -n 8`)",
         "",
         *(f"    {line}" for line in pytest_tail),
         "",
