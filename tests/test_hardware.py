@@ -34,11 +34,13 @@ def test_quick_calibration_is_measured_cached_and_is_the_cpu_roofline(tmp_path, 
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
     first = hardware.calibrate(quick=True)
     for key in ("f32_flops_per_s", "bf16_flops_per_s", "read_bytes_per_s", "copy_bytes_per_s"):
-        assert first[key] > 1e8  # any CPU does > 0.1 GFLOP/s and > 0.1 GB/s
-    assert first["tf32_flops_per_s"] is None and first["suspect"] == []  # no TF32, no sheet
+        assert first[key] > 1e8  # any device does > 0.1 GFLOP/s and > 0.1 GB/s
     saved = json.loads(hardware.cache_path().read_text())
     assert saved == first and saved["date"] and saved["jax"]
     assert hardware.calibrate(quick=True) == first  # read back, not re-measured
+    if first["platform"] != "cpu":
+        return  # an accelerator's roofline is the data sheet's (test_accelerator_roofline_...)
+    assert first["tf32_flops_per_s"] is None and first["suspect"] == []  # no TF32, no sheet
     peaks = hardware.roofline_peaks(first, "float32")
     assert peaks["flops_per_s"] == first["f32_flops_per_s"]
     assert peaks["bandwidth_bytes_per_s"] == first["read_bytes_per_s"]  # the memory roof: reads

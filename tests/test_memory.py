@@ -1,3 +1,4 @@
+import os
 import resource
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_a_real_ulimit_v_bounds_what_is_available(room):
         f"resource.setrlimit(resource.RLIMIT_AS, (size + {room}, resource.RLIM_INFINITY))\n"
         "print(memory.available_bytes())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # host memory: on a GPU the device's would answer
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert 0 < int(out.stdout) <= room
     assert int(out.stdout) > room - 64 * 2**20  # the check itself allocates little
