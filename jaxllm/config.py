@@ -17,6 +17,7 @@ import jax.numpy as jnp
 MAX_SIZE = 2**31 - 1  # sizes index int32 arrays (token ids, positions, shapes)
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rotary"]
+RopeScaling = Literal["none", "linear", "llama3"]
 MLPKind = Literal["gelu", "swiglu"]
 DType = Literal["float32", "bfloat16", "float16"]
 # Remat policies, by what the backward pass may keep from the forward pass of a layer:
@@ -44,6 +45,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: Positions = "learned"
     rope_base: float = 10000.0  # rotary base frequency (only with positions="rotary")
+    # Rotary scaling, as transformers' rope types: none; linear divides every frequency by rope_factor;
+    # llama3 divides those of wavelength above rope_original_len / rope_low_freq_factor positions by
+    # rope_factor, keeps those below rope_original_len / rope_high_freq_factor, blends in between.
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_len: int = 8192  # llama3: the context the model was pretrained with
     mlp: MLPKind = "gelu"  # gelu: tanh-approximated GELU MLP; swiglu: gated SiLU MLP (3 matrices)
     use_bias: bool = True  # biases on projections and LayerNorm
     tie_embeddings: bool = True  # the output head reuses the token embedding
@@ -61,11 +70,18 @@ class ModelConfig:
             "n_heads",
             "n_kv_heads",
             "d_ff",
+            "rope_original_len",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
                 raise ValueError(f"{name} must be a positive integer <= {MAX_SIZE}, got {value!r}")
-        for name in ("norm_eps", "rope_base"):
+        for name in (
+            "norm_eps",
+            "rope_base",
+            "rope_factor",
+            "rope_low_freq_factor",
+            "rope_high_freq_factor",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -82,6 +98,12 @@ class ModelConfig:
             )
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        if self.rope_scaling == "llama3" and high <= low:
+            raise ValueError(
+                f"llama3 rope scaling needs rope_high_freq_factor={high} above "
+                f"rope_low_freq_factor={low}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -214,7 +236,8 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=128256, max_len=8192, n_kv_heads=8, d_ff=14336, rope_base=500000.0
     ),
     # Meta Llama 3.2 1B: tied embeddings, 16 layers. The published model extends its context to 131072
-    # with "llama3" rope scaling, which jaxllm does not model; its native 8192 context is used here.
+    # with llama3 rope scaling; this preset keeps the native 8192 context and plain
+    # RoPE, which the memory experiment sizes. --hf-dir loads the published scaling.
     "llama3.2-1b": _LLAMA.replace(
         vocab_size=128256,
         max_len=8192,

@@ -5,8 +5,9 @@ A directory holds ``config.json`` and either ``model.safetensors`` or shards lis
 ``ModelConfig``; ``load_params`` reads the tensors one at a time, converts each to jaxllm's layout and
 ``param_dtype`` on the host, writes it into its (layer-stacked, when scanned) host buffer, and moves
 buffers to the device one by one, so a model is never held twice. Anything jaxllm does not implement
-(another family, rope scaling, biases Llama does not have, ...) is refused with an ``HFError`` naming the
-file and the problem, before any tensor is read where the config alone tells.
+(another family, rope scaling other than linear and llama3, biases Llama does not have, ...) is refused
+with an ``HFError`` naming the file and the problem, before any tensor is read where the config alone
+tells.
 
 Layout notes. GPT-2 stores Conv1D weights as [in, out] (c_attn [D, 3D] holds q, k, v side by side); its
 head is tied to wte. Llama stores torch Linear weights as [out, in], so they are transposed; its q/k
@@ -133,18 +134,55 @@ def _gpt2_config(raw: dict[str, Any], path: Path) -> ModelConfig:
     )
 
 
-def _rope_base(raw: dict[str, Any], path: Path) -> float:
-    """rope_theta from ``rope_parameters`` (transformers >= 5) or the older ``rope_theta`` and
-    ``rope_scaling`` keys; any scaling other than the default is refused."""
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_spec(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The rotary settings of config.json: ``rope_parameters`` (transformers >= 5, ``rope_theta``
+    inside) over the older ``rope_scaling`` (``rope_theta`` beside it); both are JSON objects or null,
+    and when both name a rope type they must agree."""
+    spec: dict[str, Any] = {}
+    kinds = set()
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key) or {}
         if not isinstance(value, dict):
             raise HFError(f"{path}: {key} must be a JSON object, got {value!r}")
-        kind = value.get("rope_type", value.get("type", "default"))
-        if kind != "default":
-            raise HFError(f"{path}: {key} of type {kind!r} is not supported (plain RoPE only)")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        if value:
+            kinds.add(value.get("rope_type", value.get("type", "default")))
+        spec.update(value)
+    if len(kinds) > 1:
+        raise HFError(f"{path}: rope_scaling and rope_parameters disagree: {sorted(kinds)}")
+    spec["rope_type"] = kinds.pop() if kinds else "default"
+    return spec
+
+
+def _rope(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ModelConfig's rotary fields (rope_base, rope_scaling, ...) from config.json; rope types other
+    than default, linear and llama3 are refused."""
+    spec = _rope_spec(raw, path)
+    kind = spec["rope_type"]
+    if kind not in _ROPE_TYPES:
+        raise HFError(
+            f"{path}: rope type {kind!r} is not supported (jaxllm implements {', '.join(_ROPE_TYPES)})"
+        )
+
+    def need(key: str) -> Any:
+        if spec.get(key) is None:
+            raise HFError(f"{path}: rope type {kind!r} needs {key!r}, which is missing")
+        return spec[key]
+
+    theta = spec.get("rope_theta", raw.get("rope_theta", 10000.0))
+    fields: dict[str, Any] = {"rope_base": float(theta)}
+    if kind == "default":
+        return fields
+    fields.update(rope_scaling=kind, rope_factor=float(need("factor")))
+    if kind == "llama3":
+        fields.update(
+            rope_low_freq_factor=float(need("low_freq_factor")),
+            rope_high_freq_factor=float(need("high_freq_factor")),
+            rope_original_len=need("original_max_position_embeddings"),
+        )
+    return fields
 
 
 def _llama_config(raw: dict[str, Any], path: Path) -> ModelConfig:
@@ -169,10 +207,10 @@ def _llama_config(raw: dict[str, Any], path: Path) -> ModelConfig:
         norm="rmsnorm",
         norm_eps=_field(raw, "rms_norm_eps", path, 1e-6),
         positions="rotary",
-        rope_base=_rope_base(raw, path),
         mlp="swiglu",
         use_bias=False,
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        **_rope(raw, path),
     )
 
 

@@ -27,6 +27,13 @@ def test_presets_are_valid_and_gpt2_shapes_match_openai():
         ({"norm": "batchnorm"}, ["norm", "layernorm", "rmsnorm"]),
         ({"remat": "some"}, ["remat", "dots"]),
         ({"dtype": "int8"}, ["dtype", "bfloat16"]),
+        ({"rope_scaling": "yarn"}, ["rope_scaling", "linear", "llama3", "'yarn'"]),
+        ({"rope_factor": 0.0}, ["rope_factor", "positive"]),
+        ({"rope_original_len": 0}, ["rope_original_len", "positive"]),
+        (
+            {"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0},
+            ["rope_high_freq_factor=4.0", "rope_low_freq_factor=4.0"],
+        ),
     ],
 )
 def test_bad_config_names_field_and_allowed_values(changes, words):
@@ -37,11 +44,17 @@ def test_bad_config_names_field_and_allowed_values(changes, words):
 
 
 def test_overrides_parse_to_field_types():
-    cfg = apply_overrides(
-        get_preset("tiny"),
-        ["n_layers=3", "rope_base=5e5", "use_bias=false", "norm=rmsnorm", "positions=rotary"],
-    )
+    overrides = [
+        "n_layers=3",
+        "rope_base=5e5",
+        "use_bias=false",
+        "norm=rmsnorm",
+        "positions=rotary",
+    ]
+    overrides += ["rope_scaling=linear", "rope_factor=2", "rope_original_len=512"]
+    cfg = apply_overrides(get_preset("tiny"), overrides)
     assert cfg.n_layers == 3 and cfg.rope_base == 500000.0 and cfg.use_bias is False
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_len) == ("linear", 2.0, 512)
     assert (cfg.norm, cfg.positions) == ("rmsnorm", "rotary")
     assert dataclasses.replace(cfg) == cfg  # still frozen and comparable
 
