@@ -136,6 +136,17 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# Fields added after checkpoints were first written. A saved config without them takes these defaults,
+# which describe the model that wrote it (jaxllm.checkpoint.config_from_meta).
+LATER_FIELDS = (
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_len",
+)
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ModelConfig)]
 
