@@ -2,7 +2,8 @@
 
 A config is frozen and validated once, in ``__post_init__``; derived sizes are properties. Presets are
 plain constants: ``tiny`` for tests, ``small`` for CPU experiments, OpenAI GPT-2 shapes, and the
-published shapes of Llama-2-7B, Llama-3-8B and Llama-3.2-1B (analysed without allocating weights).
+published shapes of Llama-2-7B, Llama-3-8B, Llama-3.1-8B/70B, Llama-3.2-1B and Qwen2.5-7B (analysed without
+allocating weights).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ModelConfig:
     rope_original_len: int = 8192  # llama3: the context the model was pretrained with
     mlp: MLPKind = "gelu"  # gelu: tanh-approximated GELU MLP; swiglu: gated SiLU MLP (3 matrices)
     use_bias: bool = True  # biases on projections and LayerNorm
+    qkv_bias: bool = False  # biases on the q, k and v projections even without use_bias (Qwen2)
     tie_embeddings: bool = True  # the output head reuses the token embedding
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights when training)
@@ -144,6 +146,7 @@ LATER_FIELDS = (
     "rope_low_freq_factor",
     "rope_high_freq_factor",
     "rope_original_len",
+    "qkv_bias",
 )
 
 
@@ -230,6 +233,19 @@ _LLAMA = ModelConfig(
     tie_embeddings=False,
 )
 
+_LLAMA31 = _LLAMA.replace(
+    vocab_size=128256,
+    max_len=131072,
+    n_kv_heads=8,
+    d_ff=14336,
+    rope_base=500000.0,
+    rope_scaling="llama3",
+    rope_factor=8.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_len=8192,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Fast tests: 2 layers, 32 wide, byte vocabulary.
     "tiny": ModelConfig(),
@@ -246,8 +262,12 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": _LLAMA.replace(
         vocab_size=128256, max_len=8192, n_kv_heads=8, d_ff=14336, rope_base=500000.0
     ),
+    # Meta Llama 3.1 8B and 70B: the Llama 3 shapes with the context extended to 131072 by llama3 rope
+    # scaling of the 8192-token pretraining context.
+    "llama3.1-8b": _LLAMA31,
+    "llama3.1-70b": _LLAMA31.replace(d_model=8192, n_layers=80, n_heads=64, d_ff=28672),
     # Meta Llama 3.2 1B: tied embeddings, 16 layers. The published model extends its context to 131072
-    # with llama3 rope scaling; this preset keeps the native 8192 context and plain
+    # with llama3 rope scaling (as llama3.1-8b); this preset keeps the native 8192 context and plain
     # RoPE, which the memory experiment sizes. --hf-dir loads the published scaling.
     "llama3.2-1b": _LLAMA.replace(
         vocab_size=128256,
@@ -259,6 +279,20 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=8192,
         rope_base=500000.0,
         tie_embeddings=True,
+    ),
+    # Qwen2.5 7B (Qwen team 2024; the released config.json): the Llama layout with biases on q, k and
+    # v, 4 KV heads for 28 query heads, rope base 1e6, untied head.
+    "qwen2.5-7b": _LLAMA.replace(
+        vocab_size=152064,
+        max_len=131072,
+        d_model=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        d_ff=18944,
+        norm_eps=1e-6,
+        rope_base=1000000.0,
+        qkv_bias=True,
     ),
 }
 

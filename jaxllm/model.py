@@ -141,10 +141,10 @@ class Attention(nn.Module):
         """Returns the output [B, T, D] and the new tokens' keys and values ([B, K, T, H] each)."""
         cfg = self.config
         D, N, K, H, G = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.groups
-        bias = cfg.use_bias
-        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if bias else None, cfg, name="q")(x)
-        k = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="k")(x)
-        v = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="v")(x)
+        bias, qkv_bias = cfg.use_bias, cfg.use_bias or cfg.qkv_bias
+        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if qkv_bias else None, cfg, name="q")(x)
+        k = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if qkv_bias else None, cfg, name="k")(x)
+        v = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if qkv_bias else None, cfg, name="v")(x)
         if cfg.positions == "rotary":
             freq = rope_frequencies(cfg)
             q, k = rope(q, positions, freq), rope(k, positions, freq)

@@ -2,7 +2,8 @@
 
 The fixtures under tests/fixtures/hf/ were written by transformers (tests/fixtures/make_hf_fixtures.py):
 random-weight GPT-2 (f32, tokenizer.json), Llama (f32, GQA 4/2, untied head, rope base 5000), a
-Llama stored in bfloat16 across three shards (MQA, tied head), and a Llama with llama3 rope scaling, each with ``reference.npz`` holding the prompts, their logits and 8
+Llama stored in bfloat16 across three shards (MQA, tied head), a Llama with llama3 rope scaling and a
+Qwen2 (q/k/v biases, tied head), each with ``reference.npz`` holding the prompts, their logits and 8
 greedy tokens computed by transformers from the saved files; ``rope_frequencies.npz`` holds
 transformers' rotary frequencies of scaled rope types.
 """
@@ -24,19 +25,20 @@ from safetensors.numpy import load_file, save_file
 from jaxllm import hf
 from jaxllm.cache import KVCache
 from jaxllm.cli import main
-from jaxllm.config import ModelConfig
+from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.finite import NonFiniteError
 from jaxllm.model import Transformer, param_shapes, rope_frequencies, unstack_layers
 from jaxllm.tokenizer import load_hf_tokenizer, parse_ids
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-NAMES = ["gpt2", "llama", "llama-sharded-bf16", "llama3-scaled"]
+NAMES = ["gpt2", "llama", "llama-sharded-bf16", "llama3-scaled", "qwen2"]
 # (fixture, scan_layers) for the full forward pass; the prefill + decode test takes the other layout.
 GOLDEN = [
     ("gpt2", True),
     ("llama", False),
     ("llama-sharded-bf16", True),
     ("llama3-scaled", True),
+    ("qwen2", False),
 ]
 OTHER_LAYOUT = [(name, not scan) for name, scan in GOLDEN]
 TOL = 1e-4  # absolute, float32 logits
@@ -85,7 +87,9 @@ def left_padded(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.n
                                     rope_base=10000.0, tie_embeddings=True, norm_eps=1e-6)),
         ("llama3-scaled", dict(max_len=256, rope_base=100.0, rope_scaling="llama3", rope_factor=4.0,
                                rope_low_freq_factor=2.0, rope_high_freq_factor=8.0,
-                               rope_original_len=64, tie_embeddings=False)),
+                               rope_original_len=64, qkv_bias=False, tie_embeddings=False)),
+        ("qwen2", dict(vocab_size=96, n_kv_heads=2, d_ff=48, rope_base=20000.0, rope_scaling="none",
+                       use_bias=False, qkv_bias=True, tie_embeddings=True, norm_eps=1e-6)),
     ],
 )  # fmt: skip
 def test_config_follows_config_json(name, expected):
@@ -218,6 +222,16 @@ def test_rope_frequencies_match_transformers(tmp_path, name):
     np.testing.assert_allclose(rope_frequencies(config), inv_freq, rtol=1e-6, atol=0)
 
 
+def test_llama31_preset_has_the_released_rope_scaling(tmp_path):
+    kwargs, _ = transformers_frequencies()["llama3.1-8b"]
+    path = copy_fixture(tmp_path, "llama")
+    edit_config(path, rope_parameters=kwargs["rope_parameters"])
+    config, preset = hf.load_config(path), PRESETS["llama3.1-8b"]
+    fields = [f for f in config.to_dict() if f.startswith("rope_")]
+    assert {f: getattr(config, f) for f in fields} == {f: getattr(preset, f) for f in fields}
+    assert preset.max_len == kwargs["max_position_embeddings"]
+
+
 @pytest.mark.parametrize("type_key", ["rope_type", "type"])
 def test_older_rope_scaling_key_reads_like_rope_parameters(tmp_path, type_key):
     """Checkpoints written by transformers < 5 keep rope_theta beside a rope_scaling object."""
@@ -331,6 +345,8 @@ def _refused(path: Path, *words: str) -> None:
         ("llama3-scaled", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
                                                "high_freq_factor": 1.0, "original_max_position_embeddings": 8}},
          ["config.json", "rope_high_freq_factor=1.0 above rope_low_freq_factor=4.0"]),
+        ("qwen2", {"use_sliding_window": True}, ["config.json", "use_sliding_window=True"]),
+        ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, ["config.json", "layer_types"]),
         ("llama", {"attention_bias": True}, ["config.json", "attention_bias=True"]),
         ("llama", {"hidden_act": "gelu"}, ["config.json", "hidden_act='gelu'"]),
         ("llama", {"num_key_value_heads": 3}, ["config.json", "divisible"]),
@@ -365,6 +381,12 @@ def test_unloadable_dtype_is_refused(tmp_path):
     path = copy_fixture(tmp_path, "gpt2")
     edit_tensors(path, lambda t: t.update({"transformer.ln_f.bias": np.zeros(32, np.int8)}))
     _refused(path, "model.safetensors", "ln_f.bias", "dtype I8")
+
+
+def test_qwen2_without_its_qkv_biases_is_refused(tmp_path):
+    path = copy_fixture(tmp_path, "qwen2")
+    edit_tensors(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    _refused(path, "tensor 'model.layers.1.self_attn.k_proj.bias' is missing")
 
 
 def test_tensor_the_model_lacks_is_refused(tmp_path):
