@@ -1,4 +1,5 @@
-"""Checkpoints in the Hugging Face layout (GPT-2, Llama and Qwen2 families) as a ModelConfig and jaxllm params.
+"""Checkpoints in the Hugging Face layout (GPT-2, Llama and Qwen2 families) as a ModelConfig and jaxllm
+params.
 
 A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Only local files are read. ``load_config`` maps config.json to a
