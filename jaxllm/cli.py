@@ -139,6 +139,10 @@ def _label(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxllm import loop
 
+    if args.hf_dir:  # parsed with the shared model flags; refused rather than silently ignored
+        raise UsageError(
+            "train --hf-dir (fine-tuning a Hugging Face checkpoint) is not implemented"
+        )
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     summary = loop.train(
