@@ -39,13 +39,14 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
 
     Per layer: q and o are D × N·H = D², k and v are D × K·H; the MLP has 2 (GELU) or 3 (SwiGLU)
     D × F matrices; each norm has a scale (and a bias for LayerNorm with biases). Biases: N·H + 2·K·H
-    + D on attention, F (per up/gate) + D on the MLP. Embedding V × D; learned positions max_len × D;
-    a separate head D × V unless tied; the final norm counts under ``norms``.
+    on q, k, v (use_bias or qkv_bias), D on o and F (per up/gate) + D on the MLP (use_bias). Embedding
+    V × D; learned positions max_len × D; a separate head D × V unless tied; the final norm counts
+    under ``norms``.
     """
     D, F, L, KH = config.d_model, config.d_ff, config.n_layers, config.n_kv_heads * config.head_dim
-    bias = config.use_bias
+    bias, qkv_bias = config.use_bias, config.use_bias or config.qkv_bias
     n_up = _mlp_matrices(config) - 1
-    attention = 2 * D * D + 2 * D * KH + (D + 2 * KH + D if bias else 0)
+    attention = 2 * D * D + 2 * D * KH + (D + 2 * KH if qkv_bias else 0) + (D if bias else 0)
     mlp = (n_up + 1) * D * F + (n_up * F + D if bias else 0)
     norm = D * (2 if config.norm == "layernorm" and bias else 1)
     counts = {

@@ -2,7 +2,8 @@
 
 Layout: ``RUN_DIR/<step>/{params, opt_state, meta}``. ``params`` and ``opt_state`` are pytrees saved with
 orbax's standard handler; ``meta`` is JSON holding at least ``{"config": ModelConfig fields}`` plus
-whatever the caller adds (data state, training settings). Orbax writes each step into a temporary
+whatever the caller adds (data state, training settings); a config saved before some of today's fields
+existed loads with their defaults (``config_from_meta``). Orbax writes each step into a temporary
 directory and renames it when it is complete; which steps are complete is orbax's call
 (``CheckpointManager.all_steps``), so a save interrupted at any point is never loaded as a whole one.
 
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
-from jaxllm.config import ModelConfig, field_names
+from jaxllm.config import LATER_FIELDS, ModelConfig, field_names
 from jaxllm.errors import RunError
 from jaxllm.finite import require_finite
 from jaxllm.model import Params, param_shapes
@@ -182,8 +183,11 @@ def load_meta(run_dir: str | Path, step: int | None = None, warn: Warn = _quiet)
 
 
 def config_from_meta(meta: dict[str, Any], source: str | Path) -> ModelConfig:
+    """The saved ModelConfig. A config saved before a field of ``LATER_FIELDS`` existed lacks it and
+    takes its default; any other missing or unknown field means a foreign checkpoint."""
     raw = meta.get("config")
-    if not isinstance(raw, dict) or set(raw) != set(field_names()):
+    known = set(field_names())
+    if not isinstance(raw, dict) or set(raw) - known or known - set(raw) - set(LATER_FIELDS):
         raise CheckpointError(f"{source} is not a jaxllm checkpoint: its config does not match")
     return ModelConfig(**raw)
 

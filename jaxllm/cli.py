@@ -35,7 +35,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small
     source.add_argument(
         "--hf-dir",
         metavar="DIR",
-        help="a local Hugging Face checkpoint (config.json + safetensors) of the GPT-2 or Llama family",
+        help="a local Hugging Face checkpoint (config.json + safetensors) of the GPT-2, Llama or Qwen2 "
+        "family",
     )
     parser.add_argument(
         "--override",
@@ -107,9 +108,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"hf_dir {args.hf_dir}" if args.hf_dir else f"preset {args.preset}")
     for name, value in config.to_dict().items():
-        print(f"  {name:<14} {value}")
-    print(f"  {'head_dim':<14} {config.head_dim}  (derived)")
-    print(f"  {'groups':<14} {config.groups}  (derived)")
+        print(f"  {name:<21} {value}")
+    print(f"  {'head_dim':<21} {config.head_dim}  (derived)")
+    print(f"  {'groups':<21} {config.groups}  (derived)")
     print("parameters")
     for name, value in params.items():
         print(f"  {name:<14} {value:>15,}")
@@ -138,6 +139,10 @@ def _label(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxllm import loop
 
+    if args.hf_dir:  # parsed with the shared model flags; refused rather than silently ignored
+        raise UsageError(
+            "train --hf-dir (fine-tuning a Hugging Face checkpoint) is not implemented"
+        )
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     summary = loop.train(

@@ -2,7 +2,8 @@
 
 A config is frozen and validated once, in ``__post_init__``; derived sizes are properties. Presets are
 plain constants: ``tiny`` for tests, ``small`` for CPU experiments, OpenAI GPT-2 shapes, and the
-published shapes of Llama-2-7B, Llama-3-8B and Llama-3.2-1B (analysed without allocating weights).
+published shapes of Llama-2-7B, Llama-3-8B, Llama-3.1-8B/70B, Llama-3.2-1B and Qwen2.5-7B (analysed without
+allocating weights).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 MAX_SIZE = 2**31 - 1  # sizes index int32 arrays (token ids, positions, shapes)
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rotary"]
+RopeScaling = Literal["none", "linear", "llama3"]
 MLPKind = Literal["gelu", "swiglu"]
 DType = Literal["float32", "bfloat16", "float16"]
 # Remat policies, by what the backward pass may keep from the forward pass of a layer:
@@ -44,8 +46,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: Positions = "learned"
     rope_base: float = 10000.0  # rotary base frequency (only with positions="rotary")
+    # Rotary scaling, as transformers' rope types: none; linear divides every frequency by rope_factor;
+    # llama3 divides those of wavelength above rope_original_len / rope_low_freq_factor positions by
+    # rope_factor, keeps those below rope_original_len / rope_high_freq_factor, blends in between.
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_len: int = 8192  # llama3: the context the model was pretrained with
     mlp: MLPKind = "gelu"  # gelu: tanh-approximated GELU MLP; swiglu: gated SiLU MLP (3 matrices)
     use_bias: bool = True  # biases on projections and LayerNorm
+    qkv_bias: bool = False  # biases on the q, k and v projections even without use_bias (Qwen2)
     tie_embeddings: bool = True  # the output head reuses the token embedding
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights when training)
@@ -61,11 +72,18 @@ class ModelConfig:
             "n_heads",
             "n_kv_heads",
             "d_ff",
+            "rope_original_len",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
                 raise ValueError(f"{name} must be a positive integer <= {MAX_SIZE}, got {value!r}")
-        for name in ("norm_eps", "rope_base"):
+        for name in (
+            "norm_eps",
+            "rope_base",
+            "rope_factor",
+            "rope_low_freq_factor",
+            "rope_high_freq_factor",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -82,6 +100,12 @@ class ModelConfig:
             )
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        if self.rope_scaling == "llama3" and high <= low:
+            raise ValueError(
+                f"llama3 rope scaling needs rope_high_freq_factor={high} above "
+                f"rope_low_freq_factor={low}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -112,6 +136,18 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Fields added after checkpoints were first written. A saved config without them takes these defaults,
+# which describe the model that wrote it (jaxllm.checkpoint.config_from_meta).
+LATER_FIELDS = (
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_len",
+    "qkv_bias",
+)
 
 
 def field_names() -> list[str]:
@@ -197,6 +233,19 @@ _LLAMA = ModelConfig(
     tie_embeddings=False,
 )
 
+_LLAMA31 = _LLAMA.replace(
+    vocab_size=128256,
+    max_len=131072,
+    n_kv_heads=8,
+    d_ff=14336,
+    rope_base=500000.0,
+    rope_scaling="llama3",
+    rope_factor=8.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_len=8192,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Fast tests: 2 layers, 32 wide, byte vocabulary.
     "tiny": ModelConfig(),
@@ -213,8 +262,13 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": _LLAMA.replace(
         vocab_size=128256, max_len=8192, n_kv_heads=8, d_ff=14336, rope_base=500000.0
     ),
+    # Meta Llama 3.1 8B and 70B: the Llama 3 shapes with the context extended to 131072 by llama3 rope
+    # scaling of the 8192-token pretraining context.
+    "llama3.1-8b": _LLAMA31,
+    "llama3.1-70b": _LLAMA31.replace(d_model=8192, n_layers=80, n_heads=64, d_ff=28672),
     # Meta Llama 3.2 1B: tied embeddings, 16 layers. The published model extends its context to 131072
-    # with "llama3" rope scaling, which jaxllm does not model; its native 8192 context is used here.
+    # with llama3 rope scaling (as llama3.1-8b); this preset keeps the native 8192 context and plain
+    # RoPE, which the memory experiment sizes. --hf-dir loads the published scaling.
     "llama3.2-1b": _LLAMA.replace(
         vocab_size=128256,
         max_len=8192,
@@ -225,6 +279,20 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=8192,
         rope_base=500000.0,
         tie_embeddings=True,
+    ),
+    # Qwen2.5 7B (Qwen team 2024; the released config.json): the Llama layout with biases on q, k and
+    # v, 4 KV heads for 28 query heads, rope base 1e6, untied head.
+    "qwen2.5-7b": _LLAMA.replace(
+        vocab_size=152064,
+        max_len=131072,
+        d_model=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        d_ff=18944,
+        norm_eps=1e-6,
+        rope_base=1000000.0,
+        qkv_bias=True,
     ),
 }
 

@@ -1,17 +1,20 @@
-"""Checkpoints in the Hugging Face layout (GPT-2 and Llama families) as a ModelConfig and jaxllm params.
+"""Checkpoints in the Hugging Face layout (GPT-2, Llama and Qwen2 families) as a ModelConfig and jaxllm
+params.
 
 A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Only local files are read. ``load_config`` maps config.json to a
 ``ModelConfig``; ``load_params`` reads the tensors one at a time, converts each to jaxllm's layout and
 ``param_dtype`` on the host, writes it into its (layer-stacked, when scanned) host buffer, and moves
 buffers to the device one by one, so a model is never held twice. Anything jaxllm does not implement
-(another family, rope scaling, biases Llama does not have, ...) is refused with an ``HFError`` naming the
-file and the problem, before any tensor is read where the config alone tells.
+(another family, rope scaling other than linear and llama3, biases Llama does not have, ...) is refused
+with an ``HFError`` naming the file and the problem, before any tensor is read where the config alone
+tells.
 
 Layout notes. GPT-2 stores Conv1D weights as [in, out] (c_attn [D, 3D] holds q, k, v side by side); its
 head is tied to wte. Llama stores torch Linear weights as [out, in], so they are transposed; its q/k
 weights are already in the "halves" rotary layout (feature i pairs with i + H/2) that ``model.rope``
-uses, so no permutation is needed (the golden tests check this against the reference logits).
+uses, so no permutation is needed (the golden tests check this against the reference logits). Qwen2
+is the Llama layout plus biases on q_proj, k_proj and v_proj.
 """
 
 from __future__ import annotations
@@ -133,21 +136,59 @@ def _gpt2_config(raw: dict[str, Any], path: Path) -> ModelConfig:
     )
 
 
-def _rope_base(raw: dict[str, Any], path: Path) -> float:
-    """rope_theta from ``rope_parameters`` (transformers >= 5) or the older ``rope_theta`` and
-    ``rope_scaling`` keys; any scaling other than the default is refused."""
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_spec(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The rotary settings of config.json: ``rope_parameters`` (transformers >= 5, ``rope_theta``
+    inside) over the older ``rope_scaling`` (``rope_theta`` beside it); both are JSON objects or null,
+    and when both name a rope type they must agree."""
+    spec: dict[str, Any] = {}
+    kinds = set()
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key) or {}
         if not isinstance(value, dict):
             raise HFError(f"{path}: {key} must be a JSON object, got {value!r}")
-        kind = value.get("rope_type", value.get("type", "default"))
-        if kind != "default":
-            raise HFError(f"{path}: {key} of type {kind!r} is not supported (plain RoPE only)")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        if value:
+            kinds.add(value.get("rope_type", value.get("type", "default")))
+        spec.update(value)
+    if len(kinds) > 1:
+        raise HFError(f"{path}: rope_scaling and rope_parameters disagree: {sorted(kinds)}")
+    spec["rope_type"] = kinds.pop() if kinds else "default"
+    return spec
 
 
-def _llama_config(raw: dict[str, Any], path: Path) -> ModelConfig:
+def _rope(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ModelConfig's rotary fields (rope_base, rope_scaling, ...) from config.json; rope types other
+    than default, linear and llama3 are refused."""
+    spec = _rope_spec(raw, path)
+    kind = spec["rope_type"]
+    if kind not in _ROPE_TYPES:
+        raise HFError(
+            f"{path}: rope type {kind!r} is not supported (jaxllm implements {', '.join(_ROPE_TYPES)})"
+        )
+
+    def need(key: str) -> Any:
+        if spec.get(key) is None:
+            raise HFError(f"{path}: rope type {kind!r} needs {key!r}, which is missing")
+        return spec[key]
+
+    theta = spec.get("rope_theta", raw.get("rope_theta", 10000.0))
+    fields: dict[str, Any] = {"rope_base": float(theta)}
+    if kind == "default":
+        return fields
+    fields.update(rope_scaling=kind, rope_factor=float(need("factor")))
+    if kind == "llama3":
+        fields.update(
+            rope_low_freq_factor=float(need("low_freq_factor")),
+            rope_high_freq_factor=float(need("high_freq_factor")),
+            rope_original_len=need("original_max_position_embeddings"),
+        )
+    return fields
+
+
+def _llama_config(raw: dict[str, Any], path: Path, qkv_bias: bool = False) -> ModelConfig:
+    """Llama (and, with ``qkv_bias``, Qwen2): Llama's ``attention_bias`` would put a bias on o too."""
     _refuse(path, "hidden_act", raw.get("hidden_act", "silu"), "silu")
     _refuse(path, "attention_bias", raw.get("attention_bias", False), False)
     _refuse(path, "mlp_bias", raw.get("mlp_bias", False), False)
@@ -169,16 +210,26 @@ def _llama_config(raw: dict[str, Any], path: Path) -> ModelConfig:
         norm="rmsnorm",
         norm_eps=_field(raw, "rms_norm_eps", path, 1e-6),
         positions="rotary",
-        rope_base=_rope_base(raw, path),
         mlp="swiglu",
         use_bias=False,
+        qkv_bias=qkv_bias,
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        **_rope(raw, path),
     )
+
+
+def _qwen2_config(raw: dict[str, Any], path: Path) -> ModelConfig:
+    """Qwen2: the Llama layout with biases on q, k and v; sliding-window attention is refused."""
+    _refuse(path, "use_sliding_window", raw.get("use_sliding_window", False), False)
+    kinds = sorted(set(raw.get("layer_types") or ["full_attention"]))
+    _refuse(path, "layer_types", kinds, ["full_attention"])
+    return _llama_config(raw, path, qkv_bias=True)
 
 
 _CONFIGS: dict[str, Callable[[dict[str, Any], Path], ModelConfig]] = {
     "gpt2": _gpt2_config,
     "llama": _llama_config,
+    "qwen2": _qwen2_config,
 }
 
 
@@ -300,17 +351,23 @@ def _gpt2_params(t: Tensors, cfg: ModelConfig) -> tuple[Params, Callable[[int], 
 
 
 def _llama_layer(t: Tensors, prefix: str, cfg: ModelConfig) -> Params:
-    """One Llama block: torch Linear weights are [out, in], so each is transposed."""
+    """One Llama (or Qwen2) block: torch Linear weights are [out, in], so each is transposed."""
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     a, m = prefix + "self_attn.", prefix + "mlp."
 
     def linear(name: str, out: int, into: int) -> np.ndarray:
         return t.get(name + ".weight", (out, into)).T  # [in, out]
 
+    def projection(name: str, heads: int) -> Params:
+        out: Params = {"kernel": linear(a + name, heads * H, D).reshape(D, heads, H)}
+        if cfg.qkv_bias:
+            out["bias"] = t.get(a + name + ".bias", (heads * H,)).reshape(heads, H)
+        return out
+
     attn = {
-        "q": {"kernel": linear(a + "q_proj", N * H, D).reshape(D, N, H)},
-        "k": {"kernel": linear(a + "k_proj", K * H, D).reshape(D, K, H)},
-        "v": {"kernel": linear(a + "v_proj", K * H, D).reshape(D, K, H)},
+        "q": projection("q_proj", N),
+        "k": projection("k_proj", K),
+        "v": projection("v_proj", K),
         "o": {"kernel": linear(a + "o_proj", D, N * H).reshape(N, H, D)},
     }
     mlp = {
@@ -337,7 +394,7 @@ def _llama_params(t: Tensors, cfg: ModelConfig) -> tuple[Params, Callable[[int],
     return top, lambda i: _llama_layer(t, f"model.layers.{i}.", cfg)
 
 
-_PARAMS = {"gpt2": _gpt2_params, "llama": _llama_params}
+_PARAMS = {"gpt2": _gpt2_params, "llama": _llama_params, "qwen2": _llama_params}
 # Tensors a checkpoint may carry that are not parameters: GPT-2's causal-mask buffers, rotary
 # frequency buffers, and a saved copy of a tied head.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
@@ -80,14 +81,31 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
     )
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """Rotary angular frequencies [H/2] in radians per position, float64 on the host:
+    ``rope_base**(-2i/H)``, scaled as ``config.rope_scaling`` says (transformers' rope types)."""
+    H, factor = config.head_dim, config.rope_factor
+    freq = config.rope_base ** (-np.arange(0, H, 2) / H)
+    if config.rope_scaling == "linear":
+        return freq / factor
+    if config.rope_scaling == "llama3":
+        # 0 for wavelengths beyond original_len / low_freq_factor (scaled), 1 below original_len /
+        # high_freq_factor (kept), linear in original_len / wavelength between.
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        keep = np.clip((config.rope_original_len * freq / (2 * np.pi) - low) / (high - low), 0, 1)
+        return (1 - keep) * freq / factor + keep * freq
+    return freq
+
+
+def rope(x: jax.Array, positions: jax.Array, freq: np.ndarray) -> jax.Array:
     """Rotary position embedding of x[B, T, heads, H] at positions[B, T], halves convention.
 
-    Feature i < H/2 pairs with i + H/2 and rotates by ``position * base**(-2i/H)`` radians.
+    Feature i < H/2 pairs with i + H/2 and rotates by ``position * freq[i]`` radians
+    (``rope_frequencies``).
     """
     half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])  # [H/2]
-    angle = positions.astype(jnp.float32)[:, :, None] * freq[None, None, :]  # [B, T, H/2]
+    freq32 = jnp.asarray(freq, jnp.float32)[None, None, :]  # [1, 1, H/2]
+    angle = positions.astype(jnp.float32)[:, :, None] * freq32  # [B, T, H/2]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]  # [B, T, 1, H/2]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -196,12 +214,13 @@ class Attention(nn.Module):
         """Returns the output [B, T, D] and the new tokens' keys and values ([B, K, T, H] each)."""
         cfg = self.config
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        bias = cfg.use_bias
-        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if bias else None, cfg, name="q")(x)
-        k = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="k")(x)
-        v = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if bias else None, cfg, name="v")(x)
+        bias, qkv_bias = cfg.use_bias, cfg.use_bias or cfg.qkv_bias
+        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if qkv_bias else None, cfg, name="q")(x)
+        k = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if qkv_bias else None, cfg, name="k")(x)
+        v = Einsum("BTD,DKH->BTKH", (D, K, H), (K, H) if qkv_bias else None, cfg, name="v")(x)
         if cfg.positions == "rotary":
-            q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+            freq = rope_frequencies(cfg)
+            q, k = rope(q, positions, freq), rope(k, positions, freq)
         k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         if kv is None:
             out = causal_attention(q, k, v, pad)

@@ -2,7 +2,9 @@ import dataclasses
 
 import pytest
 
+from jaxllm import analytic
 from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset, parse_override
+from jaxllm.model import count_params
 
 
 def test_presets_are_valid_and_gpt2_shapes_match_openai():
@@ -13,6 +15,29 @@ def test_presets_are_valid_and_gpt2_shapes_match_openai():
         assert cfg.use_bias and cfg.tie_embeddings and cfg.d_ff == 4 * cfg.d_model
     assert PRESETS["llama3-8b"].groups == 4
     assert PRESETS["gpt2-xl"].head_dim == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [
+        # The released safetensors: model.safetensors.index.json's total_size / 2 bytes (bfloat16).
+        ("llama3.1-8b", 8_030_261_248),
+        ("llama3.1-70b", 70_553_706_496),
+        ("qwen2.5-7b", 7_615_616_512),  # model card: 7.61B, 6.53B without embedding and head
+    ],
+)
+def test_new_presets_have_the_published_parameter_counts(name, published):
+    counts = count_params(PRESETS[name])
+    assert counts["total"] == published
+    assert analytic.param_counts(PRESETS[name]) == counts
+
+
+def test_qwen_preset_has_biases_on_q_k_v_only():
+    counts = count_params(PRESETS["qwen2.5-7b"])
+    assert round((counts["total"] - counts["embedding"] - counts["head"]) / 1e9, 2) == 6.53
+    assert count_params(PRESETS["qwen2.5-7b"].replace(qkv_bias=False))["attention"] == (
+        counts["attention"] - 28 * (3584 + 2 * 4 * 128)
+    )
 
 
 @pytest.mark.parametrize(
@@ -27,6 +52,13 @@ def test_presets_are_valid_and_gpt2_shapes_match_openai():
         ({"norm": "batchnorm"}, ["norm", "layernorm", "rmsnorm"]),
         ({"remat": "some"}, ["remat", "dots"]),
         ({"dtype": "int8"}, ["dtype", "bfloat16"]),
+        ({"rope_scaling": "yarn"}, ["rope_scaling", "linear", "llama3", "'yarn'"]),
+        ({"rope_factor": 0.0}, ["rope_factor", "positive"]),
+        ({"rope_original_len": 0}, ["rope_original_len", "positive"]),
+        (
+            {"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0},
+            ["rope_high_freq_factor=4.0", "rope_low_freq_factor=4.0"],
+        ),
     ],
 )
 def test_bad_config_names_field_and_allowed_values(changes, words):
@@ -37,11 +69,18 @@ def test_bad_config_names_field_and_allowed_values(changes, words):
 
 
 def test_overrides_parse_to_field_types():
-    cfg = apply_overrides(
-        get_preset("tiny"),
-        ["n_layers=3", "rope_base=5e5", "use_bias=false", "norm=rmsnorm", "positions=rotary"],
-    )
+    overrides = [
+        "n_layers=3",
+        "rope_base=5e5",
+        "use_bias=false",
+        "norm=rmsnorm",
+        "positions=rotary",
+    ]
+    overrides += ["rope_scaling=linear", "rope_factor=2", "rope_original_len=512", "qkv_bias=true"]
+    cfg = apply_overrides(get_preset("tiny"), overrides)
     assert cfg.n_layers == 3 and cfg.rope_base == 500000.0 and cfg.use_bias is False
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_len) == ("linear", 2.0, 512)
+    assert cfg.qkv_bias is True
     assert (cfg.norm, cfg.positions) == ("rmsnorm", "rotary")
     assert dataclasses.replace(cfg) == cfg  # still frozen and comparable
 

@@ -1,9 +1,11 @@
 """Hugging Face checkpoints against the reference implementation's own logits and greedy tokens.
 
 The fixtures under tests/fixtures/hf/ were written by transformers (tests/fixtures/make_hf_fixtures.py):
-random-weight GPT-2 (f32, tokenizer.json), Llama (f32, GQA 4/2, untied head, rope base 5000) and a
-Llama stored in bfloat16 across three shards (MQA, tied head), each with ``reference.npz`` holding the
-prompts, their logits and 8 greedy tokens computed by transformers from the saved files.
+random-weight GPT-2 (f32, tokenizer.json), Llama (f32, GQA 4/2, untied head, rope base 5000), a
+Llama stored in bfloat16 across three shards (MQA, tied head), a Llama with llama3 rope scaling and a
+Qwen2 (q/k/v biases, tied head), each with ``reference.npz`` holding the prompts, their logits and 8
+greedy tokens computed by transformers from the saved files; ``rope_frequencies.npz`` holds
+transformers' rotary frequencies of scaled rope types.
 """
 
 import functools
@@ -23,13 +25,22 @@ from safetensors.numpy import load_file, save_file
 from jaxllm import hf
 from jaxllm.cache import KVCache
 from jaxllm.cli import main
-from jaxllm.config import ModelConfig
+from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.finite import NonFiniteError
-from jaxllm.model import Transformer, param_shapes, unstack_layers
+from jaxllm.model import Transformer, param_shapes, rope_frequencies, unstack_layers
 from jaxllm.tokenizer import load_hf_tokenizer, parse_ids
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-NAMES = ["gpt2", "llama", "llama-sharded-bf16"]
+NAMES = ["gpt2", "llama", "llama-sharded-bf16", "llama3-scaled", "qwen2"]
+# (fixture, scan_layers) for the full forward pass; the prefill + decode test takes the other layout.
+GOLDEN = [
+    ("gpt2", True),
+    ("llama", False),
+    ("llama-sharded-bf16", True),
+    ("llama3-scaled", True),
+    ("qwen2", False),
+]
+OTHER_LAYOUT = [(name, not scan) for name, scan in GOLDEN]
 TOL = 1e-4  # absolute, float32 logits
 
 
@@ -74,6 +85,11 @@ def left_padded(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.n
                        use_bias=False, tie_embeddings=False, norm_eps=1e-5)),
         ("llama-sharded-bf16", dict(vocab_size=192, max_len=32, n_heads=4, n_kv_heads=1, d_ff=48,
                                     rope_base=10000.0, tie_embeddings=True, norm_eps=1e-6)),
+        ("llama3-scaled", dict(max_len=256, rope_base=100.0, rope_scaling="llama3", rope_factor=4.0,
+                               rope_low_freq_factor=2.0, rope_high_freq_factor=8.0,
+                               rope_original_len=64, qkv_bias=False, tie_embeddings=False)),
+        ("qwen2", dict(vocab_size=96, n_kv_heads=2, d_ff=48, rope_base=20000.0, rope_scaling="none",
+                       use_bias=False, qkv_bias=True, tie_embeddings=True, norm_eps=1e-6)),
     ],
 )  # fmt: skip
 def test_config_follows_config_json(name, expected):
@@ -107,9 +123,7 @@ def forward_fn(name: str, scan: bool):
     return jax.jit(lambda tok, pos, pad: model.apply({"params": params}, tok, pos, pad=pad)[0])
 
 
-@pytest.mark.parametrize(
-    ("name", "scan"), [("gpt2", True), ("llama", False), ("llama-sharded-bf16", True)]
-)
+@pytest.mark.parametrize(("name", "scan"), GOLDEN)
 def test_full_forward_matches_reference_logits(name, scan):
     prompts, logits, _ = reference(name)
     width = max(map(len, prompts))
@@ -119,9 +133,7 @@ def test_full_forward_matches_reference_logits(name, scan):
         np.testing.assert_allclose(out[b, pad[b] :], ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize(
-    ("name", "scan"), [("gpt2", True), ("llama", False), ("llama-sharded-bf16", True)]
-)
+@pytest.mark.parametrize(("name", "scan"), GOLDEN)
 def test_full_forward_greedy_matches_reference(name, scan):
     """Greedy decoding by re-running the full pass over a fixed-width buffer (causal: later slots
     do not affect earlier ones)."""
@@ -137,9 +149,7 @@ def test_full_forward_greedy_matches_reference(name, scan):
         np.testing.assert_array_equal(tokens[b, width:], ref)
 
 
-@pytest.mark.parametrize(
-    ("name", "scan"), [("gpt2", False), ("llama", True), ("llama-sharded-bf16", False)]
-)
+@pytest.mark.parametrize(("name", "scan"), OTHER_LAYOUT)
 def test_prefill_then_decode_matches_reference(name, scan):
     """One left-padded batch of all prompts: prefill logits match the reference, and decoding one
     token at a time through the KV cache reproduces every greedy continuation."""
@@ -177,6 +187,74 @@ def test_serve_generate_matches_reference_greedy(name):
         config, params, [p.tolist() for p in prompts], len(greedy[0]), Sampler(0.0)
     )
     assert gen.tokens == [g.tolist() for g in greedy]
+
+
+# --- rotary scaling -------------------------------------------------------------------------
+
+
+def test_llama3_fixture_depends_on_its_rope_scaling():
+    """The golden test of llama3-scaled would catch a model that ignored the scaling."""
+    config, params = loaded("llama3-scaled")
+    prompt, ref = reference("llama3-scaled")[0][0], reference("llama3-scaled")[1][0]
+    positions = np.arange(len(prompt))[None]
+    plain = Transformer(config.replace(rope_scaling="none"))
+    logits = plain.apply({"params": params}, prompt[None], positions)[0][0]
+    assert np.abs(np.asarray(logits) - ref).max() > 100 * TOL
+
+
+@functools.cache
+def transformers_frequencies() -> dict[str, tuple[dict, np.ndarray]]:
+    """name -> (LlamaConfig keyword arguments, transformers' inv_freq [H/2])."""
+    ref = np.load(FIXTURES / "rope_frequencies.npz")
+    names = [key.removesuffix("_config") for key in ref.files if key.endswith("_config")]
+    return {n: (json.loads(str(ref[f"{n}_config"])), ref[f"{n}_inv_freq"]) for n in names}
+
+
+@pytest.mark.parametrize("name", ["linear", "llama3.1-8b"])
+def test_rope_frequencies_match_transformers(tmp_path, name):
+    kwargs, inv_freq = transformers_frequencies()[name]
+    path = copy_fixture(tmp_path, "llama")
+    edit_config(path, hidden_size=kwargs["hidden_size"], head_dim=None,
+                num_attention_heads=kwargs["num_attention_heads"], num_key_value_heads=None,
+                rope_parameters=kwargs["rope_parameters"])  # fmt: skip
+    config = hf.load_config(path)
+    assert config.rope_scaling == kwargs["rope_parameters"]["rope_type"]
+    np.testing.assert_allclose(rope_frequencies(config), inv_freq, rtol=1e-6, atol=0)
+
+
+def test_llama31_preset_has_the_released_rope_scaling(tmp_path):
+    kwargs, _ = transformers_frequencies()["llama3.1-8b"]
+    path = copy_fixture(tmp_path, "llama")
+    edit_config(path, rope_parameters=kwargs["rope_parameters"])
+    config, preset = hf.load_config(path), PRESETS["llama3.1-8b"]
+    fields = [f for f in config.to_dict() if f.startswith("rope_")]
+    assert {f: getattr(config, f) for f in fields} == {f: getattr(preset, f) for f in fields}
+    assert preset.max_len == kwargs["max_position_embeddings"]
+
+
+@pytest.mark.parametrize("type_key", ["rope_type", "type"])
+def test_older_rope_scaling_key_reads_like_rope_parameters(tmp_path, type_key):
+    """Checkpoints written by transformers < 5 keep rope_theta beside a rope_scaling object."""
+    path = copy_fixture(tmp_path, "llama3-scaled")
+    raw = json.loads((path / "config.json").read_text())
+    scaling = dict(raw.pop("rope_parameters"))
+    theta = scaling.pop("rope_theta")
+    scaling[type_key] = scaling.pop("rope_type")
+    (path / "config.json").write_text(
+        json.dumps({**raw, "rope_theta": theta, "rope_scaling": scaling})
+    )
+    assert hf.load_config(path) == hf.load_config(FIXTURES / "llama3-scaled")
+
+
+def test_info_shows_the_rope_scaling(capsys):
+    assert main(["info", "--hf-dir", str(FIXTURES / "llama3-scaled")]) == 0
+    out = capsys.readouterr().out
+    for field, value in [
+        ("rope_scaling", "llama3"),
+        ("rope_factor", "4.0"),
+        ("rope_original_len", "64"),
+    ]:
+        assert any(line.split()[:2] == [field, value] for line in out.splitlines()), out
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -254,8 +332,21 @@ def _refused(path: Path, *words: str) -> None:
     ("name", "changes", "words"),
     [
         ("llama", {"model_type": "mistral"}, ["config.json", "model_type 'mistral'"]),
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["config.json", "'llama3'"]),
-        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, ["config.json", "'yarn'"]),
+        ("llama", {"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+         ["config.json", "rope type 'llama3' needs 'low_freq_factor'"]),
+        ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1.0}},
+         ["config.json", "rope type 'linear' needs 'factor'"]),
+        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}},
+         ["config.json", "rope type 'yarn' is not supported", "default, linear, llama3"]),
+        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+         ["config.json", "'dynamic'"]),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+         ["config.json", "rope_scaling and rope_parameters disagree", "'default'", "'linear'"]),
+        ("llama3-scaled", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                               "high_freq_factor": 1.0, "original_max_position_embeddings": 8}},
+         ["config.json", "rope_high_freq_factor=1.0 above rope_low_freq_factor=4.0"]),
+        ("qwen2", {"use_sliding_window": True}, ["config.json", "use_sliding_window=True"]),
+        ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, ["config.json", "layer_types"]),
         ("llama", {"attention_bias": True}, ["config.json", "attention_bias=True"]),
         ("llama", {"hidden_act": "gelu"}, ["config.json", "hidden_act='gelu'"]),
         ("llama", {"num_key_value_heads": 3}, ["config.json", "divisible"]),
@@ -290,6 +381,12 @@ def test_unloadable_dtype_is_refused(tmp_path):
     path = copy_fixture(tmp_path, "gpt2")
     edit_tensors(path, lambda t: t.update({"transformer.ln_f.bias": np.zeros(32, np.int8)}))
     _refused(path, "model.safetensors", "ln_f.bias", "dtype I8")
+
+
+def test_qwen2_without_its_qkv_biases_is_refused(tmp_path):
+    path = copy_fixture(tmp_path, "qwen2")
+    edit_tensors(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    _refused(path, "tensor 'model.layers.1.self_attn.k_proj.bias' is missing")
 
 
 def test_tensor_the_model_lacks_is_refused(tmp_path):
@@ -379,6 +476,14 @@ def test_generate_hf_dir_errors_are_one_line(extra, word, capsys):
     assert main(["generate", "--hf-dir", str(FIXTURES / "llama"), *extra]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and word in err, err
+
+
+def test_train_hf_dir_is_refused_not_ignored(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--hf-dir", str(FIXTURES / "llama"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train --hf-dir" in err and "not implemented" in err
+    assert not out.exists()
 
 
 def test_info_hf_dir_error_is_one_line(tmp_path, capsys):
