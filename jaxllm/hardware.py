@@ -126,7 +126,7 @@ def sizes(platform: str, quick: bool) -> Sizes:
     if quick:
         return Sizes(512, 512, 64 << 20, 64 << 20, 1, 3)
     if platform == "cpu":  # under 10 s on 2 cores; 4096³ reaches XLA:CPU's GEMM peak
-        return Sizes(4096, 4096, 1 << 30, 256 << 20, 1, 3)
+        return Sizes(4096, 4096, 1 << 30, 256 << 20, 1, 2)
     return Sizes(8192, 4096, 2 << 30, 1 << 30, 10, 5)
 
 
