@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -32,6 +33,10 @@ from jaxllm.config import ModelConfig
 
 Params = dict[str, Any]
 LayerKV = tuple[jax.Array, jax.Array]  # ([B, K, S, H], [B, K, S, H]) keys and values of one layer
+# attend(q [B, T, N, H], k_new [B, K, T, H], v_new [B, K, T, H]) -> [B, T, N, H]: a layer's attention
+# supplied by the caller (the serving engine's slot cache); LayerAttend maps a layer index to it.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+LayerAttend = Callable[[int], Attend]
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -114,15 +119,16 @@ def rope(x: jax.Array, positions: jax.Array, freq: np.ndarray) -> jax.Array:
 def attention_mask(pad: jax.Array, offset: jax.Array | int, t: int, s: int, new: bool) -> jax.Array:
     """Which keys each query may attend to: bool [B, 1, 1, T, S].
 
-    Query t sits in slot ``offset + t``. New keys (``new=True``) sit in slots ``offset + s``; cached keys
-    in slots ``s`` < ``offset``. A key is visible if its slot is at or after ``pad[b]`` and not after
-    the query's slot.
+    Row b's query t sits in slot ``offset + t`` (``offset``: one int, or [B] per row). New keys
+    (``new=True``) sit in slots ``offset + s``; cached keys in slots ``s`` < ``offset``. A key is
+    visible if its slot is at or after ``pad[b]`` and not after the query's slot.
     """
-    q_slot = offset + jnp.arange(t)[:, None]  # [T, 1]
-    k_slot = (offset if new else 0) + jnp.arange(s)[None, :]  # [1, S]
-    visible = (k_slot <= q_slot) if new else jnp.broadcast_to(k_slot < offset, (t, s))  # [T, S]
-    unpadded = k_slot[None, :, :] >= pad[:, None, None]  # [B, 1, S]
-    return (visible[None, :, :] & unpadded)[:, None, None, :, :]
+    off = jnp.broadcast_to(jnp.asarray(offset), pad.shape)[:, None, None]  # [B, 1, 1]
+    q_slot = off + jnp.arange(t)[None, :, None]  # [B, T, 1]
+    k_slot = (off if new else 0) + jnp.arange(s)[None, None, :]  # [B or 1, 1, S]
+    visible = k_slot <= q_slot if new else jnp.broadcast_to(k_slot < off, (pad.shape[0], t, s))
+    unpadded = k_slot >= pad[:, None, None]  # [B, 1, S]
+    return (visible & unpadded)[:, None, None, :, :]
 
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -167,7 +173,7 @@ def cached_attention(
     v_new: jax.Array,  # [B, K, T, H]
     kv: LayerKV,  # ([B, K, S, H], [B, K, S, H]) read only
     pad: jax.Array,  # [B]
-    offset: jax.Array | int,
+    offset: jax.Array | int,  # one int, or [B] per row
 ) -> jax.Array:
     """Attention of T new queries (slots ``offset + t``) to the S cached slots and to each other:
     [B, T, N, H], computed in the cache's dtype (``jaxllm.cache.cache_dtype``). Scores are computed
@@ -210,6 +216,7 @@ class Attention(nn.Module):
         pad: jax.Array | None,  # [B], or None: no padding
         offset: jax.Array | int,  # slot of the first new token
         kv: LayerKV | None,
+        attend: Attend | None = None,  # the caller's attention (then kv is None)
     ) -> tuple[jax.Array, LayerKV]:
         """Returns the output [B, T, D] and the new tokens' keys and values ([B, K, T, H] each)."""
         cfg = self.config
@@ -222,11 +229,13 @@ class Attention(nn.Module):
             freq = rope_frequencies(cfg)
             q, k = rope(q, positions, freq), rope(k, positions, freq)
         k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-        if kv is None:
+        if attend is None and kv is None:
             out = causal_attention(q, k, v, pad)
         else:
-            assert pad is not None  # a cache holds its padding
-            out = cached_attention(q, k_new, v_new, kv, pad, offset).astype(q.dtype)
+            if attend is None:
+                assert pad is not None  # a cache holds its padding
+                attend = functools.partial(cached_attention, kv=kv, pad=pad, offset=offset)
+            out = attend(q, k_new, v_new).astype(q.dtype)
             # A data dependency from this layer's reads of the cache to its new keys and values: it
             # orders the in-place cache write after the reads. Without it XLA cannot tell the order
             # and copies the whole cache (measured: 2 full copies per layer). x * 0 is kept by XLA for
@@ -270,10 +279,11 @@ class Block(nn.Module):
         positions: jax.Array,
         pad: jax.Array | None,
         offset: jax.Array | int,
+        attend: Attend | None = None,
     ) -> tuple[jax.Array, LayerKV]:
         cfg = self.config
         h, new_kv = Attention(cfg, name="attn")(
-            make_norm(cfg, "attn_norm")(x), positions, pad, offset, kv
+            make_norm(cfg, "attn_norm")(x), positions, pad, offset, kv, attend
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x))
@@ -299,11 +309,17 @@ class Transformer(nn.Module):
         tokens: jax.Array,  # [B, T] int
         positions: jax.Array,  # [B, T] int, each in [0, max_len)
         cache: KVCache | None = None,
-        pad: jax.Array
-        | None = None,  # [B] left-padding columns (no-cache pass; a cache holds its own)
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Returns logits [B, T, V] (float32) and the cache with the new tokens written, or None."""
+        pad: jax.Array | None = None,  # [B] left padding (no-cache pass; a cache holds its own)
+        attend: LayerAttend | None = None,
+        logits_at: jax.Array | None = None,  # [B, R] int: the positions whose logits are wanted
+    ) -> tuple[jax.Array, Any]:
+        """Returns logits [B, T, V] (float32; [B, R, V] at ``logits_at``) and the cache with the new
+        tokens written (None without one). With ``attend`` (unrolled layers, no cache), layer i's
+        attention is ``attend(i)`` and the second value is the new keys and values, each
+        [L, B, K, T, H], for the caller to store."""
         cfg = self.config
+        if attend is not None and (cache is not None or cfg.scan_layers):
+            raise ValueError("attend= needs unrolled layers (scan_layers=False) and no cache")
         if cache is not None:
             pad, offset = cache.pad, cache.index
         else:
@@ -326,13 +342,17 @@ class Transformer(nn.Module):
                 param_dtype=cfg.storage_dtype,
                 name="pos_embed",
             )(positions)
-        x, (k_new, v_new) = self._layers(x, cache, positions, pad, offset)
+        x, (k_new, v_new) = self._layers(x, cache, positions, pad, offset, attend)
+        if logits_at is not None:  # the head only where it is read
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             shape = (cfg.d_model, cfg.vocab_size)
             logits = Einsum("BTD,DV->BTV", shape, None, cfg, name="head")(x)
+        if attend is not None:
+            return logits.astype(jnp.float32), (k_new, v_new)
         if cache is not None:
             cache = cache.write(k_new, v_new)
         return logits.astype(jnp.float32), cache
@@ -344,6 +364,7 @@ class Transformer(nn.Module):
         positions: jax.Array,
         pad: jax.Array | None,
         offset: jax.Array | int,
+        attend: LayerAttend | None,
     ) -> tuple[jax.Array, LayerKV]:
         """Runs the L blocks; returns x and the new keys and values stacked to [L, B, K, T, H]."""
         cfg = self.config
@@ -361,7 +382,8 @@ class Transformer(nn.Module):
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
             kv = None if cache is None or cache.attended == 0 else cache.layer(i)
-            x, (k, v) = block(cfg, name=f"block_{i}")(x, kv, positions, pad, offset)
+            layer_attend = None if attend is None else attend(i)
+            x, (k, v) = block(cfg, name=f"block_{i}")(x, kv, positions, pad, offset, layer_attend)
             new_k.append(k)
             new_v.append(v)
         return x, (jnp.stack(new_k), jnp.stack(new_v))

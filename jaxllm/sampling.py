@@ -89,3 +89,30 @@ class Sampler:
 
 
 GREEDY = Sampler(temperature=0.0)
+
+
+def sample_rows(
+    logits: jax.Array,  # [R, V]
+    temperature: jax.Array,  # [R] float32, 0: greedy
+    top_k: jax.Array,  # [R] int32, 0: off
+    top_p: jax.Array,  # [R] float32, 1: off
+    seed: jax.Array,  # [R] uint32
+    count: jax.Array,  # [R] int32: tokens the row's request has sampled so far
+) -> jax.Array:
+    """One token per row with each row's own settings (the serving engine's requests): int32 [R].
+
+    The same filters as ``Sampler`` (temperature, then top-k, then top-p) with per-row values. Row
+    r's draw uses the key ``fold_in(key(seed[r]), count[r])``, so a request's tokens depend on its
+    seed and its own progress, not on which slot or step it ran in.
+    """
+    greedy_tokens = greedy(logits)
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = logits.astype(jnp.float32) / t
+    ordered = jnp.sort(scaled, axis=-1)[..., ::-1]  # [R, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    scaled = top_p_filter(scaled, top_p[:, None])
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled)
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy_tokens)

@@ -1,0 +1,120 @@
+"""Replaying a request trace through the engine, and what the run measured.
+
+``replay`` submits each request when the wall clock passes its arrival (prompts: seeded random token
+ids; no stop tokens, so each request generates exactly its ``output_len``), steps the engine while it
+has work and sleeps until the next arrival when it has none. Per request: time to first token (TTFT,
+from arrival), times between tokens (TBT), end-to-end latency. Per run: generated tokens per second of
+the run's makespan, slot occupancy of decode steps, prompt padding, and the FLOPs the static shapes
+wasted (``jaxllm.stepcost``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxllm.cache import cache_dtype
+from jaxllm.engine import Engine, Request, StepRecord
+from jaxllm.stepcost import StepWork, step_work
+from jaxllm.traces import TraceRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A replayed trace: the requests as the engine left them and every step it ran."""
+
+    trace: list[TraceRequest]
+    requests: list[Request | None]  # None: refused at submit (see ``refused``)
+    refused: list[str]  # why, one line per refused request, in trace order
+    records: list[StepRecord]
+    start: float  # engine clock at time 0 of the trace
+    makespan: float  # seconds from time 0 to the last request's end
+
+
+def replay(engine: Engine, trace: Sequence[TraceRequest], seed: int = 0) -> Run:
+    """Run ``trace`` through ``engine`` in real time (compile its programs first: a compile inside
+    the run is counted as latency)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, engine.config.vocab_size, r.prompt_len) for r in trace]
+    requests: list[Request | None] = []
+    refused: list[str] = []
+    first = len(engine.records)
+    start, i = engine.clock(), 0
+    while i < len(trace) or not engine.idle:
+        now = engine.clock() - start
+        while i < len(trace) and trace[i].arrival <= now:
+            try:
+                requests.append(engine.submit(prompts[i], trace[i].output_len))
+            except ValueError as err:
+                requests.append(None)
+                refused.append(f"request {i}: {err}")
+            i += 1
+        if engine.idle and i < len(trace):
+            time.sleep(max(trace[i].arrival - (engine.clock() - start), 0.0))
+            continue
+        engine.step()
+    ends = [r.finished for r in requests if r is not None and r.finished is not None]
+    makespan = (max(ends) - start) if ends else 0.0
+    return Run(list(trace), requests, refused, list(engine.records)[first:], start, makespan)
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "mean": None}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def request_latencies(run: Run) -> dict[str, list[float]]:
+    """TTFT and end-to-end seconds per served request (from its arrival), and every TBT pooled."""
+    ttft, tbt, e2e = [], [], []
+    for t, r in zip(run.trace, run.requests, strict=True):
+        if r is None or not r.times or r.finished is None:
+            continue
+        arrival = run.start + t.arrival
+        ttft.append(r.times[0] - arrival)
+        tbt += np.diff(r.times).tolist()
+        e2e.append(r.finished - arrival)
+    return {"ttft": ttft, "tbt": tbt, "e2e": e2e}
+
+
+def work(engine: Engine, run: Run) -> list[StepWork]:
+    """The closed-form work of each step of the run."""
+    kv = cache_dtype(engine.config)
+    return [step_work(engine.config, rec, engine.slots, engine.capacity, kv) for rec in run.records]
+
+
+def summarize(engine: Engine, run: Run) -> dict[str, Any]:
+    """The run's figures, as printed by ``jaxllm serve-bench --json`` (seconds, tokens, FLOPs)."""
+    lat = request_latencies(run)
+    served = [r for r in run.requests if r is not None]
+    generated = sum(len(r.tokens) for r in served)
+    decode_steps = [rec for rec in run.records if rec.decode]
+    lanes = [rec for rec in run.records if rec.lanes]
+    steps = work(engine, run)
+    executed = sum(w.executed_flops for w in steps)
+    return {
+        "policy": engine.policy,
+        "slots": engine.slots,
+        "chunk": engine.chunk if engine.policy == "chunked" else None,
+        "requests": len(run.trace),
+        "refused": len(run.refused),
+        "generated_tokens": generated,
+        "makespan_s": run.makespan,
+        "tokens_per_s": generated / run.makespan if run.makespan > 0 else 0.0,
+        "ttft_s": _percentiles(lat["ttft"]),
+        "tbt_s": _percentiles(lat["tbt"]),
+        "e2e_s": _percentiles(lat["e2e"]),
+        "steps": len(run.records),
+        "step_seconds": sum(rec.seconds for rec in run.records),
+        "occupancy": float(np.mean([len(r.live) / engine.slots for r in decode_steps]))
+        if decode_steps
+        else 0.0,
+        "padding_tokens": sum(r.lanes * r.chunk - sum(n for _, n in r.chunks) for r in lanes),
+        "executed_flops": executed,
+        "wasted_flops_fraction": 1 - sum(w.useful_flops for w in steps) / executed if executed else 0.0,
+    }
