@@ -238,9 +238,12 @@ class Attention(nn.Module):
             out = attend(q, k_new, v_new).astype(q.dtype)
             # A data dependency from this layer's reads of the cache to its new keys and values: it
             # orders the in-place cache write after the reads. Without it XLA cannot tell the order
-            # and copies the whole cache (measured: 2 full copies per layer). x * 0 is kept by XLA for
+            # and copies the whole cache (measured: 2 full copies per layer). The first and the last
+            # output elements depend on every read (the engine's step reads the cache in two
+            # segments: the decode tokens first, the prefill lanes last). x * 0 is kept by XLA for
             # floats; it is 0 unless the output is already inf/NaN.
-            tie = (out.reshape(-1)[0] * 0).astype(k_new.dtype)
+            flat = out.reshape(-1)
+            tie = ((flat[0] + flat[-1]) * 0).astype(k_new.dtype)
             k_new, v_new = k_new + tie, v_new + tie
         std = 0.02 / math.sqrt(2 * cfg.n_layers)
         y = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if bias else None, cfg, std, name="o")(out)
