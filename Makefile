@@ -58,7 +58,7 @@ clean:
 # bf16, decode batches up to 1024 and sequences up to the context (`make report SYSTEM=1` where JAX is
 # installed and no registry is reachable).
 REPORT_RUN := runs/report
-EXPERIMENTS := roofline decode_batch memory seqlen estimates padding
+EXPERIMENTS := roofline decode_batch memory seqlen estimates padding serving
 
 .PHONY: report
 report: $(DEPS)

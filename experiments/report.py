@@ -20,7 +20,7 @@ from pathlib import Path
 from jaxllm import experiment, hardware
 from jaxllm.bench import peaks_line, sheet_line
 
-EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding")
+EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding", "serving")
 
 
 def header() -> list[str]:

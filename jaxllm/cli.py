@@ -426,6 +426,90 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _serve_bench_model(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
+    """--checkpoint's or --hf-dir's weights, or a preset's with deterministic filler weights (the
+    engine's speed does not depend on their values)."""
+    if args.checkpoint:
+        from jaxllm import checkpoint
+
+        if args.hf_dir or args.override:
+            raise UsageError("--checkpoint takes neither --hf-dir nor --override")
+        return checkpoint.load_params(args.checkpoint, warn=_warn)
+    if args.hf_dir:
+        from jaxllm import hf
+
+        return hf.load(args.hf_dir, args.override)
+    from jaxllm.model import param_shapes
+    from jaxllm.phases import filler_params
+
+    config = config_from_args(args)
+    return config, filler_params(param_shapes(config))
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from jaxllm import hardware, servebench, traces
+    from jaxllm.engine import Engine
+
+    if args.trace:
+        trace = traces.load_trace(args.trace)
+    else:
+        lens = traces.parse_lengths(args.prompt_lens), traces.parse_lengths(args.output_lens)
+        trace = traces.make_trace(args.requests, args.rate, *lens, seed=args.seed)
+    config, params = _serve_bench_model(args)
+    engine = Engine(
+        config,
+        params,
+        slots=args.slots,
+        capacity=args.capacity,
+        policy=args.policy,
+        chunk=args.chunk,
+    )
+    if args.save_trace:
+        traces.save_trace(args.save_trace, trace)
+    longest = min(max(r.prompt_len for r in trace), engine.capacity - 1)
+    compile_s = engine.compile_programs(longest)
+    run = servebench.replay(engine, trace, args.seed)
+    summary = servebench.summarize(engine, run)
+    peaks = hardware.roofline_peaks(hardware.calibrate(), engine.config.dtype)
+    summary.update(
+        compile_s=compile_s,
+        programs_compiled=len(engine.compiled),
+        refusals=run.refused,
+        programs=servebench.programs(engine, run, peaks),
+    )
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print("\n".join(servebench.summary_lines(summary)))
+    for line in run.refused:
+        print(f"refused {line}")
+    return 0
+
+
+def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve-bench",
+        help="replay a request trace through the serving engine (throughput, TTFT, TBT)",
+        description="A seeded trace (Poisson arrivals, uniform lengths) or --trace FILE runs through "
+        "the engine in real time. A preset runs with deterministic filler weights.",
+    )
+    add_model_args(p)
+    p.add_argument("--checkpoint", metavar="DIR", help="a jaxllm run directory's weights")
+    p.add_argument("--policy", default="continuous", help="static, continuous or chunked")
+    p.add_argument("--slots", type=_positive, default=8, help="B, requests decoded at once (8)")
+    p.add_argument("--chunk", type=_positive, default=64, help="chunked: prompt tokens per step")
+    p.add_argument("--capacity", type=_positive, help="positions per slot (default: max_len)")
+    p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (default: inf)")
+    p.add_argument("--requests", type=_positive, default=64, help="requests in the trace (64)")
+    p.add_argument("--prompt-lens", default="16-128", help="LO-HI uniform or a,b,c (16-128)")
+    p.add_argument("--output-lens", default="16-256", help="LO-HI uniform or a,b,c (16-256)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the trace and its prompts")
+    p.add_argument("--trace", metavar="FILE", help="replay this JSON Lines trace instead")
+    p.add_argument("--save-trace", metavar="FILE", help="write the trace as JSON Lines")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_serve_bench, preset="small")
+
+
 # Each entry adds one subcommand's parser (and its handler through set_defaults(func=...)).
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
@@ -434,6 +518,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _calibrate_parser,
     _train_parser,
     _generate_parser,
+    _serve_bench_parser,
 ]
 
 

@@ -233,7 +233,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, pad)
         else:
             if attend is None:
-                assert pad is not None  # a cache holds its padding
+                assert pad is not None and kv is not None  # a cache holds its padding
                 attend = functools.partial(cached_attention, kv=kv, pad=pad, offset=offset)
             out = attend(q, k_new, v_new).astype(q.dtype)
             # A data dependency from this layer's reads of the cache to its new keys and values: it

@@ -31,7 +31,7 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling).
 
     A token is kept when the probability of the tokens ranked above it is still below p, so the top

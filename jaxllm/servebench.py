@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxllm.cache import cache_dtype
 from jaxllm.engine import Engine, Request, StepRecord
-from jaxllm.stepcost import StepWork, step_work
+from jaxllm.stepcost import StepWork, predicted_seconds, step_work
 from jaxllm.traces import TraceRequest
 
 
@@ -66,7 +66,11 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "mean": None}
     a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+    }
 
 
 def request_latencies(run: Run) -> dict[str, list[float]]:
@@ -116,5 +120,66 @@ def summarize(engine: Engine, run: Run) -> dict[str, Any]:
         else 0.0,
         "padding_tokens": sum(r.lanes * r.chunk - sum(n for _, n in r.chunks) for r in lanes),
         "executed_flops": executed,
-        "wasted_flops_fraction": 1 - sum(w.useful_flops for w in steps) / executed if executed else 0.0,
+        "wasted_flops_fraction": 1 - sum(w.useful_flops for w in steps) / executed
+        if executed
+        else 0.0,
     }
+
+
+def programs(engine: Engine, run: Run, peaks: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per compiled program the run used: steps, median measured seconds, and the predicted seconds
+    of the closed-form cost model and of XLA's cost analysis of the same executable (each on the
+    roofline of ``peaks``: ``hardware.roofline_peaks``)."""
+    from jaxllm.cost import analyze_compiled
+
+    flops_per_s, bandwidth = peaks["flops_per_s"], peaks["bandwidth_bytes_per_s"]
+    by_shape: dict[tuple[bool, bool, int, int], list[tuple[StepRecord, StepWork]]] = {}
+    for rec, w in zip(run.records, work(engine, run), strict=True):
+        by_shape.setdefault((rec.decode, rec.read, rec.lanes, rec.chunk), []).append((rec, w))
+    rows = []
+    for shape, steps in sorted(by_shape.items()):
+        xla = analyze_compiled(engine.compiled[shape], 0.0)
+        analytic = steps[0][1]  # the executed work depends on the shape alone
+        rows.append(
+            {
+                "decode": shape[0],
+                "read": shape[1],
+                "lanes": shape[2],
+                "chunk": shape[3],
+                "steps": len(steps),
+                "measured_s": float(np.median([rec.seconds for rec, _ in steps])),
+                "analytic_flops": analytic.executed_flops,
+                "analytic_bytes": analytic.bytes,
+                "xla_flops": xla.flops,
+                "xla_bytes": xla.bytes_accessed,
+                "predicted_s": predicted_seconds(analytic, flops_per_s, bandwidth),
+                "xla_predicted_s": predicted_seconds(
+                    dataclasses.replace(
+                        analytic, executed_flops=int(xla.flops), bytes=int(xla.bytes_accessed)
+                    ),
+                    flops_per_s,
+                    bandwidth,
+                ),
+            }
+        )
+    return rows
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """``summarize``'s figures as text (milliseconds for latencies)."""
+
+    def ms(p: dict[str, float | None]) -> str:
+        values = (p["p50"], p["p99"])
+        return "/".join("-" if v is None else f"{1e3 * v:.1f}" for v in values)
+
+    chunk = f", chunk {summary['chunk']}" if summary["chunk"] else ""
+    return [
+        f"policy {summary['policy']}, {summary['slots']} slots{chunk}: {summary['requests']} "
+        f"requests ({summary['refused']} refused), {summary['generated_tokens']} tokens in "
+        f"{summary['makespan_s']:.2f} s = {summary['tokens_per_s']:.0f} tokens/s",
+        f"TTFT p50/p99 {ms(summary['ttft_s'])} ms, TBT p50/p99 {ms(summary['tbt_s'])} ms, "
+        f"end-to-end p50/p99 {ms(summary['e2e_s'])} ms",
+        f"{summary['steps']} steps, slot occupancy {summary['occupancy']:.0%}, prompt padding "
+        f"{summary['padding_tokens']} tokens, FLOPs wasted on padding and idle slots "
+        f"{summary['wasted_flops_fraction']:.0%}",
+    ]

@@ -31,15 +31,17 @@ from jaxllm.config import ModelConfig
 from jaxllm.model import Attend, Params, Transformer, cached_attention, causal_attention
 from jaxllm.slots import SlotCache
 
+Array = Any  # numpy arrays when the host builds them, jax.Array inside the program
+
 
 class StepInput(struct.PyTreeNode):
-    dec_tokens: jax.Array  # [B] int32
-    dec_pos: jax.Array  # [B] int32: positions filled in each slot = the new token's position
-    dec_live: jax.Array  # [B] bool: the slot's token is written (an idle slot's is not)
-    lane_tokens: jax.Array  # [P, C] int32, right-padded
-    lane_slot: jax.Array  # [P] int32
-    lane_start: jax.Array  # [P] int32: positions of the slot filled before this chunk
-    lane_len: jax.Array  # [P] int32: real tokens in the lane, 0..C
+    dec_tokens: Array  # [B] int32
+    dec_pos: Array  # [B] int32: positions filled in each slot = the new token's position
+    dec_live: Array  # [B] bool: the slot's token is written (an idle slot's is not)
+    lane_tokens: Array  # [P, C] int32, right-padded
+    lane_slot: Array  # [P] int32
+    lane_start: Array  # [P] int32: positions of the slot filled before this chunk
+    lane_len: Array  # [P] int32: real tokens in the lane, 0..C
 
     @property
     def lanes(self) -> int:
@@ -55,7 +57,7 @@ def _flat(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The step's N tokens in order (decode segment, then lanes row by row): ids, positions (clipped
     into the model's context for padding), and where each is written (slot, position; S: dropped)."""
-    P, C = inp.lane_tokens.shape
+    C = inp.chunk
     lane_pos = inp.lane_start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # [P, C]
     real = jnp.arange(C)[None, :] < inp.lane_len[:, None]
     ids, pos = [inp.lane_tokens.reshape(-1)], [lane_pos.reshape(-1)]
@@ -74,16 +76,15 @@ def _layer_attend(decode: bool, read: bool, cache: SlotCache, inp: StepInput, i:
     """Layer i's attention over the flat tokens: q [1, N, Nh, H], k_new, v_new [1, K, N, H]."""
 
     def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
-        _, N, Nh, H = q.shape
+        Nh, H = q.shape[2:]
         K, P, C = k_new.shape[1], inp.lanes, inp.chunk
         outs, n = [], 0
         if decode:
             B = inp.dec_tokens.shape[0]
-            kv_new = [x[0, :, :B].transpose(1, 0, 2)[:, :, None] for x in (k_new, v_new)]
+            k_dec, v_dec = (x[0, :, :B].transpose(1, 0, 2)[:, :, None] for x in (k_new, v_new))
             zeros = jnp.zeros((B,), jnp.int32)
-            out = cached_attention(
-                q[0, :B, None], *kv_new, (cache.k[i], cache.v[i]), zeros, inp.dec_pos
-            )
+            kv = (cache.k[i], cache.v[i])
+            out = cached_attention(q[0, :B, None], k_dec, v_dec, kv, zeros, inp.dec_pos)
             outs.append(out.reshape(B, Nh, H).astype(q.dtype))
             n = B
         if P:
@@ -91,12 +92,12 @@ def _layer_attend(decode: bool, read: bool, cache: SlotCache, inp: StepInput, i:
             k_lane, v_lane = (x[0, :, n:].reshape(K, P, C, H) for x in (k_new, v_new))
             if read:
                 rows = (_rows(cache.k[i], inp.lane_slot), _rows(cache.v[i], inp.lane_slot))
-                kv = (k_lane.transpose(1, 0, 2, 3), v_lane.transpose(1, 0, 2, 3))
+                k_heads, v_heads = k_lane.transpose(1, 0, 2, 3), v_lane.transpose(1, 0, 2, 3)
                 zeros = jnp.zeros((P,), jnp.int32)
-                out = cached_attention(q_lane, *kv, rows, zeros, inp.lane_start)
-            else:
-                kv = (k_lane.transpose(1, 2, 0, 3), v_lane.transpose(1, 2, 0, 3))  # [P, C, K, H]
-                out = causal_attention(q_lane, *kv, None)
+                out = cached_attention(q_lane, k_heads, v_heads, rows, zeros, inp.lane_start)
+            else:  # [P, C, K, H]
+                k_seq, v_seq = k_lane.transpose(1, 2, 0, 3), v_lane.transpose(1, 2, 0, 3)
+                out = causal_attention(q_lane, k_seq, v_seq, None)
             outs.append(out.reshape(P * C, Nh, H).astype(q.dtype))
         return jnp.concatenate(outs)[None]
 
@@ -113,7 +114,9 @@ def _rows(x: jax.Array, slots: jax.Array) -> jax.Array:
 def _logit_rows(decode: bool, inp: StepInput) -> jax.Array:
     """Indices [R] into the flat tokens whose logits the step returns."""
     B = inp.dec_tokens.shape[0] if decode else 0
-    lanes = B + jnp.arange(inp.lanes, dtype=jnp.int32) * inp.chunk + jnp.maximum(inp.lane_len - 1, 0)
+    lanes = (
+        B + jnp.arange(inp.lanes, dtype=jnp.int32) * inp.chunk + jnp.maximum(inp.lane_len - 1, 0)
+    )
     return jnp.concatenate([jnp.arange(B, dtype=jnp.int32), lanes])
 
 
@@ -122,13 +125,14 @@ def _step(
 ) -> tuple[jax.Array, SlotCache]:
     ids, positions, rows, write = _flat(decode, inp, cache.capacity, config.max_len)
     attend = functools.partial(_layer_attend, decode, read, cache, inp)
-    logits, (k_new, v_new) = Transformer(config).apply(
+    out: Any = Transformer(config).apply(
         {"params": params},
         ids[None],
         positions[None],
         attend=attend,
         logits_at=_logit_rows(decode, inp)[None],
     )
+    logits, (k_new, v_new) = out
     return logits[0], cache.store(k_new, v_new, rows, write)
 
 
@@ -137,5 +141,7 @@ def make_step(config: ModelConfig, decode: bool, read: bool) -> Any:
     """The step program family for ``config`` (unrolled layers: ``serve.serving_config``), jitted
     with the cache (argument 1) donated; P and C come from the input's shapes."""
     if config.scan_layers:
-        raise ValueError("the engine serves unrolled layers: use jaxllm.serve.serving_config(config)")
+        raise ValueError(
+            "the engine serves unrolled layers: use jaxllm.serve.serving_config(config)"
+        )
     return jax.jit(functools.partial(_step, config, decode, read), donate_argnums=1)

@@ -62,7 +62,9 @@ def step_work(
     )
     return StepWork(
         executed_flops=N * body + R * head + executed_pairs * attention,
-        useful_flops=(len(record.live) + real) * body + useful_rows * head + useful_pairs * attention,
+        useful_flops=(len(record.live) + real) * body
+        + useful_rows * head
+        + useful_pairs * attention,
         bytes=nbytes,
         tokens=N,
         useful_tokens=len(record.live) + real,
@@ -71,4 +73,6 @@ def step_work(
 
 def predicted_seconds(work: StepWork, flops_per_s: float, bandwidth_bytes_per_s: float) -> float:
     """The roofline's lower bound on the step's time."""
-    return roofline(work.executed_flops, work.bytes, flops_per_s, bandwidth_bytes_per_s).predicted_seconds
+    return roofline(
+        work.executed_flops, work.bytes, flops_per_s, bandwidth_bytes_per_s
+    ).predicted_seconds

@@ -64,7 +64,9 @@ def make_trace(
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"a trace needs at least one request, got {n!r}")
     if not rate > 0:
-        raise ValueError(f"the request rate must be > 0 per second (inf: all at once), got {rate!r}")
+        raise ValueError(
+            f"the request rate must be > 0 per second (inf: all at once), got {rate!r}"
+        )
     rng = np.random.default_rng(seed)
     gaps = np.zeros(n) if math.isinf(rate) else rng.exponential(1.0 / rate, size=n)
     arrivals = np.cumsum(gaps) - (0 if math.isinf(rate) else gaps[0])  # the first at time 0

@@ -5,12 +5,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
 pytest.importorskip("matplotlib")  # the `plot` extra; absent from some GPU images
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding")
+EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding", "serving")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -128,3 +129,21 @@ def test_estimates_reasons_name_the_gaps_the_row_shows():
 def test_padding_buckets_are_powers_of_two():
     module = load("padding")
     assert module.groups([3, 4, 5, 9, 16, 17]) == {4: 2, 8: 1, 16: 2, 32: 1}
+
+
+def test_serving_cost_model_predicts_a_longer_step_for_a_longer_chunk():
+    from jaxllm.config import PRESETS
+    from jaxllm.engine import Engine
+    from jaxllm.model import init_params
+
+    module = load("serving")
+    cfg = PRESETS["tiny"].replace(scan_layers=False)
+    params = init_params(cfg, jax.random.key(0))
+    peaks = {"flops_per_s": 1e11, "bandwidth_bytes_per_s": 1e10}
+    predicted = [
+        module.chunk_prediction(Engine(cfg, params, slots=4, policy="chunked", chunk=c), peaks)
+        for c in (8, 64)
+    ]
+    assert 0 < predicted[0] < predicted[1]
+    size = module.scale(False, 256)
+    assert size["prompts"][1] + size["outputs"][1] <= 256
