@@ -448,42 +448,56 @@ def _serve_bench_model(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     from jaxllm import hardware, servebench, traces
-    from jaxllm.engine import Engine
+    from jaxllm.engine import POLICIES
 
+    policies = args.policy.split(",")
+    for name in policies:  # every name checked before anything is compiled
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; policies are: {', '.join(POLICIES)}")
     if args.trace:
         trace = traces.load_trace(args.trace)
     else:
         lens = traces.parse_lengths(args.prompt_lens), traces.parse_lengths(args.output_lens)
         trace = traces.make_trace(args.requests, args.rate, *lens, seed=args.seed)
     config, params = _serve_bench_model(args)
-    engine = Engine(
-        config,
-        params,
-        slots=args.slots,
-        capacity=args.capacity,
-        policy=args.policy,
-        chunk=args.chunk,
-    )
     if args.save_trace:
         traces.save_trace(args.save_trace, trace)
+    peaks = hardware.roofline_peaks(hardware.calibrate(), config.dtype)
+    runs = [_serve_bench_run(args, p, config, params, trace, peaks) for p in policies]
+    if args.json:
+        print(json.dumps({"runs": runs}))
+        return 0
+    for summary in runs:
+        print("\n".join(servebench.summary_lines(summary)))
+        for line in summary["refusals"]:
+            print(f"refused {line}")
+    for summary in runs[1:]:
+        ratio = summary["tokens_per_s"] / runs[0]["tokens_per_s"]
+        print(f"{summary['policy']}: {ratio:.2f}x the tokens/s of {runs[0]['policy']}")
+    return 0
+
+
+def _serve_bench_run(
+    args: argparse.Namespace, policy: str, config: ModelConfig, params: Any, trace: Any, peaks: Any
+) -> dict[str, Any]:
+    """One policy's replay of ``trace`` on a fresh engine: ``servebench.summarize`` and more."""
+    from jaxllm import servebench
+    from jaxllm.engine import Engine
+
+    engine = Engine(
+        config, params, slots=args.slots, capacity=args.capacity, policy=policy, chunk=args.chunk
+    )
     longest = min(max(r.prompt_len for r in trace), engine.capacity - 1)
     compile_s = engine.compile_programs(longest)
     run = servebench.replay(engine, trace, args.seed)
     summary = servebench.summarize(engine, run)
-    peaks = hardware.roofline_peaks(hardware.calibrate(), engine.config.dtype)
     summary.update(
         compile_s=compile_s,
         programs_compiled=len(engine.compiled),
         refusals=run.refused,
         programs=servebench.programs(engine, run, peaks),
     )
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    print("\n".join(servebench.summary_lines(summary)))
-    for line in run.refused:
-        print(f"refused {line}")
-    return 0
+    return summary
 
 
 def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -495,7 +509,12 @@ def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.add_argument("--checkpoint", metavar="DIR", help="a jaxllm run directory's weights")
-    p.add_argument("--policy", default="continuous", help="static, continuous or chunked")
+    p.add_argument(
+        "--policy",
+        default="continuous",
+        help="static, continuous or chunked, or several separated by commas (one run each, same "
+        "trace; ratios to the first)",
+    )
     p.add_argument("--slots", type=_positive, default=8, help="B, requests decoded at once (8)")
     p.add_argument("--chunk", type=_positive, default=64, help="chunked: prompt tokens per step")
     p.add_argument("--capacity", type=_positive, help="positions per slot (default: max_len)")

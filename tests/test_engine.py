@@ -269,11 +269,19 @@ def test_replay_summary_counts_every_generated_token():
     assert 0 <= summary["wasted_flops_fraction"] < 1
 
 
-def test_serve_bench_cli_prints_the_run(capsys):
+def test_serve_bench_cli_prints_the_run(capsys, tmp_path):
     argv = ["serve-bench", "--preset", "tiny", "--requests", "4", "--prompt-lens", "3-9"]
-    assert main([*argv, "--output-lens", "2-5", "--slots", "2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["requests"] == 4 and out["refused"] == 0 and out["programs_compiled"] >= 2
-    assert {p["decode"] for p in out["programs"]} == {True, False}
+    trace = tmp_path / "trace.jsonl"
+    argv += ["--output-lens", "2-5", "--slots", "2", "--save-trace", str(trace)]
+    assert main([*argv, "--policy", "static,chunked", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["policy"] for r in runs] == ["static", "chunked"]
+    expected = sum(r.output_len for r in load_trace(trace))
+    for out in runs:
+        assert out["requests"] == 4 and out["refused"] == 0 and out["programs_compiled"] >= 2
+        assert out["generated_tokens"] == expected
+        assert {p["decode"] for p in out["programs"]} == {True, False}
     assert main(["serve-bench", "--preset", "tiny", "--rate", "0"]) == 2
     assert "rate must be > 0" in capsys.readouterr().err
+    assert main(["serve-bench", "--preset", "tiny", "--policy", "static,fifo"]) == 2
+    assert "unknown policy 'fifo'" in capsys.readouterr().err
