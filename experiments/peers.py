@@ -10,7 +10,7 @@ bf16 autocast); prefill B=1 T=1024 f32; decode B = 1, 8, 32 at a mean context of
 64 new) and B = 1, 32 at 1008 (1000-token prompt, 16 new), f32 and bf16 (bf16 weights on both sides;
 PyTorch keeps its KV cache in bf16, jaxllm on a CPU in float32: ``jaxllm.cache.cache_dtype``). A
 jaxllm decode step runs at the mean context in a 1024-slot cache, reading the window
-``jaxllm.serve.generate`` would read; the peer attends its filled slots. ``generate`` (the on-device
+``jaxllm.generate`` would read; the peer attends its filled slots. ``generate`` (the on-device
 loop) is timed at context 96 as well, per decode step, against the standalone step.
 """
 
@@ -37,6 +37,7 @@ from jaxllm import serve, train
 from jaxllm.cache import KVCache
 from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.experiment import write_csv
+from jaxllm.generate import generate, windows
 from jaxllm.model import init_params
 
 PEERS = Path(os.environ.get("PEERS_DIR", Path(__file__).resolve().parents[2] / "shared" / "peers"))
@@ -80,7 +81,7 @@ def jax_train(dtype: str, steps: int) -> Callable[[], float]:
 
 @functools.cache
 def _served(dtype: str) -> tuple[ModelConfig, Any]:
-    """gpt2 as ``serve.generate`` serves it (unrolled layers, weights in the compute dtype)."""
+    """gpt2 as ``jaxllm.generate`` serves it (unrolled layers, weights in the compute dtype)."""
     return serve.for_serving(_gpt2(dtype), init_params(_gpt2(dtype), jax.random.key(0)))
 
 
@@ -88,16 +89,16 @@ def jax_prefill(steps: int) -> Callable[[], float]:
     config, params = _served("float32")
     tokens, pad = jnp.ones((1, 1024), jnp.int32), jnp.zeros((1,), jnp.int32)
     cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1024))
-    compiled = serve.make_prefill(config).lower(params, tokens, pad, cache).compile()
+    compiled = serve.make_prefill(config).lower(params, cache, tokens, pad).compile()
     return lambda: _times(
-        lambda: compiled(params, tokens, pad, KVCache.init(config, 1, 1024))[0], steps
+        lambda: compiled(params, KVCache.init(config, 1, 1024), tokens, pad)[0], steps
     )
 
 
 def jax_decode(dtype: str, batch: int, context: int, steps: int) -> Callable[[], float]:
     """A decode step completing ``context`` tokens, in the window generate would read."""
     config, params = _served(dtype)
-    window = next(w for w in serve.windows(64, CAPACITY) if w >= context)
+    window = next(w for w in windows(64, CAPACITY) if w >= context)
     cache = jax.eval_shape(lambda: KVCache.init(config, batch, CAPACITY)).replace(window=window)
     tokens = jnp.ones((batch,), jnp.int32)
     compiled = serve.make_decode_step(config).jitted.lower(params, cache, tokens).compile()
@@ -115,12 +116,12 @@ def jax_decode(dtype: str, batch: int, context: int, steps: int) -> Callable[[],
 
 
 def jax_generate(dtype: str, batch: int) -> Callable[[], float]:
-    """Seconds per decode step of ``serve.generate``'s on-device loop: 64-token prompts, 64 new."""
+    """Seconds per decode step of ``jaxllm.generate``'s on-device loop: 64-token prompts, 64 new."""
     config, params = _served(dtype)
     prompts = [list(range(1, 65))] * batch
 
     def once() -> float:
-        gen = serve.generate(config, params, prompts, 64)
+        gen = generate(config, params, prompts, 64)
         return gen.decode_s / gen.decode_steps
 
     once()  # compiles

@@ -155,12 +155,14 @@ def prefill_flops(
     head_positions: int | None = None,
 ) -> int:
     """A prefill of tokens[B, T] into an empty cache, reading S = ``slots`` cache slots (0 when the
-    pass skips the empty cache; its capacity when it scores every slot).
+    pass skips the empty cache, as ``jaxllm.serve``'s prefill does; its capacity when it scores every
+    slot).
 
     Weights: 2·N_matmul per token, the head at ``head_positions`` positions per sequence (None: all
-    T — the model computes logits at every position and the prefill keeps the last; XLA does not
-    remove the discarded positions' head work, measured in tests/test_analytic.py). Attention: the
-    new tokens against the S read slots (empty, masked) and against each other, so "xla" counts
+    T, for a pass that computes logits at every position — XLA does not remove the head work of
+    positions whose logits are discarded, measured in tests/test_analytic.py; 1 for
+    ``jaxllm.serve``'s prefill, which runs the head at the last position only). Attention: the new
+    tokens against the S read slots (empty, masked) and against each other, so "xla" counts
     T × (S + T) pairs and "causal" T(T + 1)/2.
     """
     pairs = seq * (slots + seq) if attention == "xla" else _causal_pairs(seq, 0)

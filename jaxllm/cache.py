@@ -1,28 +1,31 @@
-"""KVCache: the keys and values of every layer, threaded functionally through prefill and decode.
+"""KVCache: the keys and values of every layer, threaded functionally through prefill and decode of
+one left-padded batch (``jaxllm.generate``; the engine's per-request slots are ``jaxllm.slots``).
 
-Layout: head-major [B, K, S, H] per layer (XLA_NOTES.md measured a [B, S, K, H] layout inserting
-transposes on CPU). For a model with scanned layers (``config.scan_layers``) the layers are stacked into
-one [L, B, K, S, H] array, which ``nn.scan`` slices; for unrolled layers each layer has its own array
-(a tuple of L arrays), because on CPU XLA materialises a slice of a stacked cache as a copy (of the whole
-cache, per step) while a layer's own array is read in place and updated in place when donated. Slot s of sequence b holds the key/value of the token written there; slots below
-``pad[b]`` hold left padding and are never attended to; slots at or above ``index`` are empty.
+Layout: one array per layer, head-major [B, K, S, H] (a tuple of L). One layout for every serving path:
+a layer's own array is read in place and, donated, updated in place, while a slice of a stacked
+[L, B, K, S, H] cache is materialised as a copy on CPU (of the whole cache, per step). Serving runs
+unrolled layers (``serve.serving_config``), so nothing needs the stacked layout. A [B, S, K, H] layout
+made XLA insert transposes on CPU (measured in round 1). Slot s of sequence b holds the key/value of
+the token written there; slots below ``pad[b]`` hold left padding and are never attended to; slots at
+or above ``index`` are empty.
 
-``window`` (static: part of the pytree structure, so each value compiles once) bounds the slots that new
-tokens attend to: a pass reads only slots [0, window) of the cache (None: every slot), so a decode step
-over a short context need not read the whole allocated cache. Slicing the window out of a bigger cache
-is a copy on CPU, so it pays when the window is a small part of the capacity (``jaxllm.serve`` grows it
-in powers of two).
+``window`` (static: part of the pytree structure, so each value compiles once) bounds the slots a
+decode step reads: slots [0, window) of the cache (None: every slot), so a step over a short context
+need not read the whole allocated cache. Slicing the window out of a bigger cache is a copy on CPU, so
+it pays when the window is a small part of the capacity (``jaxllm.generate`` grows it in powers of
+two). A prefill reads no cache at all (``jaxllm.serve``): its tokens attend to each other only.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from jaxllm.config import ModelConfig
-
-LayerArrays = jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L arrays [B, K, S, H]
+from jaxllm.model import Attend, cached_attention
 
 
 def cache_dtype(config: ModelConfig) -> jnp.dtype:
@@ -41,8 +44,8 @@ def cache_dtype(config: ModelConfig) -> jnp.dtype:
 
 
 class KVCache(struct.PyTreeNode):
-    k: LayerArrays  # keys: stacked [L, B, K, S, H] (scanned layers) or L arrays [B, K, S, H]
-    v: LayerArrays  # values, laid out like k
+    k: tuple[jax.Array, ...]  # keys: L arrays [B, K, S, H]
+    v: tuple[jax.Array, ...]  # values, laid out like k
     index: jax.Array  # [] int32: the next slot to write; slots < index are filled
     pad: jax.Array  # [B] int32: slots < pad[b] are left padding
     window: int | None = struct.field(pytree_node=False, default=None)  # slots read; None: all
@@ -52,7 +55,7 @@ class KVCache(struct.PyTreeNode):
         cls, config: ModelConfig, batch: int, capacity: int, dtype: jnp.dtype | str | None = None
     ) -> KVCache:
         """An empty cache of ``capacity`` slots per sequence in ``dtype`` (default:
-        ``cache_dtype(config)``), stacked when ``config.scan_layers``, one array per layer otherwise."""
+        ``cache_dtype(config)``)."""
         if batch <= 0 or capacity <= 0:
             raise ValueError(
                 f"KV cache batch and capacity must be positive, got batch={batch}, "
@@ -61,9 +64,7 @@ class KVCache(struct.PyTreeNode):
         shape = (batch, config.n_kv_heads, capacity, config.head_dim)
         dt = jnp.dtype(dtype or cache_dtype(config))
 
-        def zeros() -> LayerArrays:
-            if config.scan_layers:
-                return jnp.zeros((config.n_layers, *shape), dt)
+        def zeros() -> tuple[jax.Array, ...]:
             return tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers))
 
         return cls(
@@ -74,18 +75,9 @@ class KVCache(struct.PyTreeNode):
         )
 
     @property
-    def stacked(self) -> bool:
-        """True for the [L, B, K, S, H] layout, False for one array per layer."""
-        return not isinstance(self.k, tuple)
-
-    @property
     def layer_shape(self) -> tuple[int, ...]:
         """[B, K, S, H] of one layer."""
-        return tuple(self.k.shape[1:] if not isinstance(self.k, tuple) else self.k[0].shape)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.k) if isinstance(self.k, tuple) else self.k.shape[0]
+        return tuple(self.k[0].shape)
 
     @property
     def batch(self) -> int:
@@ -105,30 +97,25 @@ class KVCache(struct.PyTreeNode):
         return x if self.attended == self.capacity else x[..., : self.attended, :]
 
     def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, K, window, H] of layer i (a slice, i.e. a copy, when stacked or
-        windowed)."""
+        """Keys and values [B, K, window, H] of layer i (a slice, i.e. a copy, when windowed)."""
         return self._read(self.k[i]), self._read(self.v[i])
 
-    def stacked_kv(self) -> tuple[jax.Array, jax.Array]:
-        """Keys and values as [L, B, K, window, H] (a copy when stored per layer or windowed)."""
-        k, v = self.k, self.v
-        if isinstance(k, tuple) and isinstance(v, tuple):
-            k, v = jnp.stack(k), jnp.stack(v)
-        return self._read(k), self._read(v)  # pyright: ignore[reportArgumentType]
+    def attend(self, i: int) -> Attend:
+        """Layer i's attention for new tokens at slots ``index + t``: to the cache's filled, unpadded
+        slots and causally to each other (``model.cached_attention``)."""
+        return functools.partial(
+            cached_attention, kv=self.layer(i), pad=self.pad, offset=self.index
+        )
 
     def nbytes(self) -> int:
         """Allocated bytes of K and V (what a decode step reads when it attends over all slots)."""
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v)))
-
-    def filled_nbytes(self) -> int:
-        """Bytes of K and V in the filled slots [0, index) (host-side: reads ``index``)."""
-        return self.nbytes() * int(self.index) // self.capacity
+        return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
 
     def check_built_for(self, config: ModelConfig) -> None:
         """ValueError unless this cache has ``config``'s layers, key/value heads and head width and a
         write index in [0, capacity] (host-side: reads ``index``; call it before tracing)."""
         _, heads, _, width = self.layer_shape
-        built = (self.n_layers, heads, width)
+        built = (len(self.k), heads, width)
         wanted = (config.n_layers, config.n_kv_heads, config.head_dim)
         if built != wanted:
             raise ValueError(
@@ -170,19 +157,13 @@ class KVCache(struct.PyTreeNode):
         XLA clamps an out-of-range slot silently, so callers check ``index + T <= capacity``
         before tracing (``jaxllm.serve`` does).
         """
+        at = (0, 0, self.index, 0)
+
+        def put(old: jax.Array, new: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), at)
+
         return self.replace(
-            k=_write(self.k, k_new, self.index),
-            v=_write(self.v, v_new, self.index),
+            k=tuple(put(o, n) for o, n in zip(self.k, k_new, strict=True)),
+            v=tuple(put(o, n) for o, n in zip(self.v, v_new, strict=True)),
             index=self.index + k_new.shape[3],
         )
-
-
-def _write(old: LayerArrays, new: jax.Array, index: jax.Array) -> LayerArrays:
-    """dynamic_update_slice of new [L, B, K, T, H] at slot ``index``, in either layout."""
-    if isinstance(old, tuple):
-        at = (0, 0, index, 0)
-        return tuple(
-            jax.lax.dynamic_update_slice(o, n.astype(o.dtype), at)
-            for o, n in zip(old, new, strict=True)
-        )
-    return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, 0, index, 0))

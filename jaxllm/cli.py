@@ -349,7 +349,7 @@ def _warn(message: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxllm import serve
+    from jaxllm.generate import generate
     from jaxllm.sampling import Sampler
     from jaxllm.tokenizer import parse_ids
 
@@ -363,7 +363,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         texts = _read_prompts(args)
         prompts = [tokenizer.encode(t).tolist() for t in texts]
     key = jax.random.key(args.seed)
-    gen = serve.generate(config, params, prompts, args.max_new_tokens, sampler, key, stop)
+    gen = generate(config, params, prompts, args.max_new_tokens, sampler, key, stop)
     if tokenizer is None:
         outputs = [",".join(map(str, t)) for t in gen.tokens]
     else:

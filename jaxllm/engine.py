@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from jaxllm import serve
+from jaxllm.batching import bucket
 from jaxllm.config import ModelConfig
 from jaxllm.model import Params
 from jaxllm.sampling import Sampler, greedy, sample_rows
@@ -49,11 +50,6 @@ POLICIES = ("static", "continuous", "chunked")
 MIN_CHUNK = 16  # the shortest compiled lane: shorter prompts are padded to it
 MAX_SEED = 2**32 - 1
 MAX_RECORDS = 100_000  # steps whose record is kept (a long-running server forgets the oldest)
-
-
-def bucket(n: int, floor: int = 1) -> int:
-    """The smallest power of two >= max(n, floor)."""
-    return 1 << (max(n, floor) - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,12 +5,13 @@ Dimension letters, used in einsum equations, shape comments and docstrings acros
   F MLP width, N query heads, K key/value heads, G = N / K query heads per key/value head,
   H head dim, L layers, V vocabulary.
 
-``logits, cache = Transformer(cfg).apply({"params": p}, tokens, positions, cache=None, pad=None)``:
-- without a cache, a full forward pass over tokens[B, T]: causal, with keys in columns below ``pad[b]``
+``logits, (k, v) = Transformer(cfg).apply({"params": p}, tokens, positions, pad=None, attend=None)``:
+- by default, a full forward pass over tokens[B, T]: causal, with keys in columns below ``pad[b]``
   masked (left padding);
-- with a ``KVCache``, the T new tokens occupy slots ``cache.index + t``; they attend to the cache's
-  filled, unpadded slots and causally to each other, and their keys and values are written into the
-  returned cache. There is no mode flag: the cache argument is what makes a pass a prefill or a decode.
+- with ``attend`` (a function of the layer index), each layer's attention is the caller's: a KV cache
+  (``jaxllm.cache.KVCache.attend``, ``jaxllm.step``) attends the new tokens to what it holds.
+Either way the new tokens' keys and values come back ([L, B, K, T, H] each) for a cache to store: the
+model itself holds no state and has no mode flag.
 
 Layers sit under ``nn.scan`` (parameters stacked under ``blocks`` with a leading L axis) or in a Python
 loop (``block_0`` ... ``block_{L-1}``); ``stack_layers``/``unstack_layers`` convert between the two.
@@ -28,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
 
 Params = dict[str, Any]
 LayerKV = tuple[jax.Array, jax.Array]  # ([B, K, S, H], [B, K, S, H]) keys and values of one layer
 # attend(q [B, T, N, H], k_new [B, K, T, H], v_new [B, K, T, H]) -> [B, T, N, H]: a layer's attention
-# supplied by the caller (the serving engine's slot cache); LayerAttend maps a layer index to it.
+# supplied by the caller (a KV cache); LayerAttend maps a layer index to it.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 LayerAttend = Callable[[int], Attend]
 
@@ -214,9 +214,7 @@ class Attention(nn.Module):
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
         pad: jax.Array | None,  # [B], or None: no padding
-        offset: jax.Array | int,  # slot of the first new token
-        kv: LayerKV | None,
-        attend: Attend | None = None,  # the caller's attention (then kv is None)
+        attend: Attend | None = None,  # the caller's attention (None: causal over x alone)
     ) -> tuple[jax.Array, LayerKV]:
         """Returns the output [B, T, D] and the new tokens' keys and values ([B, K, T, H] each)."""
         cfg = self.config
@@ -229,12 +227,9 @@ class Attention(nn.Module):
             freq = rope_frequencies(cfg)
             q, k = rope(q, positions, freq), rope(k, positions, freq)
         k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-        if attend is None and kv is None:
+        if attend is None:
             out = causal_attention(q, k, v, pad)
         else:
-            if attend is None:
-                assert pad is not None and kv is not None  # a cache holds its padding
-                attend = functools.partial(cached_attention, kv=kv, pad=pad, offset=offset)
             out = attend(q, k_new, v_new).astype(q.dtype)
             # A data dependency from this layer's reads of the cache to its new keys and values: it
             # orders the in-place cache write after the reads. Without it XLA cannot tell the order
@@ -278,15 +273,13 @@ class Block(nn.Module):
     def __call__(
         self,
         x: jax.Array,  # [B, T, D]
-        kv: LayerKV | None,
         positions: jax.Array,
         pad: jax.Array | None,
-        offset: jax.Array | int,
         attend: Attend | None = None,
     ) -> tuple[jax.Array, LayerKV]:
         cfg = self.config
         h, new_kv = Attention(cfg, name="attn")(
-            make_norm(cfg, "attn_norm")(x), positions, pad, offset, kv, attend
+            make_norm(cfg, "attn_norm")(x), positions, pad, attend
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x))
@@ -311,22 +304,17 @@ class Transformer(nn.Module):
         self,
         tokens: jax.Array,  # [B, T] int
         positions: jax.Array,  # [B, T] int, each in [0, max_len)
-        cache: KVCache | None = None,
-        pad: jax.Array | None = None,  # [B] left padding (no-cache pass; a cache holds its own)
+        pad: jax.Array | None = None,  # [B] left-padding columns (causal attention over tokens)
         attend: LayerAttend | None = None,
         logits_at: jax.Array | None = None,  # [B, R] int: the positions whose logits are wanted
-    ) -> tuple[jax.Array, Any]:
-        """Returns logits [B, T, V] (float32; [B, R, V] at ``logits_at``) and the cache with the new
-        tokens written (None without one). With ``attend`` (unrolled layers, no cache), layer i's
-        attention is ``attend(i)`` and the second value is the new keys and values, each
-        [L, B, K, T, H], for the caller to store."""
+    ) -> tuple[jax.Array, LayerKV]:
+        """Returns logits [B, T, V] (float32; [B, R, V] at ``logits_at``) and the new tokens' keys
+        and values, each [L, B, K, T, H], for a cache to store. Layer i's attention is
+        ``attend(i)`` (unrolled layers only; a cache supplies it) or, by default, causal over
+        ``tokens`` with ``pad`` masked."""
         cfg = self.config
-        if attend is not None and (cache is not None or cfg.scan_layers):
-            raise ValueError("attend= needs unrolled layers (scan_layers=False) and no cache")
-        if cache is not None:
-            pad, offset = cache.pad, cache.index
-        else:
-            offset = 0
+        if attend is not None and cfg.scan_layers:
+            raise ValueError("attend= needs unrolled layers (scan_layers=False)")
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,
@@ -345,7 +333,7 @@ class Transformer(nn.Module):
                 param_dtype=cfg.storage_dtype,
                 name="pos_embed",
             )(positions)
-        x, (k_new, v_new) = self._layers(x, cache, positions, pad, offset, attend)
+        x, kv = self._layers(x, positions, pad, attend)
         if logits_at is not None:  # the head only where it is read
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = make_norm(cfg, "final_norm")(x)
@@ -354,19 +342,13 @@ class Transformer(nn.Module):
         else:
             shape = (cfg.d_model, cfg.vocab_size)
             logits = Einsum("BTD,DV->BTV", shape, None, cfg, name="head")(x)
-        if attend is not None:
-            return logits.astype(jnp.float32), (k_new, v_new)
-        if cache is not None:
-            cache = cache.write(k_new, v_new)
-        return logits.astype(jnp.float32), cache
+        return logits.astype(jnp.float32), kv
 
     def _layers(
         self,
         x: jax.Array,
-        cache: KVCache | None,
         positions: jax.Array,
         pad: jax.Array | None,
-        offset: jax.Array | int,
         attend: LayerAttend | None,
     ) -> tuple[jax.Array, LayerKV]:
         """Runs the L blocks; returns x and the new keys and values stacked to [L, B, K, T, H]."""
@@ -377,16 +359,14 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]
+                in_axes=(nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]
                 length=cfg.n_layers,
             )
-            kv = None if cache is None or cache.attended == 0 else cache.stacked_kv()
-            return stack(cfg, name="blocks")(x, kv, positions, pad, offset)
+            return stack(cfg, name="blocks")(x, positions, pad)
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
-            kv = None if cache is None or cache.attended == 0 else cache.layer(i)
             layer_attend = None if attend is None else attend(i)
-            x, (k, v) = block(cfg, name=f"block_{i}")(x, kv, positions, pad, offset, layer_attend)
+            x, (k, v) = block(cfg, name=f"block_{i}")(x, positions, pad, layer_attend)
             new_k.append(k)
             new_v.append(v)
         return x, (jnp.stack(new_k), jnp.stack(new_v))

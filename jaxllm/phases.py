@@ -4,7 +4,8 @@ to time them, and the analytic view of each.
 - ``train``: ``jaxllm.train.make_train_step(config, make_optimizer())`` on a batch [B, T + 1];
   B·T tokens per call.
 - ``prefill``: ``jaxllm.serve.make_prefill(config)`` on tokens [B, T] into an empty cache of
-  capacity S = T; B·T tokens per call. It reads none of the empty cache (its window is 0).
+  capacity S = T; B·T tokens per call. It reads none of the empty cache, and runs the head at each
+  row's last position only.
 - ``decode``: ``jaxllm.serve.make_decode_step(config)``, one token per sequence. ``--seq S`` is the
   context the step completes: S - 1 tokens are cached (index S - 1) and the step writes the S-th, so
   S <= max_len. Capacity policy: S rounded up to a power of two, at most max_len (jaxllm.serve's
@@ -132,11 +133,11 @@ def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int)
         weights = filler_params(params)
         ids = jax.random.randint(key, tokens.shape, 0, config.vocab_size, jnp.int32)
         if phase == "prefill":
-            return lambda: (weights, ids, jnp.zeros((batch,), jnp.int32), fresh_cache())
+            return lambda: (weights, fresh_cache(), ids, jnp.zeros((batch,), jnp.int32))
         return lambda: (weights, fresh_cache(), ids)
 
     if phase == "prefill":
-        return _unwrap(serve.make_prefill(config)), (params, tokens, pad, abstract_cache), make_args
+        return _unwrap(serve.make_prefill(config)), (params, abstract_cache, tokens, pad), make_args
     return _unwrap(serve.make_decode_step(config)), (params, abstract_cache, tokens), make_args
 
 
@@ -149,7 +150,7 @@ def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     else:
         from jaxllm import serve
 
-        # Served as jaxllm.serve.generate serves it (serve.serving_config): layers unrolled, since
+        # Served as jaxllm.generate serves it (serve.serving_config): layers unrolled, since
         # slicing stacked weights and cache per layer copies them on every step, and weights stored
         # in the compute dtype.
         config = serve.serving_config(config)
@@ -176,7 +177,7 @@ def analytic_view(program: Program) -> dict[str, Any]:
         state = memory["params"] + memory["adam"]
         nbytes = 2 * state + 2 * memory["grads"] + 2 * memory["activations"]
     elif program.phase == "prefill":
-        flops = {c: analytic.prefill_flops(cfg, B, S, read, c) for c in ("xla", "causal")}
+        flops = {c: analytic.prefill_flops(cfg, B, S, read, c, 1) for c in ("xla", "causal")}
         memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
         # Weights read once, the cache written, float32 logits of the last position out.
         nbytes = memory["params"] + memory["kv_cache"] + B * cfg.vocab_size * 4

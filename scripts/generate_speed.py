@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxllm import analytic, phases, serve
 from jaxllm.config import get_preset
+from jaxllm.generate import generate
 from jaxllm.model import param_shapes
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "llama3.2-1b"
@@ -22,8 +23,8 @@ for B, prompt, new in ((1, 1000, 48), (1, 1000, 176), (8, 1000, 48)):
     prompt = min(prompt, cfg.max_len // 2)
     new = min(new, cfg.max_len // 4)
     prompts = [rng.integers(0, cfg.vocab_size, prompt).tolist() for _ in range(B)]
-    g = serve.generate(cfg, params, prompts, new)
-    g2 = serve.generate(cfg, params, prompts, new)
+    g = generate(cfg, params, prompts, new)
+    g2 = generate(cfg, params, prompts, new)
     served = serve.serving_config(cfg)
     wbytes = analytic.param_bytes(served)
     kv = analytic.kv_cache_bytes(served, B, prompt + new // 2)

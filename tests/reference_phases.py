@@ -43,13 +43,14 @@ def train_step(config: ModelConfig):
 def cache_pass(config: ModelConfig):
     """jit(params, tokens[B, T], cache) -> (logits of the last position [B, V], cache), cache donated.
 
-    With an empty cache it is a prefill; with T = 1 a decode step."""
+    With an empty cache it is a prefill that reads the whole (empty) cache; with T = 1 a decode
+    step. Unrolled layers (a cache supplies each layer's attention)."""
     model = Transformer(config)
 
     def run(params, tokens, cache):
         positions = cache.index + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache = model.apply({"params": params}, tokens, positions, cache=cache)
-        return logits[:, -1], cache
+        logits, (k, v) = model.apply({"params": params}, tokens, positions, attend=cache.attend)
+        return logits[:, -1], cache.write(k, v)
 
     return jax.jit(run, donate_argnums=2)
 

@@ -1,4 +1,4 @@
-"""The serving engine against ``serve.generate`` and the full forward pass, for every policy."""
+"""The serving engine against ``generate`` and the full forward pass, for every policy."""
 
 import functools
 import json
@@ -15,6 +15,7 @@ from jaxllm.cli import main
 from jaxllm.config import PRESETS
 from jaxllm.cost import analyze_compiled
 from jaxllm.engine import POLICIES, Engine, SamplingParams, StepRecord, _blank_input
+from jaxllm.generate import generate
 from jaxllm.model import Transformer, init_params
 from jaxllm.servebench import replay, summarize
 from jaxllm.slots import SlotCache
@@ -43,7 +44,7 @@ def prompts(lens=PROMPT_LENS, seed=0):
 def alone(cfg):
     """Each prompt's greedy tokens from generate (a left-padded batch gives each row what it gives
     alone: tests/test_serve.py)."""
-    return serve.generate(cfg, params_of(cfg), prompts(), list(NEW)).tokens
+    return generate(cfg, params_of(cfg), prompts(), list(NEW)).tokens
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ pytest.importorskip("safetensors")  # the `hf` extra; absent from some GPU image
 pytest.importorskip("tokenizers")
 from safetensors.numpy import load_file, save_file
 
-from jaxllm import hf
+from jaxllm import hf, serve
 from jaxllm.cache import KVCache
 from jaxllm.cli import main
 from jaxllm.config import PRESETS, ModelConfig
@@ -32,7 +32,7 @@ from jaxllm.tokenizer import load_hf_tokenizer, parse_ids
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAMES = ["gpt2", "llama", "llama-sharded-bf16", "llama3-scaled", "qwen2"]
-# (fixture, scan_layers) for the full forward pass; the prefill + decode test takes the other layout.
+# (fixture, scan_layers) for the full forward pass; the prefill + decode test serves unrolled layers.
 GOLDEN = [
     ("gpt2", True),
     ("llama", False),
@@ -40,7 +40,6 @@ GOLDEN = [
     ("llama3-scaled", True),
     ("qwen2", False),
 ]
-OTHER_LAYOUT = [(name, not scan) for name, scan in GOLDEN]
 TOL = 1e-4  # absolute, float32 logits
 
 
@@ -149,16 +148,16 @@ def test_full_forward_greedy_matches_reference(name, scan):
         np.testing.assert_array_equal(tokens[b, width:], ref)
 
 
-@pytest.mark.parametrize(("name", "scan"), OTHER_LAYOUT)
-def test_prefill_then_decode_matches_reference(name, scan):
-    """One left-padded batch of all prompts: prefill logits match the reference, and decoding one
-    token at a time through the KV cache reproduces every greedy continuation."""
-    config, params = loaded(name, scan)
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_then_decode_matches_reference(name):
+    """One left-padded batch of all prompts, through a KV cache (unrolled layers, as served): prefill
+    logits match the reference, and decoding one token at a time reproduces every greedy
+    continuation."""
+    config, params = loaded(name, False)
     prompts, logits, greedy = reference(name)
     new, width = len(greedy[0]), max(map(len, prompts))
     tokens, pad, positions = left_padded(prompts, width)
-    model = Transformer(config)
-    step = jax.jit(lambda c, tok, pos: model.apply({"params": params}, tok, pos, cache=c))
+    step = jax.jit(lambda c, tok, pos: serve.cached_forward(config, params, c, tok, pos))
     cache = KVCache.init(config, len(prompts), width + new).replace(pad=jnp.asarray(pad))
     out, cache = step(cache, tokens, positions)
     for b, ref in enumerate(logits):
@@ -178,14 +177,12 @@ def test_prefill_then_decode_matches_reference(name, scan):
 def test_serve_generate_matches_reference_greedy(name):
     """jaxllm.serve: one batched prefill, then the on-device decode loop (the generate CLI tests
     below run the same path for gpt2 and llama in the fast suite)."""
-    from jaxllm import serve
+    from jaxllm.generate import generate
     from jaxllm.sampling import Sampler
 
     config, params = loaded(name, scan=True)
     prompts, _, greedy = reference(name)
-    gen = serve.generate(
-        config, params, [p.tolist() for p in prompts], len(greedy[0]), Sampler(0.0)
-    )
+    gen = generate(config, params, [p.tolist() for p in prompts], len(greedy[0]), Sampler(0.0))
     assert gen.tokens == [g.tolist() for g in greedy]
 
 

@@ -127,23 +127,21 @@ def test_padding_masks_hide_padded_keys(family, n_kv_heads, key):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cache_pass_equals_full_pass(family, scan_layers, key):
-    cfg = tiny(family, 2, scan_layers=scan_layers)
-    params = init_params(tiny(family, 2), key)
-    if not scan_layers:
-        params = unstack_layers(params, cfg.n_layers)
+def test_cache_pass_equals_full_pass(family, key):
+    """A prefill through the cache, then one token at a time: the logits of the full pass."""
+    from jaxllm.serve import cached_forward
+
+    cfg = tiny(family, 2, scan_layers=False)
+    params = unstack_layers(init_params(tiny(family, 2), key), cfg.n_layers)
     tokens = jax.random.randint(key, (2, 8), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    full = forward(cfg, params, tokens)
+    full = forward(cfg.replace(scan_layers=True), stack_layers(params, cfg.n_layers), tokens)
     cache = KVCache.init(cfg, batch=2, capacity=12)
-    apply = jax.jit(Transformer(cfg).apply)
-    first, cache = apply({"params": params}, tokens[:, :5], positions[:, :5], cache=cache)
+    apply = jax.jit(functools.partial(cached_forward, cfg))
+    first, cache = apply(params, cache, tokens[:, :5], positions[:, :5])
     outs = [first]
     for t in range(5, 8):
-        step, cache = apply(
-            {"params": params}, tokens[:, t : t + 1], positions[:, t : t + 1], cache=cache
-        )
+        step, cache = apply(params, cache, tokens[:, t : t + 1], positions[:, t : t + 1])
         outs.append(step)
     assert int(cache.index) == 8
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from jaxllm import serve
+from jaxllm.batching import buckets
 from jaxllm.cache import KVCache
 from jaxllm.config import PRESETS, ModelConfig
+from jaxllm.generate import generate, make_decode_loop, windows
 from jaxllm.model import Transformer, init_params, stack_layers
 from jaxllm.sampling import GREEDY, Sampler
 
@@ -50,7 +52,7 @@ def _left_padded(cfg, key, B=2, T=5, extra=3):
 
 def _prefill_then_decode(cfg, params, tokens, pad, T, capacity, window=None):
     cache = KVCache.init(cfg, tokens.shape[0], capacity).replace(window=window)
-    last, cache = serve.make_prefill(cfg)(params, tokens[:, :T], pad, cache)
+    last, cache = serve.make_prefill(cfg)(params, cache, tokens[:, :T], pad)
     steps = [last]
     for t in range(T, tokens.shape[1]):
         logits, cache = serve.make_decode_step(cfg)(params, cache, tokens[:, t])
@@ -69,16 +71,12 @@ def test_prefill_and_decode_equal_the_full_pass(family, n_kv_heads, key):
     assert int(cache.index) == 8
 
 
-@pytest.mark.parametrize("layout", ["stacked", "windowed"])
-def test_cache_layouts_and_windows_give_the_same_logits(layout, key):
+def test_a_decode_window_gives_the_same_logits(key):
     cfg = tiny("llama", 2)
     params = params_of(cfg)
     tokens, pad, positions = _left_padded(cfg, key)
     full = full_logits(cfg, params, tokens, pad, positions)[:, 4:]
-    if layout == "stacked":
-        cfg, params = cfg.replace(scan_layers=True), stack_layers(params, cfg.n_layers)
-    window = 8 if layout == "windowed" else None
-    cached, _ = _prefill_then_decode(cfg, params, tokens, pad, 5, capacity=32, window=window)
+    cached, _ = _prefill_then_decode(cfg, params, tokens, pad, 5, capacity=32, window=8)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * float(jnp.abs(full).max()))
 
 
@@ -89,34 +87,53 @@ PROMPTS = [[5, 17, 99], [200, 3, 3, 41, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
 def test_left_padded_batch_equals_each_prompt_alone(family):
     cfg = tiny(family)
     params = params_of(cfg)
-    batch = serve.generate(cfg, params, PROMPTS, 6)
-    alone = [serve.generate(cfg, params, [p], 6).tokens[0] for p in PROMPTS]
+    batch = generate(cfg, params, PROMPTS, 6)
+    alone = [generate(cfg, params, [p], 6).tokens[0] for p in PROMPTS]
     assert batch.tokens == alone
     assert all(len(t) == 6 for t in alone) and batch.stopped == [False] * 3
 
 
+def _greedy_by_steps(cfg, params, prompts, new):
+    """Greedy tokens by the two phases called from Python, one decode step per token over the
+    whole cache (no window): the reference for the on-device loop."""
+    T = max(map(len, prompts))
+    tokens = np.array([[0] * (T - len(p)) + p for p in prompts], np.int32)
+    pad = np.array([T - len(p) for p in prompts], np.int32)
+    cache = KVCache.init(cfg, len(prompts), T + new)
+    logits, cache = serve.make_prefill(cfg)(params, cache, tokens, pad)
+    out = [np.asarray(jnp.argmax(logits, -1), np.int32)]
+    for _ in range(new - 1):
+        logits, cache = serve.make_decode_step(cfg)(params, cache, out[-1])
+        out.append(np.asarray(jnp.argmax(logits, -1), np.int32))
+    return np.stack(out, 1).tolist()
+
+
 @pytest.mark.slow
-def test_device_loop_equals_per_step_loop_when_sampling():
-    """Sampled tokens agree token for token, across the windows [64, 128) and [64, 128]."""
+def test_device_loop_crosses_windows_as_the_phases_step_by_step():
+    """70 new tokens run through the windows [64, 128): the loop's greedy tokens equal the phases
+    called one step at a time over the whole cache; sampling repeats for a key and not across keys."""
     cfg = tiny("gpt2").replace(max_len=128)
     params = params_of(cfg)
+    assert windows(8, 128) == [64, 128]
+    loop = generate(cfg, params, PROMPTS, 70)
+    assert loop.tokens == _greedy_by_steps(cfg, params, PROMPTS, 70)
+    assert loop.decode_steps == 69
     sampler, key, limits = Sampler(1.0, top_k=20, top_p=0.9), jax.random.key(3), [70, 3, 66]
-    loop = serve.generate(cfg, params, PROMPTS, limits, sampler, key)
-    steps = serve.generate_per_step(cfg, params, PROMPTS, limits, sampler, key)
-    assert serve.windows(8, 128) == [64, 128]
-    assert loop.tokens == steps.tokens
-    assert [len(t) for t in loop.tokens] == limits
-    assert loop.decode_steps == steps.decode_steps == 69
-    assert serve.generate(cfg, params, PROMPTS, limits, sampler, key).tokens == loop.tokens
+    sampled = generate(cfg, params, PROMPTS, limits, sampler, key)
+    assert [len(t) for t in sampled.tokens] == limits
+    assert generate(cfg, params, PROMPTS, limits, sampler, key).tokens == sampled.tokens
+    assert (
+        generate(cfg, params, PROMPTS, limits, sampler, jax.random.key(4)).tokens != sampled.tokens
+    )
 
 
 def test_stop_token_ends_a_row_and_is_not_returned():
     cfg = tiny("gpt2")
     params = params_of(cfg)
-    free = serve.generate(cfg, params, PROMPTS, 6).tokens
+    free = generate(cfg, params, PROMPTS, 6).tokens
     stop = free[1][2]
     first = free[1].index(stop)
-    out = serve.generate(cfg, params, PROMPTS, 6, stop_tokens=[stop])
+    out = generate(cfg, params, PROMPTS, 6, stop_tokens=[stop])
     assert out.tokens[1] == free[1][:first] and out.stopped[1]
     for b in (0, 2):  # other rows run on, cut at their own first stop token if any
         cut = free[b].index(stop) if stop in free[b] else 6
@@ -128,8 +145,8 @@ def test_generate_serves_scanned_checkpoints_unrolled():
     cfg = tiny("llama")
     scanned = cfg.replace(scan_layers=True), stack_layers(params_of(cfg), cfg.n_layers)
     assert (
-        serve.generate(*scanned, PROMPTS[:1], 4).tokens
-        == serve.generate(cfg, params_of(cfg), PROMPTS[:1], 4).tokens
+        generate(*scanned, PROMPTS[:1], 4).tokens
+        == generate(cfg, params_of(cfg), PROMPTS[:1], 4).tokens
     )
 
 
@@ -153,11 +170,12 @@ def test_generate_compiles_each_phase_once_and_times_only_its_phase(caplog):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = jax.device_put(params_of(cfg), replicated)
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
-        first = serve.generate(cfg, params, PROMPTS[:2], 5)
-        assert [n for n in _compiled(caplog) if n.startswith("_")] == ["_decode_loop", "_prefill"]
+        first = generate(cfg, params, PROMPTS[:2], 5)
+        phases = {"_decode_loop", "prefill"}
+        assert [n for n in _compiled(caplog) if n in phases] == ["_decode_loop", "prefill"]
         caplog.clear()
-        second = serve.generate(cfg, params, PROMPTS[:2], 5)
-        assert [n for n in _compiled(caplog) if n.startswith("_")] == []
+        second = generate(cfg, params, PROMPTS[:2], 5)
+        assert [n for n in _compiled(caplog) if n in phases] == []
     assert second.tokens == first.tokens
     assert first.compile_s > second.compile_s >= 0
     assert second.prefill_s > 0 and second.decode_s > 0 and second.decode_steps == 4
@@ -176,7 +194,7 @@ def test_bf16_serving_casts_weights_once_and_picks_the_cache_dtype():
     assert cache.k[0].dtype == jnp.dtype(jnp.float32 if on_cpu else jnp.bfloat16)
     _, params32 = serve.for_serving(master, params)
     assert {x.dtype for x in jax.tree.leaves(params32)} == {jnp.dtype(jnp.float32)}
-    assert serve.generate(served, cast, PROMPTS[:1], 3).tokens[0] != []
+    assert generate(served, cast, PROMPTS[:1], 3).tokens[0] != []
 
 
 def _abstract(cfg, B, S):
@@ -204,7 +222,7 @@ def test_decode_step_updates_the_cache_in_place(family):
 def test_generation_is_one_program_with_on_device_loops():
     cfg = tiny("gpt2")
     params, cache = _abstract(cfg, 3, 16)
-    loop = serve.make_decode_loop(cfg, GREEDY, 8)
+    loop = make_decode_loop(cfg, GREEDY, 8)
     args = (
         jax.ShapeDtypeStruct((3, cfg.vocab_size), jnp.float32),
         jax.random.key(0),
@@ -213,7 +231,7 @@ def test_generation_is_one_program_with_on_device_loops():
     )
     compiled = loop.lower(params, cache, *args).compile()
     hlo = compiled.as_text()
-    assert len(re.findall(r" while\(", hlo)) == len(serve.windows(8, 16)) == 1
+    assert len(re.findall(r" while\(", hlo)) == len(windows(8, 16)) == 1
     assert "callback" not in hlo.lower() and "outfeed" not in hlo
     assert _cache_copies(hlo, cache) == []
     assert compiled.memory_analysis().alias_size_in_bytes >= cache.nbytes()
@@ -224,7 +242,7 @@ def test_writing_past_the_cache_raises_and_leaves_it_intact():
     params = params_of(cfg)
     tokens = jnp.ones((1, 4), jnp.int32)
     cache = KVCache.init(cfg, 1, 5)
-    _, cache = serve.make_prefill(cfg)(params, tokens, jnp.zeros((1,), jnp.int32), cache)
+    _, cache = serve.make_prefill(cfg)(params, cache, tokens, jnp.zeros((1,), jnp.int32))
     step = serve.make_decode_step(cfg)
     _, cache = step(params, cache, jnp.ones((1,), jnp.int32))
     before = np.asarray(cache.k[0])
@@ -234,7 +252,7 @@ def test_writing_past_the_cache_raises_and_leaves_it_intact():
     np.testing.assert_array_equal(cache.k[0], before)
     with pytest.raises(ValueError, match="overflow"):
         serve.make_prefill(cfg)(
-            params, jnp.ones((1, 6), jnp.int32), jnp.zeros((1,), jnp.int32), KVCache.init(cfg, 1, 5)
+            params, KVCache.init(cfg, 1, 5), jnp.ones((1, 6), jnp.int32), jnp.zeros((1,), jnp.int32)
         )
 
 
@@ -264,7 +282,7 @@ def test_context_and_window_limits_raise():
 def test_bad_requests_raise_before_tracing(prompts, max_new, word):
     cfg = tiny("gpt2")
     with pytest.raises(ValueError, match=word):
-        serve.generate(cfg, {}, prompts, max_new)
+        generate(cfg, {}, prompts, max_new)
 
 
 @pytest.mark.parametrize(
@@ -274,7 +292,7 @@ def test_bad_requests_raise_before_tracing(prompts, max_new, word):
         (lambda c, p, s: serve.make_decode_step(c)(p, s, jnp.array([300])), "token id 300"),
         (
             lambda c, p, s: serve.make_prefill(c)(
-                p, jnp.ones((1, 4), jnp.int32), jnp.array([4]), s
+                p, s, jnp.ones((1, 4), jnp.int32), jnp.array([4])
             ),
             "pad",
         ),
@@ -291,12 +309,12 @@ def test_bad_phase_inputs_raise(call, word):
 
 def test_buckets_bound_the_shapes():
     cfg = tiny("gpt2")  # max_len 64
-    assert serve.buckets(cfg, 3, 6) == (4, 16)
-    assert serve.buckets(cfg, 5, 6) == (8, 16)
-    assert serve.buckets(cfg, 33, 30) == (34, 64)  # 64 + 30 would pass max_len: T shrinks to fit
-    assert serve.windows(8, 64) == [64]
-    assert serve.windows(8, 1024) == [128, 256, 512, 1024]
-    assert serve.windows(300, 1024) == [512, 1024]
+    assert buckets(cfg, 3, 6) == (4, 16)
+    assert buckets(cfg, 5, 6) == (8, 16)
+    assert buckets(cfg, 33, 30) == (34, 64)  # 64 + 30 would pass max_len: T shrinks to fit
+    assert windows(8, 64) == [64]
+    assert windows(8, 1024) == [128, 256, 512, 1024]
+    assert windows(300, 1024) == [512, 1024]
 
 
 @pytest.mark.parametrize(
@@ -308,7 +326,7 @@ def test_a_cache_built_for_another_model_is_refused(built, shape):
     other = KVCache.init(cfg.replace(**built), batch=1, capacity=8)
     tokens = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match=rf"the KV cache has .* = {shape}, the model \(2, 2, 8\)"):
-        serve.make_prefill(cfg)(params_of(cfg), tokens, jnp.zeros(1, jnp.int32), other)
+        serve.make_prefill(cfg)(params_of(cfg), other, tokens, jnp.zeros(1, jnp.int32))
 
 
 def test_a_negative_cache_index_is_refused():
@@ -316,3 +334,8 @@ def test_a_negative_cache_index_is_refused():
     cache = KVCache.init(cfg, batch=1, capacity=8).replace(index=jnp.int32(-2))
     with pytest.raises(ValueError, match=r"index -2 is outside \[0, 8\]"):
         serve.make_decode_step(cfg)(params_of(cfg), cache, jnp.ones(1, jnp.int32))
+
+
+def test_the_phases_refuse_scanned_layers():
+    with pytest.raises(ValueError, match="serving runs unrolled layers"):
+        serve.make_prefill(tiny("gpt2").replace(scan_layers=True))
