@@ -139,14 +139,15 @@ def _label(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxllm import loop
 
-    if args.hf_dir:  # parsed with the shared model flags; refused rather than silently ignored
-        raise UsageError(
-            "train --hf-dir (fine-tuning a Hugging Face checkpoint) is not implemented"
-        )
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     summary = loop.train(
-        args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
+        args.out,
+        preset=args.preset,
+        hf_dir=args.hf_dir,
+        overrides=args.override,
+        resume=args.resume,
+        **requested,
     )
     print(loop.describe_summary(summary))
     stopped = summary["stopped_by"]
@@ -158,6 +159,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model on a text corpus (default: `small` on the built-in corpus)",
         description="Train with AdamW; checkpoints, metrics.jsonl and summary.json go to --out. "
+        "With --hf-dir, fine-tune that checkpoint: its weights, its tokenizer.json (copied into "
+        "--out) and config; --override may change only dtype, param_dtype, scan_layers, remat. "
         "With --resume, settings not given are taken from the checkpoint and those given must "
         "match it (except the evaluation, checkpoint, logging and --data options).",
     )
