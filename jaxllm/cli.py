@@ -8,10 +8,11 @@ import dataclasses
 import json
 import signal
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset
+from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
 from jaxllm.errors import RunError
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
@@ -429,6 +430,35 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxllm import export
+
+    files = export.export_run(args.checkpoint, args.out, args.dtype, warn=_warn)
+    print(f"{args.out}: {', '.join(files)}")
+    return 0
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run as a Hugging Face checkpoint (config.json, safetensors, tokenizer)",
+        description="Write the newest step of --checkpoint that loads into --out in the Hugging "
+        "Face layout (GPT-2, Llama or Qwen2, by the model's config): config.json, model.safetensors "
+        "(shards of at most 5 GB with model.safetensors.index.json past that) and the tokenizer (a "
+        "fine-tuned run's copy of its checkpoint's, or a byte-level tokenizer.json). --out must be "
+        "new or empty: an existing non-empty directory is refused, never overwritten.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN", type=_directory, help="a run")
+    p.add_argument("--out", required=True, metavar="DIR", type=_directory, help="a new directory")
+    p.add_argument(
+        "--dtype",
+        choices=typing.get_args(DType),
+        default=None,
+        help="dtype of the stored tensors (default: the run's param_dtype)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
 # Each entry adds one subcommand's parser (and its handler through set_defaults(func=...)).
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
@@ -437,6 +467,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _calibrate_parser,
     _train_parser,
     _generate_parser,
+    _export_parser,
 ]
 
 
