@@ -8,10 +8,11 @@ import dataclasses
 import json
 import signal
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset
+from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
 from jaxllm.errors import RunError
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
@@ -139,14 +140,15 @@ def _label(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxllm import loop
 
-    if args.hf_dir:  # parsed with the shared model flags; refused rather than silently ignored
-        raise UsageError(
-            "train --hf-dir (fine-tuning a Hugging Face checkpoint) is not implemented"
-        )
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     summary = loop.train(
-        args.out, preset=args.preset, overrides=args.override, resume=args.resume, **requested
+        args.out,
+        preset=args.preset,
+        hf_dir=args.hf_dir,
+        overrides=args.override,
+        resume=args.resume,
+        **requested,
     )
     print(loop.describe_summary(summary))
     stopped = summary["stopped_by"]
@@ -158,6 +160,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model on a text corpus (default: `small` on the built-in corpus)",
         description="Train with AdamW; checkpoints, metrics.jsonl and summary.json go to --out. "
+        "With --hf-dir, fine-tune that checkpoint: its weights, its tokenizer.json (copied into "
+        "--out) and config; --override may change only dtype, param_dtype, scan_layers, remat. "
         "With --resume, settings not given are taken from the checkpoint and those given must "
         "match it (except the evaluation, checkpoint, logging and --data options).",
     )
@@ -529,6 +533,35 @@ def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve_bench, preset="small")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxllm import export
+
+    files = export.export_run(args.checkpoint, args.out, args.dtype, warn=_warn)
+    print(f"{args.out}: {', '.join(files)}")
+    return 0
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run as a Hugging Face checkpoint (config.json, safetensors, tokenizer)",
+        description="Write the newest step of --checkpoint that loads into --out in the Hugging "
+        "Face layout (GPT-2, Llama or Qwen2, by the model's config): config.json, model.safetensors "
+        "(shards of at most 5 GB with model.safetensors.index.json past that) and the tokenizer (a "
+        "fine-tuned run's copy of its checkpoint's, or a byte-level tokenizer.json). --out must be "
+        "new or empty: an existing non-empty directory is refused, never overwritten.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN", type=_directory, help="a run")
+    p.add_argument("--out", required=True, metavar="DIR", type=_directory, help="a new directory")
+    p.add_argument(
+        "--dtype",
+        choices=typing.get_args(DType),
+        default=None,
+        help="dtype of the stored tensors (default: the run's param_dtype)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
 # Each entry adds one subcommand's parser (and its handler through set_defaults(func=...)).
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
@@ -538,6 +571,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _train_parser,
     _generate_parser,
     _serve_bench_parser,
+    _export_parser,
 ]
 
 

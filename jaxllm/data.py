@@ -51,7 +51,12 @@ def default_corpus_files() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
-def _files_under(path: Path) -> list[Path]:
+def corpus_files(path: str | Path | None) -> list[Path]:
+    """The documents of a corpus: a text file, every file under a directory (sorted, hidden files
+    skipped), or, for ``None``, the built-in corpus."""
+    if path is None:
+        return default_corpus_files()
+    path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -96,7 +101,7 @@ def load_corpus(path: str | Path | None = None) -> np.ndarray:
     """Token stream uint16 [n] of a text file, of every file under a directory (sorted, hidden files
     skipped), or, for ``None``, of the built-in corpus. Each document is followed by EOT. Above
     ``MEMMAP_BYTES`` of text the stream is a read-only ``np.memmap``."""
-    files = default_corpus_files() if path is None else _files_under(Path(path))
+    files = corpus_files(path)
     if sum(f.stat().st_size for f in files) > MEMMAP_BYTES:
         tokens = _mapped(files)
     else:
@@ -160,11 +165,11 @@ def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: i
     return _windows(tokens, starts, seq_len).reshape(n_batches, batch_size, seq_len + 1)
 
 
-def unigram_entropy(tokens: np.ndarray) -> float:
-    """Entropy of the token frequencies of ``tokens`` in nats per token: the loss of the best model
-    that ignores context."""
-    counts = np.zeros(VOCAB_SIZE, np.float64)
+def unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
+    """Entropy of the token frequencies of ``tokens`` (ids below ``vocab_size``) in nats per token:
+    the loss of the best model that ignores context."""
+    counts = np.zeros(vocab_size, np.float64)
     for start in range(0, len(tokens), _CHUNK):
-        counts += np.bincount(tokens[start : start + _CHUNK], minlength=VOCAB_SIZE)
+        counts += np.bincount(tokens[start : start + _CHUNK], minlength=vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -78,8 +78,12 @@ def model_type(hf_dir: str | Path) -> str:
 def eos_ids(hf_dir: str | Path, vocab_size: int) -> tuple[int, ...]:
     """The end-of-sequence ids of config.json's ``eos_token_id`` (an id or a list), those in the
     vocabulary; generation stops on them as transformers' does."""
-    eos = read_json(Path(hf_dir) / CONFIG).get("eos_token_id")
-    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return ids_in_vocab(read_json(Path(hf_dir) / CONFIG).get("eos_token_id"), vocab_size)
+
+
+def ids_in_vocab(value: Any, vocab_size: int) -> tuple[int, ...]:
+    """The ids of a config.json token field (an id, a list of ids or null) in [0, vocab_size)."""
+    ids = value if isinstance(value, list) else [] if value is None else [value]
     return tuple(int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
 
 

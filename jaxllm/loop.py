@@ -6,6 +6,10 @@ and returns the summary. Everything the user can get wrong is checked before any
 Resuming is exact: a checkpoint holds the parameters, the optimizer state, the model config, the
 training settings and a fingerprint of the data; batch ``s`` is a pure function of (seed, s), so the
 run continues with the batches an uninterrupted run would have drawn.
+
+A run starts from a preset (fresh weights, the byte tokenizer) or, fine-tuning (``hf_dir``), from a
+Hugging Face checkpoint's weights and tokenizer (``jaxllm.finetune``); its checkpoints then record
+that origin, and the run directory holds a copy of the tokenizer, so resuming needs neither again.
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import analytic, checkpoint, data, memory, runlock
+from jaxllm import analytic, checkpoint, data, finetune, memory, runlock
 from jaxllm.config import ModelConfig, apply_overrides, get_preset
 from jaxllm.errors import RunError
 from jaxllm.finite import NonFiniteError, require_finite
-from jaxllm.model import count_params
+from jaxllm.model import Params, count_params
 from jaxllm.progress import Reporter, format_seconds, truncate_metrics
-from jaxllm.train import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
+from jaxllm.train import (
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    state_from_params,
+)
 
 DEFAULT_PRESET = "small"
 SUMMARY_FILE = "summary.json"
@@ -94,11 +105,12 @@ class TrainSettings:
         if not 0 < self.val_fraction < 1:  # NaN fails too
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
-    def check(self, config: ModelConfig) -> None:
-        """ValueError unless the model can train on these batches."""
+    def check(self, config: ModelConfig, byte_level: bool = True) -> None:
+        """ValueError unless the model can train on these batches (of bytes, when ``byte_level``;
+        a fine-tuning run's tokenizer is checked against the vocabulary when it is read)."""
         if self.seq > config.max_len:
             raise ValueError(f"seq {self.seq} exceeds the model's context max_len={config.max_len}")
-        if config.vocab_size < data.VOCAB_SIZE:
+        if byte_level and config.vocab_size < data.VOCAB_SIZE:
             raise ValueError(
                 f"vocab_size {config.vocab_size} is below the byte tokenizer's {data.VOCAB_SIZE}"
             )
@@ -110,33 +122,46 @@ def _differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     ]
 
 
-def resolve(
-    run_dir: Path,
-    resume: bool,
-    preset: str | None,
-    overrides: list[str] | tuple[str, ...],
-    requested: dict[str, Any],
-) -> tuple[ModelConfig, TrainSettings, dict[str, Any] | None]:
+@dataclasses.dataclass(frozen=True)
+class ModelRequest:
+    """The model a run asks for: a preset, or a Hugging Face checkpoint to fine-tune (neither: the
+    default preset, or the checkpoint's own config when resuming), with ``FIELD=VALUE`` overrides."""
+
+    preset: str | None = None
+    hf_dir: str | None = None
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.hf_dir is not None:
+            raise ValueError("give a preset or a Hugging Face checkpoint (--hf-dir), not both")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run trains, resolved from the request and (when resuming) its checkpoint."""
+
+    config: ModelConfig
+    settings: TrainSettings
+    meta: dict[str, Any] | None  # the checkpoint's metadata when resuming, else None
+    origin: finetune.Origin | None  # the checkpoint fine-tuned from; None: a preset
+
+
+def resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[str, Any]) -> Plan:
     """The config, settings and (when resuming) checkpoint metadata of a run, all checked.
 
     A fresh run needs a directory without checkpoints. A resumed run takes what is not requested from
     the newest checkpoint whose metadata reads; what is requested must match, except the
     ``RESUME_FREE`` settings.
     """
-    config, settings, meta = _resolve(run_dir, resume, preset, overrides, requested)
-    settings.check(config)
-    check_layout(run_dir, settings.data)
-    check_memory(config, settings)
-    return config, settings, meta
+    plan = _resolve(run_dir, resume, model, requested)
+    plan.settings.check(plan.config, byte_level=plan.origin is None)
+    check_layout(run_dir, plan.settings.data)
+    check_memory(plan.config, plan.settings)
+    return plan
 
 
-def _resolve(
-    run_dir: Path,
-    resume: bool,
-    preset: str | None,
-    overrides: list[str] | tuple[str, ...],
-    requested: dict[str, Any],
-) -> tuple[ModelConfig, TrainSettings, dict[str, Any] | None]:
+def _resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[str, Any]) -> Plan:
+    preset, hf_dir, overrides = model.preset, model.hf_dir, model.overrides
     if not resume:
         steps = checkpoint.complete_steps(run_dir)
         if steps:
@@ -144,9 +169,14 @@ def _resolve(
                 f"{run_dir} already holds a checkpoint (step {steps[-1]}); "
                 "pass --resume to continue it or choose another --out"
             )
+        if hf_dir is not None:
+            config = finetune.load_config(hf_dir, overrides)
+            return Plan(config, TrainSettings(**requested), None, finetune.Origin.read(hf_dir))
         config = apply_overrides(get_preset(preset or DEFAULT_PRESET), overrides)
-        return config, TrainSettings(**requested), None
+        return Plan(config, TrainSettings(**requested), None, None)
     meta = checkpoint.load_meta(run_dir)
+    origin = finetune.Origin.from_meta(meta)
+    _check_origin(run_dir, origin, hf_dir)
     saved_config = checkpoint.config_from_meta(meta, run_dir)
     config = apply_overrides(get_preset(preset) if preset else saved_config, overrides)
     changed = _differences(saved_config.to_dict(), config.to_dict())
@@ -160,7 +190,21 @@ def _resolve(
         raise checkpoint.CheckpointError(
             f"cannot resume {run_dir}: its checkpoint was trained with {', '.join(changed)}"
         )
-    return config, TrainSettings(**{**meta["train"], **requested}), meta
+    return Plan(config, TrainSettings(**{**meta["train"], **requested}), meta, origin)
+
+
+def _check_origin(run_dir: Path, origin: finetune.Origin | None, hf_dir: str | None) -> None:
+    """CheckpointError if ``--hf-dir`` is given on resume and is not where the run started."""
+    if hf_dir is None:
+        return
+    if origin is None:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {run_dir} with --hf-dir {hf_dir}: it was trained from a preset"
+        )
+    if Path(hf_dir).absolute() != Path(origin.hf_dir):
+        raise checkpoint.CheckpointError(
+            f"cannot resume {run_dir} with --hf-dir {hf_dir}: it was fine-tuned from {origin.hf_dir}"
+        )
 
 
 def check_layout(run_dir: Path, data_path: str | None) -> None:
@@ -207,12 +251,21 @@ class Corpus:
 
     train: np.ndarray
     val: np.ndarray
-    info: dict[str, Any]  # source, tokens, sha256, unigram_entropy (nats/byte)
+    info: dict[str, Any]  # source, tokens, sha256, unigram_entropy (nats/token)
+    unit: str = "byte"  # what a token is: a byte, or a token of a fine-tuning run's tokenizer
 
 
-def prepare_data(settings: TrainSettings, meta: dict[str, Any] | None) -> Corpus:
-    """Load and split the corpus; DataError if a split is too short or (resuming) the data changed."""
-    tokens = data.load_corpus(settings.data)
+def prepare_data(
+    settings: TrainSettings,
+    meta: dict[str, Any] | None,
+    tokenizer: finetune.CorpusTokenizer | None = None,
+) -> Corpus:
+    """Load and split the corpus (as bytes, or with a fine-tuning run's ``tokenizer``); DataError if
+    a split is too short or (resuming) the data changed."""
+    if tokenizer is None:
+        tokens, vocab, unit = data.load_corpus(settings.data), data.VOCAB_SIZE, "byte"
+    else:
+        tokens, vocab, unit = tokenizer.corpus(settings.data), tokenizer.vocab_size, "token"
     train, val = data.split(tokens, settings.val_fraction)
     data.check_windows(train, settings.seq, "training")
     data.check_windows(val, settings.seq, "validation")
@@ -220,14 +273,14 @@ def prepare_data(settings: TrainSettings, meta: dict[str, Any] | None) -> Corpus
         "source": data.describe(settings.data),
         "tokens": len(tokens),
         "sha256": data.fingerprint(tokens),
-        "unigram_entropy": data.unigram_entropy(tokens),
+        "unigram_entropy": data.unigram_entropy(tokens, vocab),
     }
     if meta is not None and meta["data"]["sha256"] != info["sha256"]:
         raise data.DataError(
             f"the data at {info['source']} differs from the data the checkpoint was trained on "
             f"({meta['data']['source']}, {meta['data']['tokens']} tokens)"
         )
-    return Corpus(train, val, info)
+    return Corpus(train, val, info, unit)
 
 
 @contextlib.contextmanager
@@ -276,9 +329,10 @@ class Run:
         settings: TrainSettings,
         corpus: Corpus,
         reporter: Reporter,
+        origin: finetune.Origin | None = None,
     ) -> None:
         self.run_dir, self.config, self.settings, self.corpus = run_dir, config, settings, corpus
-        self.reporter = reporter
+        self.reporter, self.origin = reporter, origin
         s = settings
         self.optimizer, self.train_step, self.eval_step = compiled_steps(
             config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum
@@ -288,11 +342,16 @@ class Run:
         self.saved_step: int | None = None
         self.last_metrics: dict[str, float] = {}
 
-    def initial_state(self, restored: TrainState | None) -> TrainState:
-        """Fresh at step 0, else the ``restored`` state; committed to the default device either way,
-        like the step's own output: a state of uncommitted (or mixed) arrays is a different call
-        signature and would make the step compile again."""
-        if restored is None:
+    def initial_state(
+        self, restored: TrainState | None, params: Params | None = None
+    ) -> TrainState:
+        """Step 0 around ``params`` (fine-tuning) or fresh ones from the seed, else the ``restored``
+        state; committed to the default device either way, like the step's own output: a state of
+        uncommitted (or mixed) arrays is a different call signature and would make the step compile
+        again."""
+        if restored is None and params is not None:
+            state = state_from_params(params, self.optimizer)
+        elif restored is None:
             state = init_state(self.config, self.optimizer, jax.random.key(self.settings.seed))
         else:
             state = restored
@@ -322,6 +381,8 @@ class Run:
             "data": self.corpus.info,
             "metrics": self.last_metrics,
         }
+        if self.origin is not None:
+            meta["origin"] = self.origin.to_dict()
         checkpoint.save(self.manager, step, state.params, state.opt_state, self.config, meta)
         self.saved_step = step
 
@@ -370,6 +431,7 @@ def _summary(
         "step": step,
         "steps": settings.steps,
         "unigram_entropy": corpus.info["unigram_entropy"],
+        "unit": corpus.unit,
         "first_val_loss": vals[0]["val_loss"] if vals else None,
         "first_val_step": vals[0]["step"] if vals else None,
         "last_val_loss": vals[-1]["val_loss"] if vals else None,
@@ -384,7 +446,8 @@ def _header(config: ModelConfig, settings: TrainSettings, corpus: Corpus, start:
     return (
         f"model {count_params(config)['total']:,} parameters; data {corpus.info['source']}: "
         f"{corpus.info['tokens']:,} tokens ({len(corpus.train):,} train, {len(corpus.val):,} "
-        f"validation), byte-unigram entropy {corpus.info['unigram_entropy']:.4f} nats/byte; "
+        f"validation), {corpus.unit}-unigram entropy {corpus.info['unigram_entropy']:.4f} "
+        f"nats/{corpus.unit}; "
         f"B={s.batch} T={s.seq} steps {start}->{s.steps}"
     )
 
@@ -417,37 +480,45 @@ def train(
     run_dir: str | Path,
     *,
     preset: str | None = None,
+    hf_dir: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     resume: bool = False,
     stream: TextIO | None = None,
     **requested: Any,
 ) -> dict[str, Any]:
-    """Train into ``run_dir``; ``requested`` holds ``TrainSettings`` fields. Returns the summary
-    (also written to ``RUN_DIR/summary.json``); ``summary["stopped_by"]`` names a signal that stopped
-    the run early (its checkpoint saved), else None.
+    """Train into ``run_dir`` from ``preset`` or, fine-tuning, from the Hugging Face checkpoint in
+    ``hf_dir`` (at most one of them); ``requested`` holds ``TrainSettings`` fields. Returns the
+    summary (also written to ``RUN_DIR/summary.json``); ``summary["stopped_by"]`` names a signal that
+    stopped the run early (its checkpoint saved), else None.
 
     Bad input is refused before the directory is created; the run then holds the directory's lock
     (``runlock``) and checks again under it, so a second process on the same directory is refused."""
     if str(run_dir) == "":
         raise ValueError("the run directory (--out) must not be empty")
+    model = ModelRequest(preset, hf_dir, tuple(overrides))
     path = Path(run_dir)
     if resume and not path.is_dir():
         raise checkpoint.CheckpointError(f"no checkpoint directory at {path}")
     corpus = None
     if not resume:  # everything checked before the directory is made
-        _, settings, _ = resolve(path, resume, preset, overrides, requested)
-        corpus = prepare_data(settings, None)
+        plan = resolve(path, resume, model, requested)
+        corpus = prepare_data(plan.settings, None, _tokenizer(plan, hf_dir or path))
         path.mkdir(parents=True, exist_ok=True)
     with runlock.hold(path):
-        return _train_locked(
-            path, preset, overrides, resume, stream or sys.stderr, requested, corpus
-        )
+        return _train_locked(path, model, resume, stream or sys.stderr, requested, corpus)
+
+
+def _tokenizer(plan: Plan, directory: str | Path) -> finetune.CorpusTokenizer | None:
+    """The tokenizer of a fine-tuning run, read from ``directory`` (the checkpoint for a fresh run,
+    the run's own copy when resuming); None for a byte-level run."""
+    if plan.origin is None:
+        return None
+    return finetune.CorpusTokenizer.load(directory, plan.config, plan.origin)
 
 
 def _train_locked(
     path: Path,
-    preset: str | None,
-    overrides: list[str] | tuple[str, ...],
+    model: ModelRequest,
     resume: bool,
     stream: TextIO,
     requested: dict[str, Any],
@@ -455,23 +526,36 @@ def _train_locked(
 ) -> dict[str, Any]:
     """``train`` while holding the directory: resolved again, since another process may have saved
     into it meanwhile; ``corpus``: already loaded for a fresh run."""
-    config, settings, meta = resolve(path, resume, preset, overrides, requested)
-    corpus = corpus or prepare_data(settings, meta)
+    plan = resolve(path, resume, model, requested)
+    config, settings, meta = plan.config, plan.settings, plan.meta
+    if corpus is None:
+        corpus = prepare_data(settings, meta, _tokenizer(plan, path))
+    elif plan.origin is not None:
+        finetune.copy_tokenizer(plan.origin.hf_dir, path)
     notes: list[str] = []
     restored = None if meta is None else restore_state(path, config, settings, notes.append)
+    params = None
+    if restored is None and plan.origin is not None:
+        params = finetune.initial_params(plan.origin.hf_dir, config)
     start = 0 if restored is None else int(restored.step)
     if restored is not None:
         notes += truncate_metrics(path, start)
     reporter = Reporter(
-        path, settings.steps, settings.batch * settings.seq, stream, settings.log_every, start > 0
+        path,
+        settings.steps,
+        settings.batch * settings.seq,
+        stream,
+        settings.log_every,
+        append=start > 0,
+        unit=corpus.unit,
     )
     for note in notes:
         reporter.line(f"warning: {note}")
     reporter.line(_header(config, settings, corpus, start))
     try:
-        run = Run(path, config, settings, corpus, reporter)
+        run = Run(path, config, settings, corpus, reporter, plan.origin)
         with stop_requests() as stop:
-            step = run.loop(run.initial_state(restored), start, stop)
+            step = run.loop(run.initial_state(restored, params), start, stop)
     finally:
         reporter.close()
     summary = _summary(path, corpus, step, settings, reporter)
@@ -487,13 +571,14 @@ def describe_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"stopped by {summary['stopped_by']}: checkpoint saved; continue with --resume"
         )
-    lines.append(f"byte-unigram entropy  {summary['unigram_entropy']:.4f} nats/byte")
+    unit = summary["unit"]
+    lines.append(f"{unit + '-unigram entropy':<22}{summary['unigram_entropy']:.4f} nats/{unit}")
     if summary["first_val_loss"] is not None:
         lines.append(
-            f"validation loss       {summary['first_val_loss']:.4f} nats/byte at step {summary['first_val_step']}"
+            f"validation loss       {summary['first_val_loss']:.4f} nats/{unit} at step {summary['first_val_step']}"
         )
         lines.append(
-            f"                   -> {summary['last_val_loss']:.4f} nats/byte at step {summary['last_val_step']}"
+            f"                   -> {summary['last_val_loss']:.4f} nats/{unit} at step {summary['last_val_step']}"
         )
     if summary["tokens_per_s"] is not None:
         lines.append(f"throughput            {summary['tokens_per_s']:,.0f} tokens/s (median step)")

@@ -4,7 +4,8 @@ otherwise, and every step's metrics appended as JSON lines to ``RUN_DIR/metrics.
 Records (one JSON object per line):
   {"kind": "train", "step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "elapsed_s"}
   {"kind": "val", "step", "val_loss", "elapsed_s"}
-``step`` counts updates applied (the state after the record's update); losses are nats per token (byte).
+``step`` counts updates applied (the state after the record's update); losses are nats per token (a
+byte, or a token of a fine-tuning run's tokenizer).
 """
 
 from __future__ import annotations
@@ -85,10 +86,13 @@ class Reporter:
         stream: TextIO,
         log_every: int,
         append: bool = False,
+        unit: str = "byte",
     ) -> None:
         """``append``: add to the metrics of the run being resumed; otherwise (a fresh run) any
-        records of an earlier attempt in ``run_dir`` are replaced."""
+        records of an earlier attempt in ``run_dir`` are replaced. ``unit``: what a token is (a byte,
+        or a tokenizer's token), as losses are printed per unit."""
         self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
+        self.unit = unit
         self.log_every = log_every
         self.tty = stream.isatty()
         self.metrics = (run_dir / METRICS_FILE).open("a" if append else "w")
@@ -135,7 +139,7 @@ class Reporter:
                 "elapsed_s": time.perf_counter() - self.start,
             }
         )
-        self.line(f"step {step}/{self.total}  validation loss {val_loss:.4f} nats/byte")
+        self.line(f"step {step}/{self.total}  validation loss {val_loss:.4f} nats/{self.unit}")
 
     def line(self, text: str) -> None:
         """A message on its own line (above the bar on a terminal)."""

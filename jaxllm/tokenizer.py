@@ -2,14 +2,16 @@
 
 A Hugging Face checkpoint directory that holds ``tokenizer.json`` is read with the ``tokenizers``
 package (the same Rust tokenizer transformers uses, so ids match the reference exactly). Without one,
-text cannot be mapped to that model's ids, and callers take raw ids (``parse_ids``).
+text cannot be mapped to that model's ids, and callers take raw ids (``parse_ids``). The other way,
+``byte_level_tokenizer`` is jaxllm's byte tokenizer as a ``tokenizers`` object, which
+``jaxllm.export`` saves as the tokenizer.json of a byte-level run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -74,3 +76,35 @@ def parse_ids(text: str, vocab_size: int) -> np.ndarray:
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     return np.asarray(ids, np.int32)
+
+
+EOT_TOKEN = (
+    "<|endoftext|>"  # the end-of-text token's text in an exported tokenizer.json, as GPT-2's
+)
+
+
+def _byte_characters() -> list[str]:
+    """GPT-2's byte-level alphabet: the character that stands for byte b in a tokenizer.json (the
+    printable Latin-1 bytes stand for themselves, the others for code points from 256 up)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    return [chars[b] for b in range(256)]
+
+
+def byte_level_tokenizer() -> Any:
+    """jaxllm's byte tokenizer (``jaxllm.data``) as a ``tokenizers.Tokenizer`` to save as
+    tokenizer.json: ids 0-255 are the bytes of the UTF-8 text and ``EOT`` (256) is the special token
+    ``EOT_TOKEN``. A byte-level BPE with no merges, so encoding text gives ``data.encode``'s ids;
+    decoding drops EOT and decodes the bytes with replacement, as ``data.decode`` does. One
+    difference, as in GPT-2's own tokenizer: the literal text ``<|endoftext|>`` encodes to EOT, where
+    ``data.encode`` gives its 13 bytes."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    vocab = {char: b for b, char in enumerate(_byte_characters())}
+    tok = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True)])
+    return tok

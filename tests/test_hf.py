@@ -475,14 +475,6 @@ def test_generate_hf_dir_errors_are_one_line(extra, word, capsys):
     assert err.count("\n") == 1 and word in err, err
 
 
-def test_train_hf_dir_is_refused_not_ignored(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--hf-dir", str(FIXTURES / "llama"), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "train --hf-dir" in err and "not implemented" in err
-    assert not out.exists()
-
-
 def test_info_hf_dir_error_is_one_line(tmp_path, capsys):
     assert main(["info", "--hf-dir", str(tmp_path)]) != 0
     err = capsys.readouterr().err
