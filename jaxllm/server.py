@@ -31,8 +31,9 @@ import math
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
@@ -140,9 +141,9 @@ def _choice(text: str, tokens: list[int], finish: str | None) -> dict[str, Any]:
 async def _events(generation: Generation, head: dict[str, Any]) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece, ``usage`` on the last, then ``[DONE]``."""
     async for piece in generation.pieces():
-        if piece.finish == "error":
+        if piece.finish == "error":  # the last piece
             yield _sse(_engine_failure(generation).body())
-            break
+            continue
         tokens = [] if piece.token is None else [piece.token]
         chunk = {**head, "choices": [_choice(piece.text, tokens, piece.finish)]}
         if piece.finish is not None:
@@ -263,6 +264,28 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def background(
+    service: Service, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[tuple[str, Server]]:
+    """Run the server in a thread (for tests and benchmarks): yields (its URL, the server) once it
+    listens, not necessarily ready (``service.state``); on exit, shuts it down as SIGTERM would."""
+    sock = bind(host, port)
+    uv = make_server(service)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread ended before it listened")
+            time.sleep(0.01)
+        yield url_of(sock), uv
+    finally:
+        uv.should_exit = True
+        thread.join()
+        sock.close()
 
 
 def serve(engine: Engine, model: ServedModel, limits: Limits, host: str, port: int) -> int:

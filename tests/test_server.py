@@ -42,20 +42,22 @@ HF_GPT2 = Path(__file__).parent / "fixtures" / "hf" / "gpt2"
 
 
 class GatedEngine(Engine):
-    """An engine whose steps wait for ``gate`` (set: run; ``inside`` is set while a step waits) and
-    sleep ``delay`` seconds first."""
+    """An engine whose steps wait for ``gate`` (set: run; ``inside`` is set while a step waits),
+    sleep ``delay`` seconds first, and raise while ``fail`` is set."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gate, self.inside = threading.Event(), threading.Event()
         self.gate.set()
-        self.delay = 0.0
+        self.delay, self.fail = 0.0, False
 
     def step(self):
         self.inside.set()
         self.gate.wait()
         self.inside.clear()
         time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("step failed")
         return super().step()
 
 
@@ -95,23 +97,17 @@ def running(engine: GatedEngine, ready: bool = True, **limits) -> Iterator[Serve
     """A server over ``engine`` in a thread, listening (and ``ready``: the programs compiled);
     stopped, and the engine emptied, on exit."""
     service = Service(engine, ServedModel("tiny", data, (data.EOT,)), Limits(**limits))
-    uv = server.make_server(service)
-    sock = server.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not uv.started or (ready and service.state != "ready"):
-            assert time.monotonic() < deadline and thread.is_alive(), service.state
-            time.sleep(0.01)
-        yield Served(server.url_of(sock), service, uv)
-    finally:
-        engine.gate.set()
-        engine.delay = 0.0
-        uv.should_exit = True
-        thread.join(30)
-        sock.close()
-        engine.run_until_idle()  # what the stopped server left in the engine
+    with server.background(service) as (url, uv):
+        try:
+            deadline = time.monotonic() + 60
+            while ready and service.state != "ready":
+                assert time.monotonic() < deadline, service.state
+                time.sleep(0.01)
+            yield Served(url, service, uv)
+        finally:
+            engine.gate.set()  # a held step would hold the shutdown
+            engine.delay, engine.fail = 0.0, False
+    engine.run_until_idle()  # what the stopped server left in the engine
 
 
 @pytest.fixture
@@ -402,6 +398,17 @@ def test_metrics_count_requests_tokens_queue_and_latencies(served):
 
     asyncio.run(six())
     assert metrics(served.url)[("jaxllm_queue_length", ())] == 0
+
+
+def test_an_engine_failure_ends_streams_with_an_error_and_health_says_failed(served):
+    served.service.engine.fail = True
+    events = stream(served.url, prompt="abc", max_tokens=3)
+    assert events[-1] == "[DONE]" and isinstance(events[-2], dict)
+    assert events[-2]["error"]["message"] == "the engine failed: RuntimeError: step failed"
+    r = complete(served.url, prompt="abc", max_tokens=3)
+    assert r.status_code == 500 and "RuntimeError: step failed" in r.json()["error"]["message"]
+    health = httpx.get(f"{served.url}/health")
+    assert health.status_code == 503 and health.json()["status"] == "failed"
 
 
 def test_health_is_503_and_completions_wait_while_starting(engine):
