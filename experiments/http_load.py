@@ -1,6 +1,6 @@
 """HTTP load test of ``jaxllm serve``: what the server adds to the engine's own figures.
 
-    python experiments/http_load.py [--clients 1 4 16 64] [--duration 10] [--quick]
+    python experiments/http_load.py [--clients 1 4 16 64] [--duration 8] [--quick]
 
 The server (chunked policy, 8 slots, a queue of 64; random weights of the preset: speed does not
 depend on them; no stop token, so every request generates exactly --output-len tokens) runs in this
@@ -10,11 +10,13 @@ completes. Client-side figures: generated tokens per second of the level, time t
 send to first streamed token) and time between tokens (TBT), errors and 429s. Then a burst of
 slots + max-queue + 8 requests at once shows where the queue starts refusing.
 
-Beside each level, the engine alone (``jaxllm.servebench.replay``, no HTTP) replays a trace of as
-many requests, of the same lengths, arriving as a Poisson process at the request rate the level
-measured: the gap is what HTTP, JSON, the event loop and the client cost on this machine (the
-arrivals differ too: open loop offline, closed loop over HTTP). ``engine busy`` is the share of the
-wall time the engine spent in steps.
+Beside each level, the engine alone (no HTTP) runs twice in this process: the same closed loop of N
+clients (each submits its next request when the last ends; prompts and lengths alike), which isolates
+what HTTP, JSON, the event loop and the client process cost on this machine; and
+``jaxllm.servebench.replay`` of a trace of as many requests arriving as a Poisson process at the
+request rate the HTTP level measured (open loop: the queue, so TTFT, is shorter than a closed loop of
+N keeps it). ``engine busy`` is the share of the wall time spent in engine steps; ``ms/step`` their
+mean (steps run beside the event loop over HTTP, and share the 2 cores with it and the clients).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import jax
 import numpy as np
 
 from jaxllm import data, experiment, servebench, server, traces
-from jaxllm.engine import Engine
+from jaxllm.engine import Engine, Request
 from jaxllm.model import init_params
 from jaxllm.server_service import Limits, ServedModel, Service
 
@@ -43,7 +45,7 @@ SLOTS, MAX_QUEUE, CHUNK = 8, 64, 64
 
 def _extra(parser: Any) -> None:
     parser.add_argument("--clients", type=int, nargs="+", help="N per level (default: 1 4 16 64)")
-    parser.add_argument("--duration", type=float, help="seconds each level sends (default: 10)")
+    parser.add_argument("--duration", type=float, help="seconds each level sends (default: 8)")
     parser.add_argument("--prompt-len", type=int, help="prompt tokens (default: 32)")
     parser.add_argument("--output-len", type=int, help="tokens per request (default: 64)")
 
@@ -100,7 +102,41 @@ def http_level(url: str, engine: Engine, n: int, args: Any) -> dict[str, Any]:
         "refused_429": statuses.count(429),
         "errors": len(statuses) - statuses.count(200) - statuses.count(429),
         "short": sum(len(r["tokens"]) != args.output_len for r in done),
-        "engine_busy": sum(s.seconds for s in steps) / wall,
+        **_step_figures(steps, wall),
+    }
+
+
+def _step_figures(steps: list[Any], wall: float) -> dict[str, float]:
+    seconds = sum(s.seconds for s in steps)
+    return {"engine_busy": seconds / wall, "ms_per_step": 1e3 * seconds / max(len(steps), 1)}
+
+
+def engine_closed_level(engine: Engine, n: int, args: Any) -> dict[str, Any]:
+    """The HTTP level's closed loop on the engine directly: N requests in flight, each replaced by
+    the next when it ends, until ``args.duration`` seconds have passed."""
+    rng = np.random.default_rng(2)
+
+    def submit() -> Request:
+        return engine.submit(rng.integers(0, 256, args.prompt_len), args.output_len)
+
+    first, start = len(engine.records), engine.clock()
+    flight: list[Request | None] = [submit() for _ in range(n)]
+    done: list[Request] = []
+    while not engine.idle:
+        engine.step()
+        for i, r in enumerate(flight):
+            if r is not None and r.finish is not None:
+                done.append(r)
+                flight[i] = submit() if engine.clock() - start < args.duration else None
+    wall = max(r.times[-1] for r in done) - start
+    tokens = sum(len(r.tokens) for r in done)
+    return {
+        "requests": len(done),
+        "tokens_per_s": tokens / wall,
+        "ttft_s": percentiles([r.times[0] - r.submitted for r in done]),
+        "tbt_s": percentiles([float(d) for r in done for d in np.diff(r.times)]),
+        "e2e_s": percentiles([r.times[-1] - r.submitted for r in done]),
+        **_step_figures(list(engine.records)[first:], wall),
     }
 
 
@@ -109,15 +145,17 @@ def offline_level(engine: Engine, level: dict[str, Any], args: Any) -> dict[str,
     trace = traces.make_trace(
         level["requests"], level["request_rate"], [args.prompt_len], [args.output_len], seed=1
     )
+    first = len(engine.records)
     run = servebench.replay(engine, trace)
     summary = servebench.summarize(engine, run)
     return {
         "requests": summary["requests"],
+        "rate": level["request_rate"],
         "tokens_per_s": summary["tokens_per_s"],
         "ttft_s": {k: summary["ttft_s"][k] for k in ("p50", "p99")},
         "tbt_s": {k: summary["tbt_s"][k] for k in ("p50", "p99")},
         "e2e_s": {k: summary["e2e_s"][k] for k in ("p50", "p99")},
-        "engine_busy": summary["step_seconds"] / summary["makespan_s"],
+        **_step_figures(list(engine.records)[first:], summary["makespan_s"]),
     }
 
 
@@ -125,22 +163,60 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{1e3 * value:.0f}"
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
+def _pair(figures: dict[str, float | None]) -> str:
+    return f"{_ms(figures['p50'])} / {_ms(figures['p99'])}"
+
+
+def closed_table(rows: list[dict[str, Any]]) -> list[str]:
+    """HTTP against the engine alone, the same closed loop of N clients."""
     lines = [
-        "| N clients | requests | tokens/s HTTP | tokens/s engine | TTFT p50 / p99 ms HTTP | "
-        "TTFT p50 / p99 ms engine | TBT p50 / p99 ms HTTP | TBT p50 / p99 ms engine | errors | "
-        "429s | engine busy HTTP / engine |",
+        "| N | requests HTTP / engine | tokens/s HTTP / engine | TTFT p50 / p99 ms HTTP | "
+        "TTFT p50 / p99 ms engine | TBT p50 / p99 ms HTTP | TBT p50 / p99 ms engine | "
+        "ms/step HTTP / engine | engine busy HTTP / engine | errors | 429s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        h, o = r["http"], r["offline"]
+        h, e = r["http"], r["engine_closed"]
         lines.append(
-            f"| {h['clients']} | {h['requests']} | {h['tokens_per_s']:.0f} | {o['tokens_per_s']:.0f} | "
-            f"{_ms(h['ttft_s']['p50'])} / {_ms(h['ttft_s']['p99'])} | "
-            f"{_ms(o['ttft_s']['p50'])} / {_ms(o['ttft_s']['p99'])} | "
-            f"{_ms(h['tbt_s']['p50'])} / {_ms(h['tbt_s']['p99'])} | "
-            f"{_ms(o['tbt_s']['p50'])} / {_ms(o['tbt_s']['p99'])} | {h['errors']} | "
-            f"{h['refused_429']} | {h['engine_busy']:.0%} / {o['engine_busy']:.0%} |"
+            f"| {h['clients']} | {h['requests']} / {e['requests']} | "
+            f"{h['tokens_per_s']:.0f} / {e['tokens_per_s']:.0f} | {_pair(h['ttft_s'])} | "
+            f"{_pair(e['ttft_s'])} | {_pair(h['tbt_s'])} | {_pair(e['tbt_s'])} | "
+            f"{h['ms_per_step']:.1f} / {e['ms_per_step']:.1f} | "
+            f"{h['engine_busy']:.0%} / {e['engine_busy']:.0%} | {h['errors']} | {h['refused_429']} |"
+        )
+    return lines
+
+
+def overhead(rows: list[dict[str, Any]]) -> list[str]:
+    """What HTTP costs, in words: tokens/s shares, and the latency it adds without a queue."""
+    shares = ", ".join(
+        f"N={r['http']['clients']}: {r['http']['tokens_per_s'] / r['engine_closed']['tokens_per_s']:.0%}"
+        for r in rows
+    )
+    h, e = rows[0]["http"], rows[0]["engine_closed"]
+    added = {k: 1e3 * (h[k]["p50"] - e[k]["p50"]) for k in ("ttft_s", "tbt_s", "e2e_s")}
+    return [
+        f"- Tokens/s over HTTP as a share of the engine's alone on the same closed loop: {shares}.",
+        f"- At N={h['clients']}, HTTP adds {added['ttft_s']:.1f} ms to the TTFT median, "
+        f"{added['tbt_s']:.1f} ms to the TBT median and {added['e2e_s']:.0f} ms to the median request "
+        f"({1e3 * e['e2e_s']['p50']:.0f} ms alone). With N above the {SLOTS} slots, TTFT is mostly "
+        "the wait for a slot, over HTTP and alone.",
+    ]
+
+
+def replay_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The engine's offline replay at each HTTP level's request rate."""
+    lines = [
+        "| N (HTTP level) | requests | rate req/s | tokens/s HTTP / replay | TTFT p50 / p99 ms replay | "
+        "TBT p50 / p99 ms replay | ms/step replay |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        h, o = r["http"], r["replay"]
+        lines.append(
+            f"| {h['clients']} | {o['requests']} | {o['rate']:.1f} | "
+            f"{h['tokens_per_s']:.0f} / {o['tokens_per_s']:.0f} | {_pair(o['ttft_s'])} | "
+            f"{_pair(o['tbt_s'])} | {o['ms_per_step']:.1f} |"
         )
     return lines
 
@@ -148,7 +224,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = experiment.parse_args("http_load", __doc__, argv, extra=_extra)
     args.clients = args.clients or ([1, 4] if args.quick else [1, 4, 16, 64])
-    args.duration = args.duration or (2.0 if args.quick else 10.0)
+    args.duration = args.duration or (2.0 if args.quick else 8.0)
     args.prompt_len = args.prompt_len or (8 if args.quick else 32)
     args.output_len = args.output_len or (16 if args.quick else 64)
     load_before = os.getloadavg()
@@ -170,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         compile_s = service.compile_s
     rows = []
     for level in levels:
-        rows.append({"http": level, "offline": offline_level(engine, level, args)})
-        print(f"offline N={level['clients']}: {json.dumps(rows[-1]['offline'])}", flush=True)
+        closed = engine_closed_level(engine, level["clients"], args)
+        rows.append(
+            {"http": level, "engine_closed": closed, "replay": offline_level(engine, level, args)}
+        )
+        print(f"engine N={level['clients']}: {json.dumps(rows[-1])}", flush=True)
     load_after = os.getloadavg()
     setup = {
         "preset": args.preset,
@@ -196,11 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             f"token). Server and clients on the same {os.cpu_count()}-CPU machine, load average "
             f"{load_before[0]:.1f} before and {load_after[0]:.1f} after. Server start (compile and "
             f"sampler warm-up): {compile_s:.1f} s.",
-            "- HTTP: measured by the clients (send to first streamed token; between streamed tokens). "
-            "Engine: `servebench.replay` of a Poisson trace at the request rate the HTTP level "
-            "measured, same count and lengths (from arrival).",
+            "- HTTP: measured by the clients (send to first streamed token; between streamed "
+            "tokens). Engine: the same closed loop on the engine in-process (from submit).",
             "",
-            *table(rows),
+            *closed_table(rows),
+            "",
+            *overhead(rows),
+            "",
+            "- The engine's offline replay (`servebench.replay`, times from arrival) of a Poisson "
+            "trace of as many requests at the request rate each HTTP level measured:",
+            "",
+            *replay_table(rows),
             "",
             f"- Burst of {burst['sent']} requests at once: {burst['admitted']} admitted, "
             f"{burst['refused']} refused with 429, {burst['other']} other; the limit is slots + "

@@ -347,6 +347,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(served):
     assert_healthy(served.url)
 
 
+def test_a_client_that_leaves_before_a_whole_response_frees_its_slot(served):
+    served.service.engine.delay = 0.05  # 40 tokens would take 2 s
+    with pytest.raises(httpx.ReadTimeout):
+        complete_within = httpx.Timeout(60, read=0.3)
+        body = {"prompt": "abc", "max_tokens": 40}
+        httpx.post(f"{served.url}/v1/completions", json=body, timeout=complete_within)
+    left = time.monotonic()
+    while served.service.running() or served.service.waiting():
+        assert time.monotonic() - left < 1.0, "the slot was not freed"
+        time.sleep(0.01)
+    served.service.engine.delay = 0.0
+    samples = metrics(served.url)
+    assert samples[("jaxllm_requests_total", (("finish_reason", "disconnected"),))] == 1
+    assert_healthy(served.url)
+
+
 def test_health_and_metrics_answer_while_a_step_runs(served):
     engine = served.service.engine
     engine.gate.clear()
