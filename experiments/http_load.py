@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "duration_s": args.duration,
-        "compile_and_warm_up_s": compile_s,
+        "compile_s": compile_s,
         "cpus": os.cpu_count(),
         "load_average_1min_before_after": [load_before[0], load_after[0]],
     }
@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- Closed-loop streaming clients, {args.duration:.0f} s per level; prompts of "
             f"{args.prompt_len} random token ids, {args.output_len} greedy tokens each (no stop "
             f"token). Server and clients on the same {os.cpu_count()}-CPU machine, load average "
-            f"{load_before[0]:.1f} before and {load_after[0]:.1f} after. Server start (compile and "
-            f"sampler warm-up): {compile_s:.1f} s.",
+            f"{load_before[0]:.1f} before and {load_after[0]:.1f} after. Server start "
+            f"(`Engine.compile_programs`): {compile_s:.1f} s.",
             "- HTTP: measured by the clients (send to first streamed token; between streamed "
             "tokens). Engine: the same closed loop on the engine in-process (from submit).",
             "",

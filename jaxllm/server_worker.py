@@ -1,22 +1,20 @@
 """The one thread that steps the engine, so that the event loop never waits on a step.
 
-It compiles every program first (``Engine.compile_programs``), then warms up the jitted sampling of
-each step's logits, which that leaves out (``warm_up``), so that no request pays a compile; it reports
-ready, then loops: step while the engine has work, sleep on a ``threading.Event`` while it is idle
-(``submit`` and ``cancel`` set it). An exception in a step ends the thread and is reported once;
+It compiles every program first (``Engine.compile_programs``: each program and both samplers run
+once, so that no request pays a compile), reports ready, then loops: step while the engine has
+work, sleep on a ``threading.Event`` while it is idle (``submit`` and ``cancel`` set it). An exception in a step ends the thread and is reported once;
 the engine is then unusable.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxllm.engine import Engine, Request, SamplingParams, bucket
+from jaxllm.engine import Engine, Request
 
 
 class EngineWorker:
@@ -66,10 +64,7 @@ class EngineWorker:
     ) -> None:
         engine = self.engine
         try:
-            start = time.perf_counter()
-            engine.compile_programs(engine.capacity - 1)
-            warm_up(engine)
-            on_ready(time.perf_counter() - start)
+            on_ready(engine.compile_programs(engine.capacity - 1))
             while self._running:
                 if engine.idle:
                     self._wake.wait()
@@ -78,14 +73,3 @@ class EngineWorker:
                 engine.step()
         except Exception as err:
             on_failure(err)
-
-
-def warm_up(engine: Engine) -> None:
-    """Run 1-token requests of 2 new tokens, greedy and sampled, n at once for every lane count n
-    (powers of two up to the slots): every row count of a step's logits is sampled once, so the
-    jitted samplers compile here and not in a request's step. The engine must be idle."""
-    for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):
-        for n in sorted({bucket(k) for k in range(1, engine.slots + 1)}):
-            for _ in range(n):
-                engine.submit([0], 2, sampling)
-            engine.run_until_idle()

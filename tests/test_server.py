@@ -32,7 +32,6 @@ from jaxllm.sampling import GREEDY
 from jaxllm.server_request import ApiError, parse_completion
 from jaxllm.server_service import Limits, ServedModel, Service
 from jaxllm.server_text import ByteText, StopStrings, TokenizerText
-from jaxllm.server_worker import warm_up
 from jaxllm.tokenizer import load_hf_tokenizer
 
 CFG = PRESETS["tiny"]  # byte vocabulary, context 64
@@ -70,7 +69,6 @@ def params():
 def engine(params):
     engine = GatedEngine(CFG, params, slots=4, policy="chunked", chunk=16)
     engine.compile_programs(CFG.max_len - 1)
-    warm_up(engine)
     return engine
 
 
