@@ -7,10 +7,11 @@ depend on them; no stop token, so every request generates exactly --output-len t
 process on a free loopback port. For each N, experiments/http_clients.py (another process) runs N
 closed-loop streaming clients for --duration seconds: each sends its next request when the last
 completes. Client-side figures: generated tokens per second of the level, time to first token (TTFT,
-send to first streamed token) and time between tokens (TBT), errors and 429s. Then a burst of
+send to first streamed token) and time between tokens (TBT), errors and 429s. First, a burst of
 slots + max-queue + 8 requests at once shows where the queue starts refusing.
 
-Beside each level, the engine alone (no HTTP) runs twice in this process: the same closed loop of N
+Right after each level (the machine's load drifts), the engine alone (no HTTP; the server stopped)
+runs twice in this process: the same closed loop of N
 clients (each submits its next request when the last ends; prompts and lengths alike), which isolates
 what HTTP, JSON, the event loop and the client process cost on this machine; and
 ``jaxllm.servebench.replay`` of a trace of as many requests arriving as a Poisson process at the
@@ -194,13 +195,15 @@ def overhead(rows: list[dict[str, Any]]) -> list[str]:
         for r in rows
     )
     h, e = rows[0]["http"], rows[0]["engine_closed"]
-    added = {k: 1e3 * (h[k]["p50"] - e[k]["p50"]) for k in ("ttft_s", "tbt_s", "e2e_s")}
+    medians = {k: (1e3 * h[k]["p50"], 1e3 * e[k]["p50"]) for k in ("ttft_s", "tbt_s", "e2e_s")}
+    over, alone = zip(*medians.values(), strict=True)
     return [
         f"- Tokens/s over HTTP as a share of the engine's alone on the same closed loop: {shares}.",
-        f"- At N={h['clients']}, HTTP adds {added['ttft_s']:.1f} ms to the TTFT median, "
-        f"{added['tbt_s']:.1f} ms to the TBT median and {added['e2e_s']:.0f} ms to the median request "
-        f"({1e3 * e['e2e_s']['p50']:.0f} ms alone). With N above the {SLOTS} slots, TTFT is mostly "
-        "the wait for a slot, over HTTP and alone.",
+        f"- At N={h['clients']} (no queue), medians over HTTP against alone: TTFT {over[0]:.1f} / "
+        f"{alone[0]:.1f} ms, TBT {over[1]:.1f} / {alone[1]:.1f} ms, request {over[2]:.0f} / "
+        f"{alone[2]:.0f} ms. With N above the {SLOTS} slots, TTFT is mostly the wait for a slot, "
+        "over HTTP and alone. The ms/step columns show how far the machine's load moved between "
+        "the two runs: differences of that size are load, not HTTP.",
     ]
 
 
@@ -233,24 +236,22 @@ def main(argv: list[str] | None = None) -> int:
         config, init_params(config, jax.random.key(0)), slots=SLOTS, policy="chunked", chunk=CHUNK
     )
     started = time.perf_counter()
-    with serving(engine, args.preset) as (url, service):
+    with serving(engine, args.preset) as (url, service):  # the first start compiles
+        compile_s = service.compile_s
         print(f"server ready in {time.perf_counter() - started:.1f} s at {url}", flush=True)
-        levels = []
-        for n in args.clients:
-            levels.append(http_level(url, engine, n, args))
-            print(f"N={n}: {json.dumps(levels[-1])}", flush=True)
         limit = SLOTS + MAX_QUEUE
         lengths = ["--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len)]
         burst = clients(url, "burst", "--requests", str(limit + 8), *lengths, timeout=600)
         print(f"burst: {json.dumps(burst)}", flush=True)
-        compile_s = service.compile_s
     rows = []
-    for level in levels:
-        closed = engine_closed_level(engine, level["clients"], args)
+    for n in args.clients:  # each N over HTTP, then alone, back to back: the machine's load drifts
+        with serving(engine, args.preset) as (url, _):
+            level = http_level(url, engine, n, args)
+        closed = engine_closed_level(engine, n, args)
         rows.append(
             {"http": level, "engine_closed": closed, "replay": offline_level(engine, level, args)}
         )
-        print(f"engine N={level['clients']}: {json.dumps(rows[-1])}", flush=True)
+        print(f"N={n}: {json.dumps(rows[-1])}", flush=True)
     load_after = os.getloadavg()
     setup = {
         "preset": args.preset,
