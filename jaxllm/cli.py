@@ -562,6 +562,71 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jaxllm import server
+    from jaxllm.engine import POLICIES, Engine
+    from jaxllm.server_service import Limits, ServedModel
+
+    if args.policy not in POLICIES:
+        raise UsageError(f"unknown policy {args.policy!r}; policies are: {', '.join(POLICIES)}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    limits = Limits(args.max_queue, args.max_body, args.shutdown_timeout)
+    config, params, tokenizer, stop = _generation_model(args)
+    engine = Engine(config, params, slots=args.slots, policy=args.policy, chunk=args.chunk)
+    model = ServedModel(args.checkpoint or args.hf_dir, tokenizer, stop)
+    return server.serve(engine, model, limits, args.host, args.port)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (POST /v1/completions) over the serving engine",
+        description="Loads the model, compiles its programs, then reports ready (GET /health). "
+        "SIGTERM or Ctrl-C: stop accepting, let running requests finish until --shutdown-timeout, "
+        "cancel the rest.",
+    )
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint", metavar="DIR", help="a jaxllm run directory (byte-level tokenizer)"
+    )
+    model.add_argument("--hf-dir", metavar="DIR", help="a local Hugging Face checkpoint")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="with --hf-dir: change a numeric field, e.g. param_dtype=bfloat16 (repeatable)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for any (default: 8000)")
+    p.add_argument(
+        "--policy", default="chunked", help="static, continuous or chunked (default: chunked)"
+    )
+    p.add_argument("--slots", type=_positive, default=8, help="B, requests batched (default: 8)")
+    p.add_argument(
+        "--chunk", type=_positive, default=64, help="chunked: prompt tokens per step (default: 64)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting beyond the slots before 429 (default: 64)",
+    )
+    p.add_argument(
+        "--max-body", type=_positive, default=2**20, help="request body bytes (default: 1 MiB)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds running requests get after SIGTERM before they are cancelled (default: 10)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
 # Each entry adds one subcommand's parser (and its handler through set_defaults(func=...)).
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
@@ -572,6 +637,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _generate_parser,
     _serve_bench_parser,
     _export_parser,
+    _serve_parser,
 ]
 
 
