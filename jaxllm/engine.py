@@ -49,6 +49,9 @@ from jaxllm.step import StepInput, make_step
 POLICIES = ("static", "continuous", "chunked")
 MIN_CHUNK = 16  # the shortest compiled lane: shorter prompts are padded to it
 MAX_SEED = 2**32 - 1
+MAX_TOP_K = (
+    2**31 - 1
+)  # top-k travels to the step as int32; any k >= the vocabulary keeps every token
 MAX_RECORDS = 100_000  # steps whose record is kept (a long-running server forgets the oldest)
 
 
@@ -65,6 +68,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         sampler = Sampler(self.temperature, self.top_k, self.top_p)  # validates the three
         object.__setattr__(self, "temperature", sampler.temperature)
+        if self.top_k is not None and self.top_k > MAX_TOP_K:
+            raise ValueError(f"top_k must be at most {MAX_TOP_K} (int32), got {self.top_k}")
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 

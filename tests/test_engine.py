@@ -217,6 +217,8 @@ def test_engine_and_trace_arguments_are_checked():
         parse_lengths("a-b")
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="top_k must be at most 2147483647"):
+        SamplingParams(top_k=2**31)
 
 
 def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path):

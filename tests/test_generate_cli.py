@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllm import checkpoint, cli, data, serve
+from jaxllm import checkpoint, cli, data
+from jaxllm import generate as generation
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 from jaxllm.model import init_params
@@ -98,7 +99,7 @@ def test_ctrl_c_during_generate_exits_130_without_a_traceback(run_dir, monkeypat
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(serve, "generate", interrupted)
+    monkeypatch.setattr(generation, "generate", interrupted)
     assert main(["generate", "--checkpoint", run_dir, "--prompt", "x"]) == 130
     err = capsys.readouterr().err
     assert err == "jaxllm: interrupted\n"
