@@ -50,6 +50,7 @@ bench: $(DEPS)
 	$(JAXLLM) calibrate --refresh
 	$(JAXLLM) bench $(BENCH_FLAGS)
 	$(JAXLLM) serve-bench $(SERVE_BENCH)
+	$(PY) experiments/http_load.py
 
 # The engine's target (issue 14): 64 requests at once, 8 slots, prompts 16-128, outputs 16-256 on
 # `small` (its context widened to 512 to hold them): continuous >= 1.5x the tokens/s of static.
