@@ -15,6 +15,7 @@ import jax
 from jaxllm import hardware, memory, phases
 from jaxllm.config import ModelConfig, get_preset
 from jaxllm.cost import analyze_compiled, compile_timed
+from jaxllm.errors import InputError
 from jaxllm.roofline import roofline
 from jaxllm.timing import time_compiled
 
@@ -33,7 +34,7 @@ def _measure(
     """Times ``compiled`` (the executable XLA's figures describe) on fresh arguments."""
     free = available_bytes()
     if footprint > free:
-        raise ValueError(
+        raise InputError(
             f"--measure needs {footprint / 1e9:.2f} GB for {program.phase} (XLA footprint) but the "
             f"device has {free / 1e9:.2f} GB available; analyse it without --measure"
         )

@@ -4,23 +4,37 @@ one line; 1 a run that failed on its own, one line; 128 + N after signal N (130 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import RunError
+from jaxllm.errors import InputError, RunError, positive_int
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
 Command = Callable[[argparse.Namespace], int]
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad command-line input; printed as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def _input_errors(kind: type[ValueError] = ValueError) -> Iterator[None]:
+    """Around a call into a module that still reports bad input as a plain ValueError or its own
+    subclass ``kind`` (``jaxllm.hf``, ``jaxllm.phases``, ``jaxllm.serve``): that error is bad input,
+    exit 2. Elsewhere a ValueError is a bug and keeps its traceback."""
+    try:
+        yield
+    except InputError:
+        raise
+    except kind as err:
+        raise InputError(str(err)) from err
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small") -> None:
@@ -50,21 +64,19 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The config of --hf-dir (reading config.json only) or of --preset, with --override applied."""
     if getattr(args, "hf_dir", None):
-        from jaxllm.hf import load_config
+        from jaxllm.hf import HFError, load_config
 
-        return load_config(args.hf_dir, args.override)
+        with _input_errors(HFError):
+            return load_config(args.hf_dir, args.override)
     return apply_overrides(get_preset(args.preset), args.override)
 
 
 def _positive(text: str) -> int:
     """argparse type: a positive integer (else one readable line naming the value)."""
     try:
-        value = int(text)
+        return positive_int("the value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -93,7 +105,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     params = count_params(config)
     seq = args.seq or config.max_len
     if seq > config.max_len:
-        raise ValueError(f"--seq {seq} is beyond the context length max_len={config.max_len}")
+        raise UsageError(f"--seq {seq} is beyond the context length max_len={config.max_len}")
     memory = {
         "batch": args.batch,
         "seq": seq,
@@ -221,7 +233,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from jaxllm import bench, phases
 
     config = config_from_args(args)
-    phases.check_sizes(config, args.phase, args.batch, args.seq)
+    with _input_errors():
+        phases.check_sizes(config, args.phase, args.batch, args.seq)
     row = bench.analyze_phase(
         config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )
@@ -331,9 +344,10 @@ def _generation_model(args: argparse.Namespace) -> tuple[ModelConfig, Any, Any, 
         from jaxllm import hf
         from jaxllm.tokenizer import load_hf_tokenizer
 
-        config, params = hf.load(args.hf_dir, args.override)
-        tokenizer = load_hf_tokenizer(args.hf_dir, config.vocab_size)
-        return config, params, tokenizer, hf.eos_ids(args.hf_dir, config.vocab_size)
+        with _input_errors(hf.HFError):
+            config, params = hf.load(args.hf_dir, args.override)
+            stop = hf.eos_ids(args.hf_dir, config.vocab_size)
+        return config, params, load_hf_tokenizer(args.hf_dir, config.vocab_size), stop
     if args.override:
         raise UsageError("--override applies to --hf-dir (a jaxllm checkpoint keeps its config)")
     from jaxllm import checkpoint, data
@@ -362,6 +376,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         texts = _read_prompts(args)
         prompts = [tokenizer.encode(t).tolist() for t in texts]
+    with _input_errors():
+        serve.make_batch(config, prompts, args.max_new_tokens)  # the requests, checked apart
     key = jax.random.key(args.seed)
     gen = serve.generate(config, params, prompts, args.max_new_tokens, sampler, key, stop)
     if tokenizer is None:
@@ -458,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, OSError) as err:
         print(f"jaxllm: error: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
+    except InputError as err:
         print(f"jaxllm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training saves first (loop.stop_requests); anything else just stops

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxllm import analytic, checkpoint, data, memory, runlock
 from jaxllm.config import ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import RunError
+from jaxllm.errors import InputError, RunError, positive_int
 from jaxllm.finite import NonFiniteError, require_finite
 from jaxllm.model import count_params
 from jaxllm.progress import Reporter, format_seconds, truncate_metrics
@@ -81,25 +81,23 @@ class TrainSettings:
             "keep",
             "log_every",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.warmup is None:
             object.__setattr__(self, "warmup", self.steps // 10)
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+            raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.batch % self.accum:
-            raise ValueError(f"batch {self.batch} is not divisible by accum {self.accum}")
+            raise InputError(f"batch {self.batch} is not divisible by accum {self.accum}")
         make_optimizer(self.lr, self.steps, self.warmup or 0, self.weight_decay, self.clip_norm)
         if not 0 < self.val_fraction < 1:  # NaN fails too
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
     def check(self, config: ModelConfig) -> None:
-        """ValueError unless the model can train on these batches."""
+        """InputError unless the model can train on these batches."""
         if self.seq > config.max_len:
-            raise ValueError(f"seq {self.seq} exceeds the model's context max_len={config.max_len}")
+            raise InputError(f"seq {self.seq} exceeds the model's context max_len={config.max_len}")
         if config.vocab_size < data.VOCAB_SIZE:
-            raise ValueError(
+            raise InputError(
                 f"vocab_size {config.vocab_size} is below the byte tokenizer's {data.VOCAB_SIZE}"
             )
 
@@ -140,7 +138,7 @@ def _resolve(
     if not resume:
         steps = checkpoint.complete_steps(run_dir)
         if steps:
-            raise ValueError(
+            raise InputError(
                 f"{run_dir} already holds a checkpoint (step {steps[-1]}); "
                 "pass --resume to continue it or choose another --out"
             )
@@ -164,13 +162,13 @@ def _resolve(
 
 
 def check_layout(run_dir: Path, data_path: str | None) -> None:
-    """ValueError if the run directory lies inside the ``--data`` directory: its checkpoints would
+    """InputError if the run directory lies inside the ``--data`` directory: its checkpoints would
     be read as corpus, and the corpus would change under every resume."""
     if data_path is None or not Path(data_path).is_dir():
         return
     out, corpus = run_dir.resolve(), Path(data_path).resolve()
     if out.is_relative_to(corpus):
-        raise ValueError(
+        raise InputError(
             f"--out {run_dir} is inside --data {data_path}: the run's own files would be read as "
             "training data; choose an --out outside the data directory"
         )
@@ -187,11 +185,11 @@ def memory_needed(config: ModelConfig, settings: TrainSettings) -> dict[str, int
 
 
 def check_memory(config: ModelConfig, settings: TrainSettings) -> None:
-    """ValueError, before anything is allocated, if the run needs more memory than this process may
+    """InputError, before anything is allocated, if the run needs more memory than this process may
     use (``memory.available_bytes``: RAM, cgroup and ``ulimit -v`` limits, or device memory)."""
     need, free = memory_needed(config, settings), memory.available_bytes()
     if need["total"] > free:
-        raise ValueError(
+        raise InputError(
             f"training needs about {memory.gib(need['total'])} (train step "
             f"{memory.gib(need['train_step'])} at --batch {settings.batch} --seq {settings.seq} "
             f"--accum {settings.accum}, validation set {memory.gib(need['validation_set'])} at "
@@ -429,7 +427,7 @@ def train(
     Bad input is refused before the directory is created; the run then holds the directory's lock
     (``runlock``) and checks again under it, so a second process on the same directory is refused."""
     if str(run_dir) == "":
-        raise ValueError("the run directory (--out) must not be empty")
+        raise InputError("the run directory (--out) must not be empty")
     path = Path(run_dir)
     if resume and not path.is_dir():
         raise checkpoint.CheckpointError(f"no checkpoint directory at {path}")

@@ -57,6 +57,19 @@ def test_bad_input_is_one_line_and_nonzero(argv, word, capsys):
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_value_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch):
+    """Only the project's input errors are one line and exit 2; a ValueError from a bug (JAX raises
+    them too) propagates."""
+    from jaxllm import analytic
+
+    def bug(*_):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(analytic, "train_memory", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["info", "--preset", "tiny"])
+
+
 def test_console_entry_point_runs_as_module():
     proc = subprocess.run(
         [sys.executable, "-m", "jaxllm", "info", "--preset", "gpt5"],

@@ -99,7 +99,8 @@ def test_ctrl_c_during_generate_exits_130_without_a_traceback(run_dir, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(serve, "generate", interrupted)
-    assert main(["generate", "--checkpoint", run_dir, "--prompt", "x"]) == 130
+    argv = ["generate", "--checkpoint", run_dir, "--prompt", "x", "--max-new-tokens", "2"]
+    assert main(argv) == 130
     err = capsys.readouterr().err
     assert err == "jaxllm: interrupted\n"
 
