@@ -9,21 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from jaxllm.errors import InputError
 
 TOKENIZER = "tokenizer.json"
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids [T] int32."""
-        ...
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
 class HFTokenizer:
