@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from jaxllm import experiment, hardware
-from jaxllm.bench import peaks_line, sheet_line
+from jaxllm.tables import peaks_line, sheet_line
 
 EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding")
 

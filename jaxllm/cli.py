@@ -230,15 +230,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from jaxllm import bench, phases
+    from jaxllm import measure, phases, tables
 
     config = config_from_args(args)
     with _input_errors():
         phases.check_sizes(config, args.phase, args.batch, args.seq)
-    row = bench.analyze_phase(
+    row = measure.analyze_phase(
         config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )
-    print(json.dumps(row) if args.json else "\n".join(bench.analysis_table(row)))
+    print(json.dumps(row.to_json()) if args.json else "\n".join(tables.analysis_table(row)))
     return 0
 
 
@@ -262,14 +262,14 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from jaxllm import bench, hardware
+    from jaxllm import bench, hardware, tables
 
     for preset in args.presets:  # every name checked before anything is measured
         get_preset(preset)
     calibration = hardware.calibrate(quick=args.quick)
-    print(json.dumps({"calibration": calibration}) if args.json else bench.header(calibration))
+    print(json.dumps({"calibration": calibration}) if args.json else tables.header(calibration))
     for row in bench.bench(args.presets, args.batches, args.quick):
-        print(json.dumps(row) if args.json else bench.table_row(row), flush=True)
+        print(json.dumps(row.to_json()) if args.json else tables.table_row(row), flush=True)
     return 0
 
 
@@ -291,10 +291,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from jaxllm import bench, hardware
+    from jaxllm import hardware, tables
 
     calibration = hardware.calibrate(refresh=args.refresh, quick=args.quick)
-    print(json.dumps(calibration) if args.json else bench.header(calibration).splitlines()[0])
+    print(json.dumps(calibration) if args.json else tables.header(calibration).splitlines()[0])
     return 0
 
 
