@@ -58,7 +58,8 @@ clean:
 # bf16, decode batches up to 1024 and sequences up to the context (`make report SYSTEM=1` where JAX is
 # installed and no registry is reachable).
 REPORT_RUN := runs/report
-EXPERIMENTS := roofline decode_batch memory seqlen estimates padding
+# The list lives in jaxllm/experiment.py (report.py gathers the same); read once the package is installed.
+EXPERIMENTS = $(shell $(PY) -c 'from jaxllm.experiment import EXPERIMENTS; print(*EXPERIMENTS)')
 
 .PHONY: report
 report: $(DEPS)

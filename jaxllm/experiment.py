@@ -20,6 +20,8 @@ import jax
 from jaxllm.config import ModelConfig, get_preset
 
 Row = dict[str, Any]
+# The experiments `make report` runs and experiments/report.py gathers, in the report's order.
+EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding")
 
 
 def parse_args(

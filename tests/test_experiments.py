@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from jaxllm.experiment import EXPERIMENTS
+
 pytest.importorskip("matplotlib")  # the `plot` extra; absent from some GPU images
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
