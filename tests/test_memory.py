@@ -97,6 +97,5 @@ def test_a_real_ulimit_v_bounds_what_is_available(room):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert 0 < int(out.stdout) <= room
-    assert (
-        int(out.stdout) > room // 2
-    )  # the limit, less what the process maps meanwhile (malloc arenas)
+    # The limit, less what the process maps meanwhile (malloc arenas).
+    assert int(out.stdout) > room // 2

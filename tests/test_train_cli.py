@@ -24,12 +24,7 @@ def corpus(tmp_path_factory):
 def test_train_command_writes_a_run_that_serving_can_load(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     argv = ["train", *TINY, "--steps", "8", "--data", corpus, "--out", str(out)]
-    argv += [
-        "--eval-every",
-        "4",
-        "--eval-batches",
-        "1",
-    ]  # test_loop's settings: shared compiled steps
+    argv += ["--eval-every", "4", "--eval-batches", "1"]  # test_loop's: shared compiled steps
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "byte-unigram entropy" in printed.out and "validation loss" in printed.out
