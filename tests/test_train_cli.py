@@ -14,13 +14,6 @@ from jaxllm.cli import main
 TINY = ["--preset", "tiny", "--batch", "4", "--seq", "16"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(data.default_corpus_files()[0].read_bytes()[:24_000])
-    return str(path)
-
-
 def test_train_command_writes_a_run_that_serving_can_load(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     argv = ["train", *TINY, "--steps", "8", "--data", corpus, "--out", str(out)]
