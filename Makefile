@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ckpt,plot,hf]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ckpt,plot,hf,tensorboard]'
 	touch $(STAMP)
 
 test: $(DEPS)

@@ -226,6 +226,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         **int_opt,
         help="steps between log lines when stderr is not a terminal (default: 10)",
     )
+    p.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars to DIR"
+    )
     p.set_defaults(func=cmd_train)
 
 

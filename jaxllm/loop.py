@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import analytic, checkpoint, data, memory, runlock
+from jaxllm import analytic, checkpoint, data, memory, runlock, tensorboard
 from jaxllm.config import ModelConfig, apply_overrides, get_preset
 from jaxllm.errors import InputError, RunError, positive_int
 from jaxllm.finite import NonFiniteError, require_finite
@@ -38,7 +38,9 @@ from jaxllm.train import TrainState, init_state, make_eval_step, make_optimizer,
 DEFAULT_PRESET = "small"
 SUMMARY_FILE = "summary.json"
 # Settings a resumed run may change: they do not alter the parameters it computes.
-RESUME_FREE = frozenset({"eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "data"})
+RESUME_FREE = frozenset(
+    {"eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "tensorboard", "data"}
+)
 
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes the seed modulo 2**32: larger seeds would alias
@@ -67,6 +69,7 @@ class TrainSettings:
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     keep: int = 3  # checkpoints kept
     log_every: int = 10  # steps between log lines when not on a terminal
+    tensorboard: str | None = None  # directory for TensorBoard scalars; None: none written
     data: str | None = None  # text file or directory; None: the built-in corpus
 
     def __post_init__(self) -> None:
@@ -123,6 +126,8 @@ def resolve(
     """
     config, settings, meta = _resolve(run_dir, resume, preset, overrides, requested)
     settings.check(config)
+    if settings.tensorboard is not None:
+        tensorboard.require()
     check_layout(run_dir, settings.data)
     check_memory(config, settings)
     return config, settings, meta
@@ -460,9 +465,13 @@ def _train_locked(
     start = 0 if restored is None else int(restored.step)
     if restored is not None:
         notes += truncate_metrics(path, start)
-    reporter = Reporter(
-        path, settings.steps, settings.batch * settings.seq, stream, settings.log_every, start > 0
-    )
+    events = None
+    if settings.tensorboard is not None:
+        events = tensorboard.EventWriter(
+            settings.tensorboard, purge_step=start + 1 if start else None
+        )
+    tokens = settings.batch * settings.seq
+    reporter = Reporter(path, settings.steps, tokens, stream, settings.log_every, start > 0, events)
     for note in notes:
         reporter.line(f"warning: {note}")
     reporter.line(_header(config, settings, corpus, start))
