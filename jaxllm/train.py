@@ -82,7 +82,7 @@ def make_optimizer(
     if not 0 < clip_norm < math.inf:
         raise InputError(f"clip_norm must be a positive finite number, got {clip_norm}")
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    return optax.chain(
+    chain = optax.chain(
         optax.clip_by_global_norm(clip_norm),
         adamw(
             learning_rate=make_schedule(lr, total_steps, warmup),
@@ -92,6 +92,23 @@ def make_optimizer(
             mask=decay_mask,
         ),
     )
+    return _standard_promotion(chain)
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` with ``init`` and ``update`` traced under standard dtype promotion: optax's schedules
+    and Adam's bias correction mix Python floats with the int32 step count, which strict promotion
+    (the tests' setting) refuses. The model and the loss stay under whatever promotion is set."""
+
+    def init(params: Any) -> optax.OptState:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, Any]:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def learning_rate(opt_state: optax.OptState) -> jax.Array:
