@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ckpt,plot,hf,serve]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ckpt,plot,hf,serve,tensorboard]'
 	touch $(STAMP)
 
 test: $(DEPS)
@@ -65,7 +65,8 @@ clean:
 # bf16, decode batches up to 1024 and sequences up to the context (`make report SYSTEM=1` where JAX is
 # installed and no registry is reachable).
 REPORT_RUN := runs/report
-EXPERIMENTS := roofline decode_batch memory seqlen estimates padding serving
+# The list lives in jaxllm/experiment.py (report.py gathers the same); read once the package is installed.
+EXPERIMENTS = $(shell $(PY) -c 'from jaxllm.experiment import EXPERIMENTS; print(*EXPERIMENTS)')
 
 .PHONY: report
 report: $(DEPS)

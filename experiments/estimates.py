@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import experiment
-from jaxllm.bench import analyze_phase
+from jaxllm.measure import PhaseResult, analyze_phase
 
 
 def dispatch_seconds(repeats: int = 200) -> float:
@@ -35,8 +35,22 @@ def dispatch_seconds(repeats: int = 200) -> float:
     return float(np.median(times))
 
 
+def gaps(result: PhaseResult, dispatch: float) -> dict[str, float]:
+    """The ratios this experiment is about for one measured phase; ``dispatch``: seconds of an empty
+    compiled call."""
+    x, a = result.xla, result.analytic
+    return {
+        "predicted_over_measured": result.roofline.xla.predicted_seconds / result.seconds,
+        "analytic_over_xla_flops": a.flops / x.flops,
+        "raw_over_corrected_flops": x.raw_flops / x.flops,
+        "xla_over_analytic_bytes": x.bytes_accessed / a.bytes,
+        "dispatch_seconds": dispatch,
+        "dispatch_share": dispatch / result.seconds,
+    }
+
+
 def reasons(row: experiment.Row) -> str:
-    """The gaps this row's data shows, largest first, in words."""
+    """The gaps one row (``PhaseResult.flat()`` and ``gaps``) shows, largest first, in words."""
     out = []
     if row["dispatch_share"] > 0.05:
         out.append(f"dispatch is {row['dispatch_share']:.0%} of the step")
@@ -50,19 +64,21 @@ def reasons(row: experiment.Row) -> str:
             f"XLA moves {row['xla_over_analytic_bytes']:.1f}x the compulsory bytes "
             "(unfused intermediates, copies)"
         )
+    bound, mfu, mbu = row["roofline_xla_bound"], row["roofline_xla_mfu"], row["roofline_xla_mbu"]
     if row["predicted_over_measured"] > 1.0:
         out.append("faster than the DRAM roof: the working set stays in CPU caches")
-    elif row["bound"] == "compute" and row["mfu"] < 0.5:
+    elif bound == "compute" and mfu < 0.5:
         out.append(
-            f"compute-bound at {row['mfu']:.0%} of the matmul peak (small matmuls, "
+            f"compute-bound at {mfu:.0%} of the matmul peak (small matmuls, "
             "softmax and norms off the matmul units)"
         )
-    elif row["bound"] == "memory" and row["mbu"] < 0.5:
-        out.append(f"memory-bound at {row['mbu']:.0%} of the read bandwidth")
+    elif bound == "memory" and mbu < 0.5:
+        out.append(f"memory-bound at {mbu:.0%} of the read bandwidth")
     return "; ".join(out) or "within noise of the roof"
 
 
 def measure(preset: str, dtype: str | None, quick: bool) -> list[experiment.Row]:
+    """One CSV row per phase: its ``PhaseResult.flat()``, its ``gaps`` and their ``reasons``."""
     config = experiment.model_config(preset, dtype)
     seq = 64 if quick else min(1024 if experiment.accelerator() else 256, config.max_len)
     points = [
@@ -74,31 +90,15 @@ def measure(preset: str, dtype: str | None, quick: bool) -> list[experiment.Row]
     dispatch = dispatch_seconds()
     rows = []
     for phase, batch, length in points:
-        out = analyze_phase(config, phase, batch, length, measure=True, quick=quick, preset=preset)
-        xla, roof = out["xla"], out["roofline"]["xla"]
-        seconds = out["measured"]["seconds_median"]
-        row: experiment.Row = {
-            "phase": phase,
-            "batch": batch,
-            "seq": length,
-            "measured_seconds": seconds,
-            "xla_predicted_seconds": roof["predicted_seconds"],
-            "predicted_over_measured": roof["predicted_seconds"] / seconds,
-            "analytic_over_xla_flops": out["analytic"]["flops"] / xla["flops"],
-            "raw_over_corrected_flops": xla["raw_flops"] / xla["flops"],
-            "xla_over_analytic_bytes": xla["bytes_accessed"] / out["analytic"]["bytes"],
-            "dispatch_seconds": dispatch,
-            "dispatch_share": dispatch / seconds,
-            "bound": roof["bound"],
-            "mfu": roof["mfu"],
-            "mbu": roof["mbu"],
-            "loop_corrected": xla["loop_corrected"],
-        }
-        row["reasons"] = reasons(row)
-        rows.append(row)
+        result = analyze_phase(
+            config, phase, batch, length, measure=True, quick=quick, preset=preset
+        )
+        gap = gaps(result, dispatch)
+        row = {**result.flat(), **gap}
+        rows.append({**row, "reasons": reasons(row)})
         print(
-            f"{phase:<8} B={batch:<3} predicted/measured {row['predicted_over_measured']:.2f} "
-            f"analytic/XLA FLOPs {row['analytic_over_xla_flops']:.3f}",
+            f"{phase:<8} B={batch:<3} predicted/measured {gap['predicted_over_measured']:.2f} "
+            f"analytic/XLA FLOPs {gap['analytic_over_xla_flops']:.3f}",
             flush=True,
         )
     return rows
@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         lines.append(
-            f"| {r['phase']} | {r['batch']} | {1e3 * r['measured_seconds']:.2f} ms | "
-            f"{1e3 * r['xla_predicted_seconds']:.2f} ms | {r['predicted_over_measured']:.2f} | "
-            f"{r['analytic_over_xla_flops']:.3f} | {r['raw_over_corrected_flops']:.2f} | "
-            f"{r['xla_over_analytic_bytes']:.2f} | {r['reasons']} |"
+            f"| {r['phase']} | {r['batch']} | {1e3 * r['measured_seconds_median']:.2f} ms | "
+            f"{1e3 * r['roofline_xla_predicted_seconds']:.2f} ms | "
+            f"{r['predicted_over_measured']:.2f} | {r['analytic_over_xla_flops']:.3f} | "
+            f"{r['raw_over_corrected_flops']:.2f} | {r['xla_over_analytic_bytes']:.2f} | "
+            f"{r['reasons']} |"
         )
     lines += ["", "![estimates](estimates.png)"]
     experiment.write_summary(

@@ -15,8 +15,9 @@ from __future__ import annotations
 import sys
 
 from jaxllm import analytic, experiment
-from jaxllm.bench import analyze_phase, si
 from jaxllm.config import get_preset
+from jaxllm.measure import analyze_phase
+from jaxllm.tables import si
 
 TRAIN_PARTS = ("params", "grads", "adam", "activations")
 SERVE_PARTS = ("params", "kv_cache")
@@ -37,7 +38,7 @@ def presets_rows(presets: list[str], batch: int, xla_presets: set[str]) -> list[
         row |= {f"serve_{k}": serve[k] for k in (*SERVE_PARTS, "total")}
         for phase, key in (("train", "xla_train_footprint"), ("decode", "xla_serve_footprint")):
             row[key] = (
-                analyze_phase(cfg, phase, batch, seq)["xla"]["footprint_bytes"]
+                analyze_phase(cfg, phase, batch, seq).xla.footprint_bytes
                 if preset in xla_presets
                 else None
             )
@@ -58,10 +59,10 @@ def remat_rows(preset: str, batch: int, seq: int) -> list[experiment.Row]:
             {
                 "remat": policy,
                 "analytic_activation_bytes": analytic.activation_bytes(cfg, batch, seq),
-                "analytic_flops": out["analytic"]["flops"],
-                "xla_flops": out["xla"]["flops"],
-                "xla_temp_bytes": out["xla"]["temp_bytes"],
-                "xla_footprint_bytes": out["xla"]["footprint_bytes"],
+                "analytic_flops": out.analytic.flops,
+                "xla_flops": out.xla.flops,
+                "xla_temp_bytes": out.xla.temp_bytes,
+                "xla_footprint_bytes": out.xla.footprint_bytes,
             }
         )
     return rows

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 from jaxllm import analytic, experiment
-from jaxllm.bench import analyze_phase
 from jaxllm.config import ModelConfig, get_preset
+from jaxllm.measure import analyze_phase
 
 
 def bucket(length: int) -> int:
@@ -56,8 +56,8 @@ def scenario(
     bucket_bytes = sum(prefill_cost(cfg, b, t)[1] for t, b in buckets.items())
 
     def seconds(batch: int, seq: int) -> float:
-        out = analyze_phase(cfg, "prefill", batch, seq, measure=True, quick=quick, preset=preset)
-        return out["measured"]["seconds_median"]
+        result = analyze_phase(cfg, "prefill", batch, seq, measure=True, quick=quick, preset=preset)
+        return result.seconds
 
     padded_s = seconds(len(lengths), longest)
     bucket_s = sum(seconds(b, t) for t, b in buckets.items())

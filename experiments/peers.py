@@ -221,9 +221,8 @@ _ROUND = [0]
 
 
 LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s$")
-Times = dict[
-    str, tuple[list[float], list[float]]
-]  # cell -> (jaxllm seconds, PyTorch seconds) by round
+# cell -> (jaxllm seconds, PyTorch seconds) by round
+Times = dict[str, tuple[list[float], list[float]]]
 
 
 def main(argv: list[str] | None = None) -> None:

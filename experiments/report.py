@@ -18,9 +18,7 @@ import sys
 from pathlib import Path
 
 from jaxllm import experiment, hardware
-from jaxllm.bench import peaks_line, sheet_line
-
-EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding", "serving")
+from jaxllm.tables import peaks_line, sheet_line
 
 
 def header() -> list[str]:
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = header() + training(args.run) + samples(args.out / "samples.json")
-    for name in EXPERIMENTS:
+    for name in experiment.EXPERIMENTS:
         lines += experiment_section(name, args.results, args.out)
     (args.out / "REPORT.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'REPORT.md'}")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 
 from jaxllm import experiment, hardware
-from jaxllm.bench import analyze_phase, peaks_line, si
+from jaxllm.measure import PhaseResult, analyze_phase
+from jaxllm.tables import peaks_line, si
 
 
 def shapes(quick: bool, max_len: int) -> list[tuple[str, int, int]]:
@@ -38,40 +39,22 @@ def shapes(quick: bool, max_len: int) -> list[tuple[str, int, int]]:
     )
 
 
-def measure(preset: str, dtype: str | None, quick: bool) -> list[experiment.Row]:
+def measure(preset: str, dtype: str | None, quick: bool) -> list[PhaseResult]:
     config = experiment.model_config(preset, dtype)
-    rows = []
+    results = []
     for phase, batch, seq in shapes(quick, config.max_len):
-        out = analyze_phase(config, phase, batch, seq, measure=True, quick=quick, preset=preset)
-        xla, roof = out["xla"], out["roofline"]["xla"]
-        seconds = out["measured"]["seconds_median"]
-        rows.append(
-            {
-                "phase": phase,
-                "batch": batch,
-                "seq": seq,
-                "xla_flops": xla["flops"],
-                "xla_bytes": xla["bytes_accessed"],
-                "intensity": roof["intensity"],
-                "ridge": roof["ridge"],
-                "bound": roof["bound"],
-                "predicted_seconds": roof["predicted_seconds"],
-                "measured_seconds": seconds,
-                "predicted_flops_per_s": xla["flops"] / roof["predicted_seconds"],
-                "measured_flops_per_s": xla["flops"] / seconds,
-                "efficiency": roof["predicted_seconds"] / seconds,
-            }
-        )
+        result = analyze_phase(config, phase, batch, seq, measure=True, quick=quick, preset=preset)
+        roof = result.roofline.xla
         print(
-            f"{phase:<8} B={batch:<3} T/S={seq:<5} I={roof['intensity']:7.2f} FLOP/B "
-            f"measured {si(xla['flops'] / seconds, 'FLOP/s')} "
-            f"({roof['predicted_seconds'] / seconds:.0%} of the roof)",
+            f"{phase:<8} B={batch:<3} T/S={seq:<5} I={roof.intensity:7.2f} FLOP/B "
+            f"measured {si(roof.achieved_flops_per_s, 'FLOP/s')} ({roof.efficiency:.0%} of the roof)",
             flush=True,
         )
-    return rows
+        results.append(result)
+    return results
 
 
-def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
+def plot(results: list[PhaseResult], calibration: dict, path) -> None:
     import numpy as np
 
     plt = experiment.pyplot()
@@ -98,10 +81,10 @@ def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
         )
     colors = {"train": "C0", "prefill": "C1", "decode": "C2"}
     for phase, color in colors.items():
-        pts = [r for r in rows if r["phase"] == phase]
+        roofs = [r.roofline.xla for r in results if r.phase == phase]
         ax.scatter(
-            [r["intensity"] for r in pts],
-            [r["predicted_flops_per_s"] for r in pts],
+            [r.intensity for r in roofs],
+            [r.roof_flops_per_s for r in roofs],
             marker="o",
             facecolors="none",
             edgecolors=color,
@@ -109,8 +92,8 @@ def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
             label=f"{phase}: XLA-predicted",
         )
         ax.scatter(
-            [r["intensity"] for r in pts],
-            [r["measured_flops_per_s"] for r in pts],
+            [r.intensity for r in roofs],
+            [r.achieved_flops_per_s for r in roofs],
             marker="x",
             color=color,
             s=50,
@@ -127,28 +110,35 @@ def plot(rows: list[experiment.Row], calibration: dict, path) -> None:
     experiment.save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = experiment.parse_args("roofline", __doc__, argv)
-    rows = measure(args.preset, args.dtype, args.quick)
-    calibration = hardware.calibrate(quick=args.quick)
-    experiment.write_csv(args.out / "data.csv", rows)
-    experiment.write_json(args.out / "calibration.json", calibration)
-    plot(rows, calibration, args.out / "roofline.png")
+def summary(results: list[PhaseResult], calibration: dict, preset: str, dtype: str) -> list[str]:
+    """The calibrated peaks, then one table row per point: intensity, bound, predicted and measured
+    time (XLA's counts on the roofline)."""
     lines = [
         f"Calibrated peaks: {peaks_line(calibration)}; "
-        f"ridge {rows[0]['ridge']:.1f} FLOP/byte ({args.preset} computes in "
-        f"{experiment.model_config(args.preset, args.dtype).dtype}).",
+        f"ridge {results[0].roofline.xla.ridge:.1f} FLOP/byte ({preset} computes in {dtype}).",
         "",
         "| phase | B | T or S | intensity (FLOP/B) | bound | predicted | measured | measured / roof |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in results:
+        roof = r.roofline.xla
         lines.append(
-            f"| {r['phase']} | {r['batch']} | {r['seq']} | {r['intensity']:.2f} | {r['bound']} | "
-            f"{1e3 * r['predicted_seconds']:.2f} ms | {1e3 * r['measured_seconds']:.2f} ms | "
-            f"{r['efficiency']:.0%} |"
+            f"| {r.phase} | {r.batch} | {r.seq} | {roof.intensity:.2f} | {roof.bound} | "
+            f"{1e3 * roof.predicted_seconds:.2f} ms | {1e3 * r.seconds:.2f} ms | "
+            f"{roof.efficiency:.0%} |"
         )
-    lines += ["", "![roofline](roofline.png)"]
+    return [*lines, "", "![roofline](roofline.png)"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = experiment.parse_args("roofline", __doc__, argv)
+    results = measure(args.preset, args.dtype, args.quick)
+    calibration = hardware.calibrate(quick=args.quick)
+    experiment.write_csv(args.out / "data.csv", [r.flat() for r in results])
+    experiment.write_json(args.out / "calibration.json", calibration)
+    plot(results, calibration, args.out / "roofline.png")
+    dtype = experiment.model_config(args.preset, args.dtype).dtype
+    lines = summary(results, calibration, args.preset, dtype)
     experiment.write_summary(args.out / "summary.md", f"Roofline — {args.preset}", lines)
     return 0
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxllm import experiment, hardware
 from jaxllm.engine import POLICIES, Engine, StepRecord
+from jaxllm.hardware import Peaks
 from jaxllm.model import param_shapes
 from jaxllm.phases import filler_params
 from jaxllm.servebench import replay, summarize
@@ -76,13 +77,13 @@ def flat(row: dict[str, Any]) -> experiment.Row:
     }
 
 
-def chunk_prediction(engine: Engine, peaks: dict[str, Any]) -> float:
+def chunk_prediction(engine: Engine, peaks: Peaks) -> float:
     """Predicted seconds of a chunked step carrying every slot's decode and a full chunk that reads
     half the cache: the TBT of a request decoding while a long prompt is prefilled."""
     S, B, C = engine.capacity, engine.slots, engine.chunk
     record = StepRecord(True, True, 1, C, (S // 2,) * B, ((S // 2, C),), 0.0)
     work = step_work(engine.config, record, B, S, engine.cache.k[0].dtype)
-    return predicted_seconds(work, peaks["flops_per_s"], peaks["bandwidth_bytes_per_s"])
+    return predicted_seconds(work, peaks.flops_per_s, peaks.bandwidth_bytes_per_s)
 
 
 def mixed_step_seconds(engine: Engine, start: int) -> float | None:

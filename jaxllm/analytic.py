@@ -15,8 +15,9 @@ Attention is given two ways:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
@@ -292,3 +293,26 @@ def decode_capacity(config: ModelConfig, filled: int) -> int:
     """Cache slots used to analyse a decode step after ``filled`` tokens: filled + 1 rounded up to a
     power of two, at most max_len (jaxllm.serve's bucket policy for a cache with room for the step)."""
     return min(config.max_len, 1 << math.ceil(math.log2(filled + 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyticView:
+    """The closed-form view of one phase at one shape (``jaxllm.phases.analytic_view``)."""
+
+    flops: int  # matmul FLOPs, attention over every slot the program scores ("xla" convention)
+    flops_causal: int  # the same over the useful causal (query, key) pairs only
+    flops_convention: str  # the two conventions in words
+    bytes: int  # compulsory bytes moved per call
+    memory: dict[str, int]  # train_memory (train) or serve_memory (prefill, decode), bytes
+    params: int  # parameter count
+    tokens: int  # tokens per call: B·T, or B for a decode step
+    capacity: int  # cache slots allocated (0 for train)
+    slots_read: int  # cache slots the program reads and scores (prefill 0, decode all)
+    decode_bytes: dict[str, int] | None = None  # decode only: ``decode_bytes``' parts
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``jaxllm analyze --json`` prints it: ``decode_bytes`` only for a decode step."""
+        out = dataclasses.asdict(self)
+        if self.decode_bytes is None:
+            del out["decode_bytes"]
+        return out

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.serve import Prompt, check_tokens
 
 
@@ -43,22 +44,22 @@ def make_batch(
 ) -> Batch:
     """Validate the requests and left-pad them; ValueError naming the bad value and the limit."""
     if len(prompts) == 0:
-        raise ValueError("no prompts given")
+        raise InputError("no prompts given")
     rows = [check_tokens(config, p, "prompt token").reshape(-1) for p in prompts]
     limits = np.asarray(max_new_tokens)
     if not np.issubdtype(limits.dtype, np.integer) or limits.shape not in ((), (len(rows),)):
-        raise ValueError(
+        raise InputError(
             f"max_new_tokens must be one integer or one per prompt ({len(rows)}), "
             f"got {max_new_tokens!r}"
         )
     limits = np.broadcast_to(limits, (len(rows),))
     for i, (row, limit) in enumerate(zip(rows, limits, strict=True)):
         if row.size == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise InputError(f"prompt {i} is empty")
         if limit < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {int(limit)} for prompt {i}")
+            raise InputError(f"max_new_tokens must be >= 1, got {int(limit)} for prompt {i}")
         if row.size + limit > config.max_len:
-            raise ValueError(
+            raise InputError(
                 f"prompt {i} has {row.size} tokens + max_new_tokens {int(limit)} = "
                 f"{row.size + int(limit)}, beyond the model's context (max_len) {config.max_len}"
             )

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.model import Attend, cached_attention
 
 
@@ -57,7 +58,7 @@ class KVCache(struct.PyTreeNode):
         """An empty cache of ``capacity`` slots per sequence in ``dtype`` (default:
         ``cache_dtype(config)``)."""
         if batch <= 0 or capacity <= 0:
-            raise ValueError(
+            raise InputError(
                 f"KV cache batch and capacity must be positive, got batch={batch}, "
                 f"capacity={capacity}"
             )
@@ -118,11 +119,11 @@ class KVCache(struct.PyTreeNode):
         built = (len(self.k), heads, width)
         wanted = (config.n_layers, config.n_kv_heads, config.head_dim)
         if built != wanted:
-            raise ValueError(
+            raise InputError(
                 f"the KV cache has (layers, kv heads, head dim) = {built}, the model {wanted}"
             )
         if not 0 <= int(self.index) <= self.capacity:
-            raise ValueError(
+            raise InputError(
                 f"the KV cache index {int(self.index)} is outside [0, {self.capacity}]"
             )
 
@@ -135,17 +136,17 @@ class KVCache(struct.PyTreeNode):
         """
         index = int(self.index)
         if index > self.attended:
-            raise ValueError(
+            raise InputError(
                 f"the cache window ({self.attended} slots) does not cover its {index} filled slots"
             )
         end = index + new_tokens
         if end > self.capacity:
-            raise ValueError(
+            raise InputError(
                 f"KV cache overflow: {new_tokens} new token(s) at index {index} need {end} slots, "
                 f"capacity is {self.capacity}"
             )
         if end > max_len:
-            raise ValueError(
+            raise InputError(
                 f"context overflow: {new_tokens} new token(s) at index {index} reach position "
                 f"{end - 1}, the model's context (max_len) is {max_len}"
             )

@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxllm.config import LATER_FIELDS, ModelConfig, field_names
-from jaxllm.errors import RunError
+from jaxllm.errors import InputError, RunError
 from jaxllm.finite import require_finite
 from jaxllm.model import Params, param_shapes
 
@@ -34,7 +34,7 @@ T = TypeVar("T")
 Warn = Callable[[str], None]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A missing or foreign checkpoint, or one that does not match the request (exit status 2)."""
 
 

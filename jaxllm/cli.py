@@ -13,14 +13,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import RunError
+from jaxllm.errors import InputError, RunError, positive_int
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
 Command = Callable[[argparse.Namespace], int]
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad command-line input; printed as one line, exit status 2."""
 
 
@@ -60,12 +60,9 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
 def _positive(text: str) -> int:
     """argparse type: a positive integer (else one readable line naming the value)."""
     try:
-        value = int(text)
+        return positive_int("the value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -94,7 +91,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     params = count_params(config)
     seq = args.seq or config.max_len
     if seq > config.max_len:
-        raise ValueError(f"--seq {seq} is beyond the context length max_len={config.max_len}")
+        raise UsageError(f"--seq {seq} is beyond the context length max_len={config.max_len}")
     memory = {
         "batch": args.batch,
         "seq": seq,
@@ -218,18 +215,21 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         **int_opt,
         help="steps between log lines when stderr is not a terminal (default: 10)",
     )
+    p.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars to DIR"
+    )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from jaxllm import bench, phases
+    from jaxllm import measure, phases, tables
 
     config = config_from_args(args)
     phases.check_sizes(config, args.phase, args.batch, args.seq)
-    row = bench.analyze_phase(
+    row = measure.analyze_phase(
         config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )
-    print(json.dumps(row) if args.json else "\n".join(bench.analysis_table(row)))
+    print(json.dumps(row.to_json()) if args.json else "\n".join(tables.analysis_table(row)))
     return 0
 
 
@@ -253,14 +253,14 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from jaxllm import bench, hardware
+    from jaxllm import bench, hardware, tables
 
     for preset in args.presets:  # every name checked before anything is measured
         get_preset(preset)
     calibration = hardware.calibrate(quick=args.quick)
-    print(json.dumps({"calibration": calibration}) if args.json else bench.header(calibration))
+    print(json.dumps({"calibration": calibration}) if args.json else tables.header(calibration))
     for row in bench.bench(args.presets, args.batches, args.quick):
-        print(json.dumps(row) if args.json else bench.table_row(row), flush=True)
+        print(json.dumps(row.to_json()) if args.json else tables.table_row(row), flush=True)
     return 0
 
 
@@ -282,10 +282,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from jaxllm import bench, hardware
+    from jaxllm import hardware, tables
 
     calibration = hardware.calibrate(refresh=args.refresh, quick=args.quick)
-    print(json.dumps(calibration) if args.json else bench.header(calibration).splitlines()[0])
+    print(json.dumps(calibration) if args.json else tables.header(calibration).splitlines()[0])
     return 0
 
 
@@ -336,8 +336,8 @@ def _generation_model(args: argparse.Namespace) -> tuple[ModelConfig, Any, Any, 
         from jaxllm.tokenizer import load_hf_tokenizer
 
         config, params = hf.load(args.hf_dir, args.override)
-        tokenizer = load_hf_tokenizer(args.hf_dir, config.vocab_size)
-        return config, params, tokenizer, hf.eos_ids(args.hf_dir, config.vocab_size)
+        stop = hf.eos_ids(args.hf_dir, config.vocab_size)
+        return config, params, load_hf_tokenizer(args.hf_dir, config.vocab_size), stop
     if args.override:
         raise UsageError("--override applies to --hf-dir (a jaxllm checkpoint keeps its config)")
     from jaxllm import checkpoint, data
@@ -457,7 +457,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     policies = args.policy.split(",")
     for name in policies:  # every name checked before anything is compiled
         if name not in POLICIES:
-            raise ValueError(f"unknown policy {name!r}; policies are: {', '.join(POLICIES)}")
+            raise InputError(f"unknown policy {name!r}; policies are: {', '.join(POLICIES)}")
     if args.trace:
         trace = traces.load_trace(args.trace)
     else:
@@ -662,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, OSError) as err:
         print(f"jaxllm: error: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
+    except InputError as err:
         print(f"jaxllm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training saves first (loop.stop_requests); anything else just stops

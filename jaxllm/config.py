@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jaxllm.errors import InputError, positive_int
+
 MAX_SIZE = 2**31 - 1  # sizes index int32 arrays (token ids, positions, shapes)
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rotary"]
@@ -74,9 +76,7 @@ class ModelConfig:
             "d_ff",
             "rope_original_len",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
-                raise ValueError(f"{name} must be a positive integer <= {MAX_SIZE}, got {value!r}")
+            positive_int(name, getattr(self, name), MAX_SIZE)
         for name in (
             "norm_eps",
             "rope_base",
@@ -86,23 +86,23 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+                raise InputError(f"{name} must be a positive finite number, got {value!r}")
         for field in dataclasses.fields(self):
             choices = _literal_choices(field.name)
             value = getattr(self, field.name)
             if choices and value not in choices:
-                raise ValueError(f"{field.name} must be one of {', '.join(choices)}; got {value!r}")
+                raise InputError(f"{field.name} must be one of {', '.join(choices)}; got {value!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise InputError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise InputError(
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
             )
         if self.positions == "rotary" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+            raise InputError(f"rotary positions need an even head_dim, got {self.head_dim}")
         low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
         if self.rope_scaling == "llama3" and high <= low:
-            raise ValueError(
+            raise InputError(
                 f"llama3 rope scaling needs rope_high_freq_factor={high} above "
                 f"rope_low_freq_factor={low}"
             )
@@ -129,7 +129,7 @@ class ModelConfig:
         """A copy with ``changes`` applied (and validated)."""
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown ModelConfig field {unknown[0]!r}; fields are: {', '.join(field_names())}"
             )
         return dataclasses.replace(self, **changes)
@@ -166,14 +166,14 @@ def _literal_choices(name: str) -> tuple[str, ...]:
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``FIELD=VALUE`` to the field's type, e.g. ``n_layers=4`` -> ("n_layers", 4).
 
-    Raises ValueError naming the field and what it accepts.
+    Raises InputError naming the field and what it accepts.
     """
     name, sep, raw = text.partition("=")
     name = name.strip()
     if not sep:
-        raise ValueError(f"override {text!r} must look like FIELD=VALUE")
+        raise InputError(f"override {text!r} must look like FIELD=VALUE")
     if name not in field_names():
-        raise ValueError(
+        raise InputError(
             f"unknown ModelConfig field {name!r}; fields are: {', '.join(field_names())}"
         )
     hint = _field_type(name)
@@ -186,7 +186,7 @@ def parse_override(text: str) -> tuple[str, Any]:
             return name, True
         if lowered in ("false", "0", "no"):
             return name, False
-        raise ValueError(f"override {name} expects true or false, got {raw!r}")
+        raise InputError(f"override {name} expects true or false, got {raw!r}")
     kind = hint if isinstance(hint, type) else None
     if isinstance(hint, types.UnionType):
         kind = float
@@ -194,7 +194,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         return name, int(raw) if kind is int else float(raw)
     except ValueError:
         kind_name = "an integer" if kind is int else "a number"
-        raise ValueError(f"override {name} expects {kind_name}, got {raw!r}") from None
+        raise InputError(f"override {name} expects {kind_name}, got {raw!r}") from None
 
 
 def apply_overrides(config: ModelConfig, overrides: list[str] | tuple[str, ...]) -> ModelConfig:
@@ -298,8 +298,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
-    """The preset called ``name``; ValueError listing the presets if there is none."""
+    """The preset called ``name``; InputError listing the presets if there is none."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}") from None
+        raise InputError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}") from None

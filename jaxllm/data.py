@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm.errors import InputError
+
 EOT = 256  # end-of-text token
 VOCAB_SIZE = 257  # 256 byte values + EOT
 _EOT_ARRAY = np.array([EOT], np.uint16)
@@ -28,7 +30,7 @@ MEMMAP_BYTES = 256 * 2**20  # corpora above this many bytes of text are memory-m
 _CHUNK = 64 * 2**20  # tokens (or bytes) handled at once when a stream is read in pieces
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Unusable training data: unreadable, empty, or too short for the requested windows."""
 
 
@@ -42,7 +44,7 @@ def decode(ids: object) -> str:
     arr = np.asarray(ids).reshape(-1)
     bad = arr[(arr < 0) | (arr >= VOCAB_SIZE)]
     if bad.size:
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {VOCAB_SIZE})")
+        raise InputError(f"token id {int(bad[0])} is outside the vocabulary [0, {VOCAB_SIZE})")
     return arr[arr != EOT].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from jaxllm import serve
 from jaxllm.batching import bucket
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.model import Params
 from jaxllm.sampling import Sampler, greedy, sample_rows
 from jaxllm.slots import SlotCache
@@ -69,9 +70,9 @@ class SamplingParams:
         sampler = Sampler(self.temperature, self.top_k, self.top_p)  # validates the three
         object.__setattr__(self, "temperature", sampler.temperature)
         if self.top_k is not None and self.top_k > MAX_TOP_K:
-            raise ValueError(f"top_k must be at most {MAX_TOP_K} (int32), got {self.top_k}")
+            raise InputError(f"top_k must be at most {MAX_TOP_K} (int32), got {self.top_k}")
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+            raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,12 +224,12 @@ class Engine:
 
     def _check_request(self, ids: np.ndarray, max_new_tokens: Any) -> None:
         if ids.size == 0:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if ids.size + max_new_tokens > self.capacity:
             what = "context (max_len)" if self.capacity == self.config.max_len else "slot capacity"
-            raise ValueError(
+            raise InputError(
                 f"prompt of {ids.size} tokens + max_new_tokens {max_new_tokens} = "
                 f"{ids.size + max_new_tokens} is beyond the {what} {self.capacity}"
             )
@@ -402,12 +403,12 @@ def _check_engine_args(
     config: ModelConfig, slots: int, capacity: int, policy: str, chunk: int
 ) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; policies are: {', '.join(POLICIES)}")
+        raise InputError(f"unknown policy {policy!r}; policies are: {', '.join(POLICIES)}")
     for name, value in (("slots", slots), ("capacity", capacity), ("chunk", chunk)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     if capacity > config.max_len:
-        raise ValueError(
+        raise InputError(
             f"capacity {capacity} is beyond the model's context (max_len) {config.max_len}"
         )
 

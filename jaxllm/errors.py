@@ -1,13 +1,34 @@
-"""The failures a command reports as its own, and the exit status of each kind of ending.
+"""The failures a command reports as its own, the exit status of each kind of ending, and the one
+check of a positive integer.
 
-Exit status: 0 success; 2 bad input (the command was refused before it did anything: a bad option,
-a missing or foreign file, a run directory in use); 1 a run that failed on its own (``RunError``:
-divergence, non-finite weights, a damaged checkpoint or metrics file; or an ``OSError`` such as a
-full disk); 128 + N after signal N (130 on Ctrl-C).
+Exit status: 0 success; 2 bad input (``InputError``: the command was refused before it did anything —
+a bad option, a missing or foreign file, a run directory in use); 1 a run that failed on its own
+(``RunError``: divergence, non-finite weights, a damaged checkpoint or metrics file; or an ``OSError``
+such as a full disk); 128 + N after signal N (130 on Ctrl-C). Any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 
+class InputError(ValueError):
+    """Bad input, refused before anything ran: exit status 2, one line naming the value and what is
+    allowed. A ``ValueError``, so library callers may catch it as one."""
+
+
 class RunError(RuntimeError):
     """A run that failed on its own, not through bad input: exit status 1, one line."""
+
+
+def positive_int(name: str, value: object, most: int | None = None) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) in [1, ``most``]; InputError naming ``name``
+    otherwise."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (most is not None and value > most)
+    ):
+        bound = "" if most is None else f" <= {most}"
+        raise InputError(f"{name} must be a positive integer{bound}, got {value!r}")
+    return value

@@ -20,6 +20,8 @@ import jax
 from jaxllm.config import ModelConfig, get_preset
 
 Row = dict[str, Any]
+# The experiments `make report` runs and experiments/report.py gathers, in the report's order.
+EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding", "serving")
 
 
 def parse_args(
@@ -68,11 +70,13 @@ def model_config(preset: str, dtype: str | None = None) -> ModelConfig:
 
 
 def write_csv(path: Path, rows: list[Row]) -> None:
-    """Rows (dicts with the same keys) as CSV with a header line."""
+    """Rows (dicts) as CSV under a header of every key any row has, in first-seen order; a key a
+    row lacks, or a None, is an empty cell."""
     if not rows:
         raise ValueError(f"no rows to write to {path}")
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxllm import data, hf
 from jaxllm.config import ModelConfig, parse_override
+from jaxllm.errors import InputError
 from jaxllm.finite import require_finite
 from jaxllm.model import Params
 from jaxllm.tokenizer import TOKENIZER, HFTokenizer, load_hf_tokenizer
@@ -61,7 +62,7 @@ class Origin:
             return None
         fields = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(raw, dict) or sorted(raw) != sorted(fields):
-            raise ValueError(f"the checkpoint's origin record {raw!r} lacks {', '.join(fields)}")
+            raise InputError(f"the checkpoint's origin record {raw!r} lacks {', '.join(fields)}")
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def load_config(hf_dir: str | Path, overrides: list[str] | tuple[str, ...]) -> M
     for text in overrides:
         name, _ = parse_override(text)
         if name not in TRAINABLE_OVERRIDES:
-            raise ValueError(
+            raise InputError(
                 f"--override {text} would change the architecture of --hf-dir {hf_dir}; "
                 f"fine-tuning takes overrides of {', '.join(TRAINABLE_OVERRIDES)} only"
             )
@@ -110,7 +111,7 @@ class CorpusTokenizer:
         """ValueError when ``directory`` has no tokenizer.json or one with ids beyond the model's."""
         tokenizer = load_hf_tokenizer(directory, config.vocab_size)
         if tokenizer is None:
-            raise ValueError(
+            raise InputError(
                 f"{Path(directory) / TOKENIZER}: missing; fine-tuning reads the checkpoint's "
                 "tokenizer to tokenize --data"
             )

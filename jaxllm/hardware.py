@@ -284,27 +284,34 @@ def matmul_key(calibration: dict[str, Any], dtype: str) -> str:
     return "tf32_flops_per_s" if tf32 else "f32_flops_per_s"
 
 
-def roofline_peaks(
-    calibration: dict[str, Any], dtype: str, data_sheet: bool = True
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Peaks:
+    """The ceilings a roofline is drawn against."""
+
+    flops_per_s: float  # the matmul peak of the config's dtype
+    bandwidth_bytes_per_s: float  # the read bandwidth: the memory roof
+    matmul: str  # "bf16", "tf32" or "f32": which matmul peak that is
+    source: str  # "calibrated (DATE)", or the data sheet's source
+    suspect: tuple[str, ...] = ()  # calibrated figures outside the data sheet's plausible range
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "suspect": list(self.suspect)}
+
+
+def roofline_peaks(calibration: dict[str, Any], dtype: str, data_sheet: bool = True) -> Peaks:
     """The peaks a roofline uses for matmuls in ``dtype``: calibrated on a CPU (or with
     ``data_sheet=False``), the data sheet's on a known accelerator. The memory roof is the read
-    bandwidth. ``suspect`` lists calibrated figures outside the data sheet's plausible range."""
+    bandwidth."""
     key = matmul_key(calibration, dtype)
+    matmul = key.removesuffix("_flops_per_s")
     sheet = published(calibration["device_kind"]) if data_sheet else None
     flops = getattr(sheet, key, None) if sheet is not None else None
     if calibration["platform"] == "cpu" or sheet is None or flops is None:
-        return {
-            "flops_per_s": calibration[key],
-            "bandwidth_bytes_per_s": calibration["read_bytes_per_s"],
-            "matmul": key.removesuffix("_flops_per_s"),
-            "source": f"calibrated ({calibration['date']})",
-            "suspect": calibration.get("suspect", []),
-        }
-    return {
-        "flops_per_s": flops,
-        "bandwidth_bytes_per_s": sheet.bandwidth_bytes_per_s,
-        "matmul": key.removesuffix("_flops_per_s"),
-        "source": sheet.source,
-        "suspect": [],
-    }
+        return Peaks(
+            flops_per_s=calibration[key],
+            bandwidth_bytes_per_s=calibration["read_bytes_per_s"],
+            matmul=matmul,
+            source=f"calibrated ({calibration['date']})",
+            suspect=tuple(calibration.get("suspect", [])),
+        )
+    return Peaks(flops, sheet.bandwidth_bytes_per_s, matmul, sheet.source)

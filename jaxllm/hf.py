@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jaxllm.config import ModelConfig, apply_overrides
+from jaxllm.errors import InputError
 from jaxllm.finite import require_finite
 from jaxllm.model import Params
 
@@ -38,7 +39,7 @@ INDEX = "model.safetensors.index.json"
 LOADABLE_DTYPES = ("F32", "F16", "BF16")
 
 
-class HFError(ValueError):
+class HFError(InputError):
     """A Hugging Face checkpoint jaxllm cannot load; the message names the file and the problem."""
 
 

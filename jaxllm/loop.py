@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import analytic, checkpoint, data, finetune, memory, runlock
+from jaxllm import analytic, checkpoint, data, finetune, memory, runlock, tensorboard
 from jaxllm.config import ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import RunError
+from jaxllm.errors import InputError, RunError, positive_int
 from jaxllm.finite import NonFiniteError, require_finite
 from jaxllm.model import Params, count_params
 from jaxllm.progress import Reporter, format_seconds, truncate_metrics
@@ -49,7 +49,9 @@ from jaxllm.train import (
 DEFAULT_PRESET = "small"
 SUMMARY_FILE = "summary.json"
 # Settings a resumed run may change: they do not alter the parameters it computes.
-RESUME_FREE = frozenset({"eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "data"})
+RESUME_FREE = frozenset(
+    {"eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "tensorboard", "data"}
+)
 
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes the seed modulo 2**32: larger seeds would alias
@@ -78,6 +80,7 @@ class TrainSettings:
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     keep: int = 3  # checkpoints kept
     log_every: int = 10  # steps between log lines when not on a terminal
+    tensorboard: str | None = None  # directory for TensorBoard scalars; None: none written
     data: str | None = None  # text file or directory; None: the built-in corpus
 
     def __post_init__(self) -> None:
@@ -92,26 +95,24 @@ class TrainSettings:
             "keep",
             "log_every",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.warmup is None:
             object.__setattr__(self, "warmup", self.steps // 10)
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+            raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.batch % self.accum:
-            raise ValueError(f"batch {self.batch} is not divisible by accum {self.accum}")
+            raise InputError(f"batch {self.batch} is not divisible by accum {self.accum}")
         make_optimizer(self.lr, self.steps, self.warmup or 0, self.weight_decay, self.clip_norm)
         if not 0 < self.val_fraction < 1:  # NaN fails too
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
     def check(self, config: ModelConfig, byte_level: bool = True) -> None:
-        """ValueError unless the model can train on these batches (of bytes, when ``byte_level``;
+        """InputError unless the model can train on these batches (of bytes, when ``byte_level``;
         a fine-tuning run's tokenizer is checked against the vocabulary when it is read)."""
         if self.seq > config.max_len:
-            raise ValueError(f"seq {self.seq} exceeds the model's context max_len={config.max_len}")
+            raise InputError(f"seq {self.seq} exceeds the model's context max_len={config.max_len}")
         if byte_level and config.vocab_size < data.VOCAB_SIZE:
-            raise ValueError(
+            raise InputError(
                 f"vocab_size {config.vocab_size} is below the byte tokenizer's {data.VOCAB_SIZE}"
             )
 
@@ -133,7 +134,7 @@ class ModelRequest:
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.hf_dir is not None:
-            raise ValueError("give a preset or a Hugging Face checkpoint (--hf-dir), not both")
+            raise InputError("give a preset or a Hugging Face checkpoint (--hf-dir), not both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,8 @@ def resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[st
     """
     plan = _resolve(run_dir, resume, model, requested)
     plan.settings.check(plan.config, byte_level=plan.origin is None)
+    if plan.settings.tensorboard is not None:
+        tensorboard.require()
     check_layout(run_dir, plan.settings.data)
     check_memory(plan.config, plan.settings)
     return plan
@@ -165,7 +168,7 @@ def _resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[s
     if not resume:
         steps = checkpoint.complete_steps(run_dir)
         if steps:
-            raise ValueError(
+            raise InputError(
                 f"{run_dir} already holds a checkpoint (step {steps[-1]}); "
                 "pass --resume to continue it or choose another --out"
             )
@@ -208,13 +211,13 @@ def _check_origin(run_dir: Path, origin: finetune.Origin | None, hf_dir: str | N
 
 
 def check_layout(run_dir: Path, data_path: str | None) -> None:
-    """ValueError if the run directory lies inside the ``--data`` directory: its checkpoints would
+    """InputError if the run directory lies inside the ``--data`` directory: its checkpoints would
     be read as corpus, and the corpus would change under every resume."""
     if data_path is None or not Path(data_path).is_dir():
         return
     out, corpus = run_dir.resolve(), Path(data_path).resolve()
     if out.is_relative_to(corpus):
-        raise ValueError(
+        raise InputError(
             f"--out {run_dir} is inside --data {data_path}: the run's own files would be read as "
             "training data; choose an --out outside the data directory"
         )
@@ -231,11 +234,11 @@ def memory_needed(config: ModelConfig, settings: TrainSettings) -> dict[str, int
 
 
 def check_memory(config: ModelConfig, settings: TrainSettings) -> None:
-    """ValueError, before anything is allocated, if the run needs more memory than this process may
+    """InputError, before anything is allocated, if the run needs more memory than this process may
     use (``memory.available_bytes``: RAM, cgroup and ``ulimit -v`` limits, or device memory)."""
     need, free = memory_needed(config, settings), memory.available_bytes()
     if need["total"] > free:
-        raise ValueError(
+        raise InputError(
             f"training needs about {memory.gib(need['total'])} (train step "
             f"{memory.gib(need['train_step'])} at --batch {settings.batch} --seq {settings.seq} "
             f"--accum {settings.accum}, validation set {memory.gib(need['validation_set'])} at "
@@ -494,7 +497,7 @@ def train(
     Bad input is refused before the directory is created; the run then holds the directory's lock
     (``runlock``) and checks again under it, so a second process on the same directory is refused."""
     if str(run_dir) == "":
-        raise ValueError("the run directory (--out) must not be empty")
+        raise InputError("the run directory (--out) must not be empty")
     model = ModelRequest(preset, hf_dir, tuple(overrides))
     path = Path(run_dir)
     if resume and not path.is_dir():
@@ -540,6 +543,11 @@ def _train_locked(
     start = 0 if restored is None else int(restored.step)
     if restored is not None:
         notes += truncate_metrics(path, start)
+    events = None
+    if settings.tensorboard is not None:
+        events = tensorboard.EventWriter(
+            settings.tensorboard, purge_step=start + 1 if start else None
+        )
     reporter = Reporter(
         path,
         settings.steps,
@@ -548,6 +556,7 @@ def _train_locked(
         settings.log_every,
         append=start > 0,
         unit=corpus.unit,
+        events=events,
     )
     for note in notes:
         reporter.line(f"warning: {note}")

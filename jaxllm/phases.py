@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxllm import analytic
 from jaxllm.cache import KVCache, cache_dtype
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.model import param_shapes
 
 PHASES = ("train", "prefill", "decode")
@@ -51,12 +52,12 @@ class Program:
 def check_sizes(config: ModelConfig, phase: str, batch: int, seq: int) -> None:
     """ValueError naming the value and the limit for an unknown phase or an impossible size."""
     if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; phases are: {', '.join(PHASES)}")
+        raise InputError(f"unknown phase {phase!r}; phases are: {', '.join(PHASES)}")
     for name, value in (("batch", batch), ("seq", seq)):
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+            raise InputError(f"--{name} must be a positive integer, got {value!r}")
     if seq > config.max_len:
-        raise ValueError(
+        raise InputError(
             f"--seq {seq} is beyond the context length max_len={config.max_len} of this config"
         )
 

@@ -1,5 +1,6 @@
-"""What a training run tells its user and leaves behind: a progress bar on a terminal, plain log lines
-otherwise, and every step's metrics appended as JSON lines to ``RUN_DIR/metrics.jsonl``.
+"""What a training run tells its user and leaves behind: a progress bar on a terminal (tqdm), plain log
+lines otherwise, every step's metrics appended as JSON lines to ``RUN_DIR/metrics.jsonl``, and the
+same as TensorBoard scalars when asked (``jaxllm.tensorboard``).
 
 Records (one JSON object per line):
   {"kind": "train", "step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "elapsed_s"}
@@ -16,10 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from jaxllm.errors import RunError
+from jaxllm.tensorboard import EventWriter
 
 METRICS_FILE = "metrics.jsonl"
-_BAR_WIDTH = 24
+# "5/10 [####------], loss 2.5  100 tok/s  ETA 5s" (tqdm puts the ", " before the postfix);
+# throughput and ETA come from the steps' own times, not tqdm's clock.
+_BAR_FORMAT = "{n}/{total} [{bar:24}]{postfix}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -72,7 +78,8 @@ def truncate_metrics(run_dir: str | Path, step: int) -> list[str]:
 
 
 class Reporter:
-    """Shows progress on ``stream`` and appends metrics to ``RUN_DIR/metrics.jsonl``.
+    """Shows progress on ``stream`` and appends metrics to ``RUN_DIR/metrics.jsonl`` (and to
+    ``events``, a TensorBoard writer, if given).
 
     Throughput counts only the steps' own time (``step_s``), not evaluation or checkpointing, and
     leaves out the first step of a process, which includes compilation.
@@ -87,14 +94,19 @@ class Reporter:
         log_every: int,
         append: bool = False,
         unit: str = "byte",
+        events: EventWriter | None = None,
     ) -> None:
         """``append``: add to the metrics of the run being resumed; otherwise (a fresh run) any
         records of an earlier attempt in ``run_dir`` are replaced. ``unit``: what a token is (a byte,
         or a tokenizer's token), as losses are printed per unit."""
         self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
         self.unit = unit
-        self.log_every = log_every
+        self.log_every, self.events = log_every, events
         self.tty = stream.isatty()
+        # Off a terminal the bar is disabled and writes nothing: logs get the plain lines alone.
+        self.bar = tqdm(
+            total=total_steps, file=stream, disable=not self.tty, ascii="-#", bar_format=_BAR_FORMAT
+        )
         self.metrics = (run_dir / METRICS_FILE).open("a" if append else "w")
         self.start = time.perf_counter()
         self.step_times: list[float] = []  # seconds of each step after the first
@@ -121,6 +133,9 @@ class Reporter:
         record = {"kind": "train", "step": step, **metrics, "step_s": step_s}
         record["tokens_per_s"] = self.tokens_per_step / step_s
         self._append({**record, "elapsed_s": time.perf_counter() - self.start})
+        if self.events is not None:
+            scalars = {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+            self.events.scalars(step, scalars)
         if self.tty:
             self._draw(step, metrics["loss"])
         elif step % self.log_every == 0 or step == self.total:
@@ -139,23 +154,25 @@ class Reporter:
                 "elapsed_s": time.perf_counter() - self.start,
             }
         )
+        if self.events is not None:
+            self.events.scalars(step, {"val/loss": val_loss})
         self.line(f"step {step}/{self.total}  validation loss {val_loss:.4f} nats/{self.unit}")
 
     def line(self, text: str) -> None:
         """A message on its own line (above the bar on a terminal)."""
-        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.bar.write(text, file=self.stream)
         self.stream.flush()
 
     def _draw(self, step: int, loss: float) -> None:
-        filled = _BAR_WIDTH * step // self.total
-        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-        self.stream.write(
-            f"\r\x1b[K{step}/{self.total} [{bar}] loss {loss:.4f}  "
-            f"{self.tokens_per_s():,.0f} tok/s  ETA {format_seconds(self.eta(step))}"
+        """The bar at ``step``; tqdm redraws it at most ten times a second."""
+        eta = format_seconds(self.eta(step))
+        self.bar.set_postfix_str(
+            f"loss {loss:.4f}  {self.tokens_per_s():,.0f} tok/s  ETA {eta}", refresh=False
         )
-        self.stream.flush()
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        self.bar.close()
         self.metrics.close()
+        if self.events is not None:
+            self.events.close()

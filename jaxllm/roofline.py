@@ -27,6 +27,16 @@ class Roofline:
     mfu: float | None = None  # (flops / measured) / peak
     mbu: float | None = None  # (bytes / measured) / bandwidth
 
+    @property
+    def roof_flops_per_s(self) -> float:
+        """FLOP/s at the predicted time: the roof above this intensity, min(peak, bandwidth × I)."""
+        return self.flops / self.predicted_seconds
+
+    @property
+    def achieved_flops_per_s(self) -> float | None:
+        """FLOP/s at the measured time (None unmeasured)."""
+        return None if self.measured_seconds is None else self.flops / self.measured_seconds
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

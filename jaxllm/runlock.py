@@ -12,8 +12,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from jaxllm.errors import InputError
 
-class RunDirInUseError(ValueError):
+
+class RunDirInUseError(InputError):
     """Another process holds the run directory (exit status 2: the command was refused)."""
 
 

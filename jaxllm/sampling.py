@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import InputError
+
 # Positive temperatures below this are greedy: float32 logits divided by them overflow to inf.
 TEMPERATURE_FLOOR = 1e-6
 
@@ -60,13 +62,13 @@ class Sampler:
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
         if not isinstance(t, int | float) or not t >= 0 or t == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+            raise InputError(f"temperature must be a finite number >= 0, got {t!r}")
         if t < TEMPERATURE_FLOOR:
             object.__setattr__(self, "temperature", 0.0)
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+            raise InputError(f"top_k must be an integer >= 1, got {k!r}")
         if p is not None and (not isinstance(p, int | float) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+            raise InputError(f"top_p must be in (0, 1], got {p!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.model import Params, Transformer, unstack_layers
 
 Prompt = Sequence[int] | np.ndarray  # token ids of one request
@@ -92,16 +93,16 @@ def check_tokens(config: ModelConfig, tokens: Any, what: str = "token") -> np.nd
     """The ids as an int32 array; ValueError naming the first id outside [0, V)."""
     ids = np.asarray(tokens)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{what} ids must be integers, got dtype {ids.dtype}")
+        raise InputError(f"{what} ids must be integers, got dtype {ids.dtype}")
     bad = ids[(ids < 0) | (ids >= config.vocab_size)]
     if bad.size:
-        raise ValueError(f"{what} id {int(bad[0])} is outside [0, {config.vocab_size})")
+        raise InputError(f"{what} id {int(bad[0])} is outside [0, {config.vocab_size})")
     return ids.astype(np.int32)
 
 
 def _check_batch(cache: KVCache, batch: int, what: str) -> None:
     if batch != cache.batch:
-        raise ValueError(f"{what} has batch {batch}, the cache was built for batch {cache.batch}")
+        raise InputError(f"{what} has batch {batch}, the cache was built for batch {cache.batch}")
 
 
 def _check_prefill(
@@ -110,34 +111,34 @@ def _check_prefill(
     del params
     ids, pad = check_tokens(config, tokens, "prompt token"), np.asarray(pad)
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"prefill tokens must be [B, T] with T >= 1, got shape {ids.shape}")
+        raise InputError(f"prefill tokens must be [B, T] with T >= 1, got shape {ids.shape}")
     cache.check_built_for(config)
     _check_batch(cache, ids.shape[0], "prefill tokens")
     if pad.shape != ids.shape[:1] or np.any(pad < 0) or np.any(pad >= ids.shape[1]):
-        raise ValueError(
+        raise InputError(
             f"pad must be [B] = {ids.shape[:1]} with each value in [0, {ids.shape[1]}) "
             f"(at least one real token per row), got {pad.tolist()}"
         )
     index = cache.check_room(ids.shape[1], config.max_len)
     if index != 0:
-        raise ValueError(f"prefill needs an empty cache (index 0), got index {index}")
+        raise InputError(f"prefill needs an empty cache (index 0), got index {index}")
 
 
 def _check_decode(config: ModelConfig, params: Params, cache: KVCache, tokens: Any) -> None:
     del params
     ids = check_tokens(config, tokens)
     if ids.ndim != 1:
-        raise ValueError(f"decode tokens must be [B], got shape {ids.shape}")
+        raise InputError(f"decode tokens must be [B], got shape {ids.shape}")
     cache.check_built_for(config)
     _check_batch(cache, ids.shape[0], "decode tokens")
     if int(cache.index) == 0:
-        raise ValueError("decode_step needs a prefilled cache (index 0: run prefill first)")
+        raise InputError("decode_step needs a prefilled cache (index 0: run prefill first)")
     cache.check_room(1, config.max_len)
 
 
 def _check_served(config: ModelConfig) -> None:
     if config.scan_layers:
-        raise ValueError(
+        raise InputError(
             "serving runs unrolled layers: use serve.for_serving(config, params) (scan_layers=False)"
         )
 

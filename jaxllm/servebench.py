@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxllm.cache import cache_dtype
 from jaxllm.engine import Engine, Request, StepRecord
+from jaxllm.hardware import Peaks
 from jaxllm.stepcost import StepWork, predicted_seconds, step_work
 from jaxllm.traces import TraceRequest
 
@@ -126,13 +127,13 @@ def summarize(engine: Engine, run: Run) -> dict[str, Any]:
     }
 
 
-def programs(engine: Engine, run: Run, peaks: dict[str, Any]) -> list[dict[str, Any]]:
+def programs(engine: Engine, run: Run, peaks: Peaks) -> list[dict[str, Any]]:
     """Per compiled program the run used: steps, median measured seconds, and the predicted seconds
     of the closed-form cost model and of XLA's cost analysis of the same executable (each on the
     roofline of ``peaks``: ``hardware.roofline_peaks``)."""
     from jaxllm.cost import analyze_compiled
 
-    flops_per_s, bandwidth = peaks["flops_per_s"], peaks["bandwidth_bytes_per_s"]
+    flops_per_s, bandwidth = peaks.flops_per_s, peaks.bandwidth_bytes_per_s
     by_shape: dict[tuple[bool, bool, int, int], list[tuple[StepRecord, StepWork]]] = {}
     for rec, w in zip(run.records, work(engine, run), strict=True):
         by_shape.setdefault((rec.decode, rec.read, rec.lanes, rec.chunk), []).append((rec, w))

@@ -20,6 +20,7 @@ from flax import struct
 
 from jaxllm.cache import cache_dtype
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 
 
 class SlotCache(struct.PyTreeNode):
@@ -33,7 +34,7 @@ class SlotCache(struct.PyTreeNode):
         """An empty cache of ``slots`` sequences of ``capacity`` positions in ``dtype`` (default:
         ``jaxllm.cache.cache_dtype(config)``)."""
         if slots <= 0 or capacity <= 0:
-            raise ValueError(
+            raise InputError(
                 f"slot cache slots and capacity must be positive, got slots={slots}, "
                 f"capacity={capacity}"
             )

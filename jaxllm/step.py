@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.model import Attend, Params, Transformer, cached_attention, causal_attention
 from jaxllm.slots import SlotCache
 
@@ -141,7 +142,7 @@ def make_step(config: ModelConfig, decode: bool, read: bool) -> Any:
     """The step program family for ``config`` (unrolled layers: ``serve.serving_config``), jitted
     with the cache (argument 1) donated; P and C come from the input's shapes."""
     if config.scan_layers:
-        raise ValueError(
+        raise InputError(
             "the engine serves unrolled layers: use jaxllm.serve.serving_config(config)"
         )
     return jax.jit(functools.partial(_step, config, decode, read), donate_argnums=1)

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from jaxllm.errors import InputError
+
 TOKENIZER = "tokenizer.json"
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids [T] int32."""
-        ...
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
 class HFTokenizer:
@@ -37,7 +31,7 @@ class HFTokenizer:
         try:
             self._tok = RustTokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception for a malformed file
-            raise ValueError(f"{path}: not a readable tokenizer ({err})") from None
+            raise InputError(f"{path}: not a readable tokenizer ({err})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -53,14 +47,14 @@ class HFTokenizer:
 def load_hf_tokenizer(hf_dir: str | Path, vocab_size: int) -> HFTokenizer | None:
     """``hf_dir/tokenizer.json``, or None when there is none (the model then takes raw ids).
 
-    ValueError when the tokenizer has ids the model's vocabulary (``vocab_size``) lacks.
+    InputError when the tokenizer has ids the model's vocabulary (``vocab_size``) lacks.
     """
     path = Path(hf_dir) / TOKENIZER
     if not path.is_file():
         return None
     tok = HFTokenizer(path)
     if tok.vocab_size > vocab_size:
-        raise ValueError(
+        raise InputError(
             f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size={vocab_size}"
         )
     return tok
@@ -71,10 +65,10 @@ def parse_ids(text: str, vocab_size: int) -> np.ndarray:
     try:
         ids = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"token ids must be comma-separated integers, got {text!r}") from None
+        raise InputError(f"token ids must be comma-separated integers, got {text!r}") from None
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     return np.asarray(ids, np.int32)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm.errors import InputError
+
 Lengths = tuple[int, int] | Sequence[int]  # (lo, hi) inclusive, or the values to draw from
 
 
@@ -27,11 +29,11 @@ class TraceRequest:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.arrival) or self.arrival < 0:
-            raise ValueError(f"arrival must be a finite time >= 0 s, got {self.arrival!r}")
+            raise InputError(f"arrival must be a finite time >= 0 s, got {self.arrival!r}")
         for name in ("prompt_len", "output_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def parse_lengths(text: str) -> Lengths:
@@ -42,17 +44,17 @@ def parse_lengths(text: str) -> Lengths:
             return (lo, hi)
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"lengths must be LO-HI or a comma-separated list, got {text!r}") from None
+        raise InputError(f"lengths must be LO-HI or a comma-separated list, got {text!r}") from None
 
 
 def _draw(rng: np.random.Generator, lengths: Lengths, n: int, what: str) -> list[int]:
     values = list(lengths)
     if not values or any(not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{what} lengths must be integers >= 1, got {lengths!r}")
+        raise InputError(f"{what} lengths must be integers >= 1, got {lengths!r}")
     if isinstance(lengths, tuple):
         lo, hi = values
         if hi < lo:
-            raise ValueError(f"{what} length range {lo}-{hi} is empty")
+            raise InputError(f"{what} length range {lo}-{hi} is empty")
         return rng.integers(lo, hi + 1, size=n).tolist()
     return rng.choice(values, size=n).tolist()
 
@@ -62,9 +64,9 @@ def make_trace(
 ) -> list[TraceRequest]:
     """``n`` requests arriving as a Poisson process of ``rate`` per second (inf: all at once)."""
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"a trace needs at least one request, got {n!r}")
+        raise InputError(f"a trace needs at least one request, got {n!r}")
     if not rate > 0:
-        raise ValueError(
+        raise InputError(
             f"the request rate must be > 0 per second (inf: all at once), got {rate!r}"
         )
     rng = np.random.default_rng(seed)
@@ -96,10 +98,10 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
                 float(fields["arrival"]), fields["prompt_len"], fields["output_len"]
             )
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} line {i}: not a trace request ({err})") from None
+            raise InputError(f"{path} line {i}: not a trace request ({err})") from None
         if trace and request.arrival < trace[-1].arrival:
-            raise ValueError(f"{path} line {i}: arrival {request.arrival} is before the line above")
+            raise InputError(f"{path} line {i}: arrival {request.arrival} is before the line above")
         trace.append(request)
     if not trace:
-        raise ValueError(f"{path} holds no requests")
+        raise InputError(f"{path} holds no requests")
     return trace

@@ -24,6 +24,7 @@ import optax
 from flax import struct
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError, positive_int
 from jaxllm.model import Params, Transformer, init_params
 
 Batch = jax.Array  # [B, T+1] int32 token ids
@@ -56,11 +57,11 @@ def make_schedule(lr: float, total_steps: int, warmup: int, final_fraction: floa
     """Learning rate by step: linear from 0 to ``lr`` over ``warmup`` steps, then cosine decay to
     ``final_fraction * lr`` at ``total_steps``."""
     if not 0 < lr < math.inf:
-        raise ValueError(f"learning rate must be a positive finite number, got {lr}")
+        raise InputError(f"learning rate must be a positive finite number, got {lr}")
     if total_steps < 1:
-        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        raise InputError(f"total_steps must be at least 1, got {total_steps}")
     if not 0 <= warmup < total_steps:
-        raise ValueError(f"warmup must be in [0, total_steps={total_steps}), got {warmup}")
+        raise InputError(f"warmup must be in [0, total_steps={total_steps}), got {warmup}")
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup, total_steps, end_value=lr * final_fraction
     )
@@ -77,11 +78,11 @@ def make_optimizer(
     warmup-cosine schedule. The learning rate of each update is kept in the optimizer state
     (``optax.inject_hyperparams``) so the step can report it."""
     if not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+        raise InputError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     if not 0 < clip_norm < math.inf:
-        raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
+        raise InputError(f"clip_norm must be a positive finite number, got {clip_norm}")
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    return optax.chain(
+    chain = optax.chain(
         optax.clip_by_global_norm(clip_norm),
         adamw(
             learning_rate=make_schedule(lr, total_steps, warmup),
@@ -91,6 +92,23 @@ def make_optimizer(
             mask=decay_mask,
         ),
     )
+    return _standard_promotion(chain)
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` with ``init`` and ``update`` traced under standard dtype promotion: optax's schedules
+    and Adam's bias correction mix Python floats with the int32 step count, which strict promotion
+    (the tests' setting) refuses. The model and the loss stay under whatever promotion is set."""
+
+    def init(params: Any) -> optax.OptState:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, Any]:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def learning_rate(opt_state: optax.OptState) -> jax.Array:
@@ -152,7 +170,7 @@ def accumulated_grads(
         return loss_and_grads(params, batch, config)
     B = batch.shape[0]
     if B % accum_steps:
-        raise ValueError(f"batch size {B} is not divisible by accum_steps={accum_steps}")
+        raise InputError(f"batch size {B} is not divisible by accum_steps={accum_steps}")
     micro = batch.reshape(accum_steps, B // accum_steps, batch.shape[1])
 
     def add(total: Any, micro_batch: Batch) -> tuple[Any, None]:
@@ -174,8 +192,7 @@ def make_train_step(
     Metrics: ``loss`` (nats/token, before the update), ``grad_norm`` (global L2 norm before clipping),
     ``lr`` (the learning rate applied).
     """
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+    positive_int("accum_steps", accum_steps)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss, grads = accumulated_grads(state.params, batch, config, accum_steps)

@@ -9,6 +9,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import pytest
 
+from jaxllm import data
+from jaxllm.config import PRESETS, ModelConfig
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -16,3 +19,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture
 def key() -> jax.Array:
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """A 24 KB text file: the start of the built-in corpus."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(data.default_corpus_files()[0].read_bytes()[:24_000])
+    return str(path)
+
+
+def tiny(family: str = "gpt2", n_kv_heads: int = 4, **changes) -> ModelConfig:
+    """The ``tiny`` preset (N = 4 query heads) in the GPT-2 layout or the Llama one (RMSNorm, rotary
+    positions, SwiGLU, no biases, untied head), with K = ``n_kv_heads`` and ``changes``."""
+    base = PRESETS["tiny"]
+    if family == "llama":
+        base = base.replace(
+            norm="rmsnorm", positions="rotary", mlp="swiglu", use_bias=False, tie_embeddings=False
+        )
+    return base.replace(n_kv_heads=n_kv_heads, **changes)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxllm import analytic, bench
+from jaxllm import analytic, measure, memory
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 
@@ -40,6 +40,42 @@ def test_analyze_gpt2_decode_json(capsys):
     # for 8 tokens): under any device's ridge point. The verdict itself is tested in test_roofline.
     assert out["roofline"]["intensity"] == pytest.approx(a["flops"] / a["bytes"])
     assert 1 < out["roofline"]["intensity"] < 4 and "measured" not in out
+
+
+# The fields of `jaxllm analyze --json` as the README's table documents them.
+DOCUMENTED = {
+    "analytic": {"flops", "flops_causal", "flops_convention", "bytes", "decode_bytes", "memory"}
+    | {"params", "tokens", "capacity", "slots_read"},
+    "xla": {"flops", "transcendentals", "bytes_accessed", "raw_flops", "raw_bytes_accessed"}
+    | {"loop_corrected", "loop_note", "loops", "argument_bytes", "output_bytes", "alias_bytes"}
+    | {"temp_bytes", "footprint_bytes", "compile_seconds"},
+    "measured": {"seconds_median", "seconds_p10", "seconds_p90", "seconds_min", "repeats"}
+    | {"warmup", "tokens_per_s"},
+    "roofline": {"flops", "bytes", "peak_flops_per_s", "bandwidth_bytes_per_s", "intensity"}
+    | {"ridge", "bound", "predicted_seconds", "measured_seconds", "efficiency", "mfu", "mbu"}
+    | {"xla", "peaks"},
+    "peaks": {"flops_per_s", "bandwidth_bytes_per_s", "matmul", "source", "suspect"},
+}
+
+
+def test_the_record_prints_the_documented_json_and_flattens_it():
+    result = measure.analyze_phase(PRESETS["tiny"], "decode", 2, 16, True, True, "tiny")
+    out = json.loads(json.dumps(result.to_json()))
+    assert set(out) == {"preset", "phase", "batch", "seq", "device", *DOCUMENTED} - {"peaks"}
+    for section in ("analytic", "xla", "measured", "roofline"):
+        assert set(out[section]) == DOCUMENTED[section], section
+    assert set(out["roofline"]["peaks"]) == DOCUMENTED["peaks"]
+    assert set(out["roofline"]["xla"]) == DOCUMENTED["roofline"] - {"xla", "peaks"}
+    flat = result.flat()
+    assert flat["roofline_xla_predicted_seconds"] == result.roofline.xla.predicted_seconds
+    assert flat["measured_tokens_per_s"] == 2 / result.seconds  # B tokens per decode step
+    assert flat["analytic_decode_bytes_weights"] == out["analytic"]["decode_bytes"]["weights"]
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_flatten_joins_the_path_to_each_value():
+    nested = {"a": 1, "b": {"c": 2, "d": {"e": [3]}}}
+    assert measure.flatten(nested) == {"a": 1, "b_c": 2, "b_d_e": [3]}
 
 
 WIDE = ["--preset", "tiny", "--override", "d_model=256", "--override", "d_ff=1024"]
@@ -78,7 +114,7 @@ def test_analyze_measure_tiny_train_and_table(capsys):
 
 
 def test_measure_of_a_model_that_does_not_fit_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "available_bytes", lambda: 1000)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
     argv = ["analyze", "--preset", "tiny", "--phase", "decode", "--batch", "1", "--seq", "8"]
     assert main([*argv, "--measure", "--quick"]) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
+from jaxllm import analytic
 from jaxllm.cli import main
+from jaxllm.config import PRESETS
 
 
 def test_info_json_has_config_and_published_count(capsys):
@@ -37,7 +39,12 @@ def test_info_overrides_change_the_config(capsys):
 
 def test_info_table(capsys):
     assert main(["info", "--preset", "small"]) == 0
-    assert "total" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert "preset small" in lines and f"  {'d_model':<21} 256" in lines
+    total = analytic.param_counts(PRESETS["small"])["total"]  # the closed form, not the model's
+    assert f"  {'total':<14} {total:>15,}" in lines
+    # K and V, float32, 4 layers of 4 key/value heads 64 wide: 2 * 4 * 4 * 4 * 64 bytes.
+    assert f"kv bytes/token {8192:>15,}" in lines
 
 
 @pytest.mark.parametrize(
@@ -55,6 +62,18 @@ def test_bad_input_is_one_line_and_nonzero(argv, word, capsys):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_value_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch):
+    """Only the project's input errors are one line and exit 2; a ValueError from a bug (JAX raises
+    them too) propagates."""
+
+    def bug(*_):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(analytic, "train_memory", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["info", "--preset", "tiny"])
 
 
 def test_console_entry_point_runs_as_module():

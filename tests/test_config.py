@@ -4,6 +4,7 @@ import pytest
 
 from jaxllm import analytic
 from jaxllm.config import PRESETS, ModelConfig, apply_overrides, get_preset, parse_override
+from jaxllm.errors import InputError, positive_int
 from jaxllm.model import count_params
 
 
@@ -62,7 +63,7 @@ def test_qwen_preset_has_biases_on_q_k_v_only():
     ],
 )
 def test_bad_config_names_field_and_allowed_values(changes, words):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         ModelConfig(**changes)
     for word in words:
         assert word in str(err.value)
@@ -103,3 +104,16 @@ def test_bad_overrides_raise(text, word):
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match="gpt2-medium"):
         get_preset("gpt5")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.0, True, "3", None, 11])
+def test_positive_int_refuses_what_is_not_an_int_in_range(value):
+    with pytest.raises(
+        InputError, match=rf"^size must be a positive integer <= 10, got {value!r}$"
+    ):
+        positive_int("size", value, 10)
+
+
+def test_positive_int_returns_ints_in_range():
+    assert [positive_int("n", v, 10) for v in (1, 10)] == [1, 10]
+    assert positive_int("n", 2**40) == 2**40  # no bound by default

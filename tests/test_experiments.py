@@ -8,10 +8,11 @@ from pathlib import Path
 import jax
 import pytest
 
+from jaxllm.experiment import EXPERIMENTS
+
 pytest.importorskip("matplotlib")  # the `plot` extra; absent from some GPU images
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding", "serving")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -84,13 +85,12 @@ def test_roofline_shapes_cover_every_phase_within_the_context():
 def test_decode_batch_knees_on_a_made_up_roofline():
     """t(B) = max(1 ms, B * 0.1 ms) meets at B = 10; intensity 2B against a ridge of 12 crosses at 6."""
     module = load("decode_batch")
-    rows = [
-        {"batch": b, "seconds_median": max(1e-3, b * 1e-4), "intensity": 2.0 * b, "ridge": 12.0}
-        for b in (1, 2, 4, 8, 16, 32)
-    ]
-    assert module.measured_knee(rows) == pytest.approx(10.0)
-    assert module.predicted_knee(rows) == pytest.approx(6.0)
-    assert module.predicted_knee(rows[:2]) is None  # never reaches the ridge
+    batches = [1, 2, 4, 8, 16, 32]
+    seconds = [max(1e-3, b * 1e-4) for b in batches]
+    intensity = [2.0 * b for b in batches]
+    assert module.measured_knee(batches, seconds) == pytest.approx(10.0)
+    assert module.predicted_knee(batches, intensity, 12.0) == pytest.approx(6.0)
+    assert module.predicted_knee(batches[:2], intensity[:2], 12.0) is None  # never reaches it
 
 
 def test_memory_kv_rows_follow_the_cache_formula():
@@ -106,9 +106,9 @@ def test_memory_kv_rows_follow_the_cache_formula():
 
 def test_seqlen_slope_reads_quadratic_and_linear_growth():
     module = load("seqlen")
-    rows = [{"seq": t, "quad": t * t, "lin": 3 * t} for t in (64, 128, 256)]
-    assert module.slope(rows, "quad") == pytest.approx(2.0)
-    assert module.slope(rows, "lin") == pytest.approx(1.0)
+    seqs = [64, 128, 256]
+    assert module.slope(seqs, [t * t for t in seqs]) == pytest.approx(2.0)
+    assert module.slope(seqs, [3 * t for t in seqs]) == pytest.approx(1.0)
 
 
 def test_estimates_reasons_name_the_gaps_the_row_shows():
@@ -117,9 +117,9 @@ def test_estimates_reasons_name_the_gaps_the_row_shows():
         "raw_over_corrected_flops": 0.5,
         "xla_over_analytic_bytes": 3.0,
         "predicted_over_measured": 0.5,
-        "bound": "memory",
-        "mfu": 0.01,
-        "mbu": 0.3,
+        "roofline_xla_bound": "memory",
+        "roofline_xla_mfu": 0.01,
+        "roofline_xla_mbu": 0.3,
     }
     text = load("estimates").reasons(row)
     assert "dispatch is 20%" in text and "raw FLOPs are 50%" in text and "3.0x" in text
@@ -134,12 +134,13 @@ def test_padding_buckets_are_powers_of_two():
 def test_serving_cost_model_predicts_a_longer_step_for_a_longer_chunk():
     from jaxllm.config import PRESETS
     from jaxllm.engine import Engine
+    from jaxllm.hardware import Peaks
     from jaxllm.model import init_params
 
     module = load("serving")
     cfg = PRESETS["tiny"].replace(scan_layers=False)
     params = init_params(cfg, jax.random.key(0))
-    peaks = {"flops_per_s": 1e11, "bandwidth_bytes_per_s": 1e10}
+    peaks = Peaks(flops_per_s=1e11, bandwidth_bytes_per_s=1e10, matmul="f32", source="test")
     predicted = [
         module.chunk_prediction(Engine(cfg, params, slots=4, policy="chunked", chunk=c), peaks)
         for c in (8, 64)

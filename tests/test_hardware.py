@@ -42,8 +42,8 @@ def test_quick_calibration_is_measured_cached_and_is_the_cpu_roofline(tmp_path, 
         return  # an accelerator's roofline is the data sheet's (test_accelerator_roofline_...)
     assert first["tf32_flops_per_s"] is None and first["suspect"] == []  # no TF32, no sheet
     peaks = hardware.roofline_peaks(first, "float32")
-    assert peaks["flops_per_s"] == first["f32_flops_per_s"]
-    assert peaks["bandwidth_bytes_per_s"] == first["read_bytes_per_s"]  # the memory roof: reads
+    assert peaks.flops_per_s == first["f32_flops_per_s"]
+    assert peaks.bandwidth_bytes_per_s == first["read_bytes_per_s"]  # the memory roof: reads
 
 
 @pytest.mark.parametrize(
@@ -80,15 +80,15 @@ H100 = {
 
 def test_accelerator_roofline_uses_the_data_sheet():
     peaks = hardware.roofline_peaks({**H100, "suspect": []}, "bfloat16")
-    assert peaks["flops_per_s"] == 989e12 and peaks["bandwidth_bytes_per_s"] == 3.35e12
+    assert peaks.flops_per_s == 989e12 and peaks.bandwidth_bytes_per_s == 3.35e12
     measured = hardware.roofline_peaks({**H100, "suspect": []}, "bfloat16", data_sheet=False)
-    assert measured["flops_per_s"] == 7e14 and measured["bandwidth_bytes_per_s"] == 3e12
+    assert measured.flops_per_s == 7e14 and measured.bandwidth_bytes_per_s == 3e12
 
 
 def test_f32_matmuls_on_a_gpu_run_at_the_tf32_peak_unless_precision_is_highest():
     with jax.default_matmul_precision("default"):
         assert hardware.matmul_key(H100, "float32") == "tf32_flops_per_s"
-        assert hardware.roofline_peaks(H100, "float32")["flops_per_s"] == 494e12
+        assert hardware.roofline_peaks(H100, "float32").flops_per_s == 494e12
     with jax.default_matmul_precision("highest"):
         assert hardware.matmul_key(H100, "float32") == "f32_flops_per_s"
 

@@ -23,14 +23,6 @@ from jaxllm.config import PRESETS
 RUN = {"preset": "tiny", "steps": 8, "batch": 4, "seq": 16, "eval_every": 4, "eval_batches": 1}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A 24 KB text file: the start of the built-in corpus."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(data.default_corpus_files()[0].read_bytes()[:24_000])
-    return str(path)
-
-
 @pytest.fixture
 def spy(monkeypatch):
     """Records the train steps the loop makes; ``spy.stop_at[step] = signum`` signals the process after

@@ -11,7 +11,8 @@ def test_memory_bound_below_the_ridge():
     r = roofline(flops=1e9, nbytes=1e9, peak_flops_per_s=PEAK, bandwidth_bytes_per_s=BW)
     assert r.intensity == 1.0 and r.ridge == 50.0 and r.bound == "memory"
     assert r.predicted_seconds == pytest.approx(1e9 / BW)
-    assert r.mfu is None and r.efficiency is None
+    assert r.mfu is None and r.efficiency is None and r.achieved_flops_per_s is None
+    assert r.roof_flops_per_s == pytest.approx(BW * 1.0)  # on the slanted roof: bandwidth × I
 
 
 def test_compute_bound_above_the_ridge_with_a_measured_time():
@@ -20,6 +21,9 @@ def test_compute_bound_above_the_ridge_with_a_measured_time():
     assert r.efficiency == pytest.approx(0.5)
     assert r.mfu == pytest.approx(1e12 / 0.02 / PEAK)
     assert r.mbu == pytest.approx(1e9 / 0.02 / BW)
+    assert r.roof_flops_per_s == pytest.approx(PEAK) and r.achieved_flops_per_s == pytest.approx(
+        5e13
+    )
 
 
 @pytest.mark.parametrize(

@@ -40,9 +40,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p(logits):
     kept = np.isfinite(np.asarray(top_p_filter(logits, p)))
     for b in range(probs.shape[0]):
         order = np.argsort(-probs[b])
-        n = int(
-            np.searchsorted(np.cumsum(probs[b][order]), p) + 1
-        )  # smallest prefix with mass >= p
+        # The smallest prefix with mass >= p.
+        n = int(np.searchsorted(np.cumsum(probs[b][order]), p) + 1)
         assert set(np.flatnonzero(kept[b])) == set(order[:n])
     draws = _draws(Sampler(1.0, top_p=p), logits)
     assert all(kept[b, draws[:, b]].all() for b in range(probs.shape[0]))
