@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 
 from jaxllm import checkpoint, data, finetune, hf
 from jaxllm.config import DType, ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.model import Params
 from jaxllm.tokenizer import EOT_TOKEN, TOKENIZER, byte_level_tokenizer
 
@@ -55,7 +56,7 @@ _FAMILY_FIELDS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A run or a request that cannot be exported; the message names the value and the problem."""
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jaxllm.engine import Engine, Event, Request
+from jaxllm.errors import InputError
 from jaxllm.server_metrics import Metrics
 from jaxllm.server_request import ApiError, Completion
 from jaxllm.server_text import Detokenizer, StopStrings, detokenizer
@@ -44,9 +45,9 @@ class Limits:
         for name, low in (("max_queue", 0), ("max_body", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 <= self.shutdown_s < float("inf"):
-            raise ValueError(
+            raise InputError(
                 f"shutdown_s must be a finite number of seconds >= 0, got {self.shutdown_s!r}"
             )
 

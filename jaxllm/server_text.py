@@ -18,6 +18,8 @@ import codecs
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from jaxllm.errors import InputError
+
 BYTES = 256  # ids below are bytes in the byte-level tokenizer; above, special tokens (no text)
 
 
@@ -93,7 +95,7 @@ class StopStrings:
 
     def __init__(self, stops: Sequence[str]) -> None:
         if any(not s for s in stops):
-            raise ValueError("a stop string must not be empty")
+            raise InputError("a stop string must not be empty")
         self.stops = tuple(stops)
         self._held = ""  # text not sent yet: it may be the start of a stop string
 
