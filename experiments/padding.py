@@ -12,19 +12,14 @@ group — analytically (FLOPs, cache bytes) and on the clock.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 
 from jaxllm import analytic, experiment
+from jaxllm.batching import bucket
 from jaxllm.config import ModelConfig, get_preset
 from jaxllm.measure import analyze_phase
-
-
-def bucket(length: int) -> int:
-    """Power-of-two bucket of a prompt length."""
-    return 1 << math.ceil(math.log2(length))
 
 
 def groups(lengths: list[int]) -> dict[int, int]:

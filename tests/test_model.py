@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny
 
 from jaxllm.cache import KVCache
 from jaxllm.config import PRESETS, ModelConfig
@@ -17,17 +18,8 @@ from jaxllm.model import (
 )
 from jaxllm.model import init_params as _init_params
 
-GPT2_TINY = PRESETS["tiny"]
-LLAMA_TINY = GPT2_TINY.replace(
-    norm="rmsnorm", positions="rotary", mlp="swiglu", use_bias=False, tie_embeddings=False
-)
 # (family, K) for multi-head (K = N = 4), grouped-query (K = 2) and multi-query (K = 1) attention.
 VARIANTS = [(fam, k) for fam in ("gpt2", "llama") for k in (4, 2, 1)]
-
-
-def tiny(family: str, n_kv_heads: int, **changes) -> ModelConfig:
-    base = GPT2_TINY if family == "gpt2" else LLAMA_TINY
-    return base.replace(n_kv_heads=n_kv_heads, **changes)
 
 
 @functools.cache
@@ -165,7 +157,7 @@ def test_remat_keeps_values_and_gradients(remat, key):
 
 
 def test_gpt2_initialisation_scales(key):
-    cfg = GPT2_TINY.replace(d_model=64, d_ff=256, n_layers=8)
+    cfg = tiny("gpt2", 4, d_model=64, d_ff=256, n_layers=8)
     params = _init_params(cfg, key)
     blocks = params["blocks"]
     np.testing.assert_allclose(jnp.std(params["embed"]["embedding"]), 0.02, rtol=0.1)

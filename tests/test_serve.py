@@ -6,19 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny as conftest_tiny
 
 from jaxllm import serve
 from jaxllm.batching import buckets
 from jaxllm.cache import KVCache
-from jaxllm.config import PRESETS, ModelConfig
+from jaxllm.config import ModelConfig
 from jaxllm.generate import generate, make_decode_loop, windows
 from jaxllm.model import Transformer, init_params, stack_layers
 from jaxllm.sampling import GREEDY, Sampler
 
-GPT2_TINY = PRESETS["tiny"].replace(scan_layers=False)
-LLAMA_TINY = GPT2_TINY.replace(
-    norm="rmsnorm", positions="rotary", mlp="swiglu", use_bias=False, tie_embeddings=False
-)
 # MHA (K = N = 4), GQA (K = 2), MQA (K = 1); GQA runs in `make test`, all three in `make test-all`.
 VARIANTS = [
     pytest.param(fam, k, marks=[pytest.mark.slow] if k != 2 else [])
@@ -28,7 +25,8 @@ VARIANTS = [
 
 
 def tiny(family: str, n_kv_heads: int = 2) -> ModelConfig:
-    return (GPT2_TINY if family == "gpt2" else LLAMA_TINY).replace(n_kv_heads=n_kv_heads)
+    """conftest's tiny config as served: unrolled layers."""
+    return conftest_tiny(family, n_kv_heads, scan_layers=False)
 
 
 @functools.cache
