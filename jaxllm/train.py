@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
+from jaxllm import mesh as meshes
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError, positive_int
-from jaxllm.model import Params, Transformer, init_params
+from jaxllm.model import Params, Transformer, init_params, param_shapes
 
 Batch = jax.Array  # [B, T+1] int32 token ids
 Metrics = dict[str, jax.Array]  # loss (nats/token), grad_norm, lr: float32 scalars
@@ -134,11 +136,27 @@ def state_from_params(params: Params, optimizer: optax.GradientTransformation) -
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
-def init_state(
-    config: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array
+def state_shardings(
+    config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> TrainState:
-    """Fresh parameters (``init_params``) and float32 optimizer state, at step 0; one compiled call."""
-    return jax.jit(lambda k: state_from_params(init_params(config, k), optimizer))(key)
+    """Where each leaf of a train state lives on ``mesh`` (``jaxllm.mesh.state_specs``)."""
+    abstract = jax.eval_shape(lambda p: state_from_params(p, optimizer), param_shapes(config))
+    return meshes.shardings(mesh, meshes.state_specs(abstract))
+
+
+def init_state(
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """Fresh parameters (``init_params``) and float32 optimizer state, at step 0; one compiled call,
+    its outputs laid out on ``mesh`` as the partition rules say (None: one device)."""
+    out = None if mesh is None else state_shardings(config, optimizer, mesh)
+    init = jax.jit(
+        lambda k: state_from_params(init_params(config, k), optimizer), out_shardings=out
+    )
+    return init(key)
 
 
 def loss_fn(params: Params, batch: Batch, config: ModelConfig) -> jax.Array:
@@ -185,12 +203,17 @@ def accumulated_grads(
 
 
 def make_train_step(
-    config: ModelConfig, optimizer: optax.GradientTransformation, accum_steps: int = 1
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    accum_steps: int = 1,
+    mesh: Mesh | None = None,
 ) -> Any:
     """The compiled step ``(state, batch[B, T+1] int32) -> (state, metrics)``, state donated.
 
     Metrics: ``loss`` (nats/token, before the update), ``grad_norm`` (global L2 norm before clipping),
-    ``lr`` (the learning rate applied).
+    ``lr`` (the learning rate applied). On a ``mesh`` the state comes in and goes out laid out as the
+    partition rules say (``jaxllm.mesh``), the batch split across data and fsdp, the metrics
+    replicated; XLA inserts the collectives.
     """
     positive_int("accum_steps", accum_steps)
 
@@ -205,7 +228,16 @@ def make_train_step(
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    state = state_shardings(config, optimizer, mesh)
+    batch = meshes.shardings(mesh, meshes.batch_spec())
+    return jax.jit(
+        train_step,
+        donate_argnums=0,
+        in_shardings=(state, batch),
+        out_shardings=(state, meshes.replicated(mesh)),
+    )
 
 
 def make_eval_step(config: ModelConfig) -> Any:

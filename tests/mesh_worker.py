@@ -1,0 +1,75 @@
+"""Runs sharded phases on 8 simulated CPU devices beside the same phase on one device; prints JSON.
+
+``python tests/mesh_worker.py train data=2,tensor=4 fsdp=4,tensor=2 ...`` prints, per mesh, the
+largest absolute difference of the loss, grad norm, parameters and AdamW moments after two train
+steps. Run in a subprocess by tests/test_mesh.py: the device count is fixed when JAX first starts,
+and the rest of the suite runs on one device.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import mesh as meshes
+from jaxllm import train
+from jaxllm.config import ModelConfig
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Divisible by every experiment mesh: 8 heads (tensor <= 8), D = 32 (fsdp <= 8), B = 8 (data x fsdp).
+CONFIG = ModelConfig(n_heads=8, n_kv_heads=8)
+BATCH, SEQ, STEPS = 8, 16, 2
+
+
+def _max_diff(a, b) -> float:
+    diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)
+    return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def _run_train(config: ModelConfig, mesh) -> tuple:
+    optimizer = train.make_optimizer(warmup=0, total_steps=10)
+    state = train.init_state(config, optimizer, jax.random.key(0), mesh)
+    step = train.make_train_step(config, optimizer, mesh=mesh)
+    metrics = []
+    for i in range(STEPS):
+        batch = jax.random.randint(jax.random.key(i + 1), (BATCH, SEQ + 1), 0, config.vocab_size)
+        state, m = step(state, batch)
+        metrics.append(m)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def train_diffs(config: ModelConfig, spec: str) -> dict:
+    """Differences between two train steps on ``spec``'s mesh and on one device."""
+    ref_state, ref_metrics = _run_train(config, None)
+    mesh = meshes.make_mesh(meshes.parse_mesh(spec))
+    meshes.check_divides(mesh, config, BATCH)
+    state, metrics = _run_train(config, mesh)
+    return {
+        "loss": _max_diff([m["loss"] for m in metrics], [m["loss"] for m in ref_metrics]),
+        "grad_norm": _max_diff(
+            [m["grad_norm"] for m in metrics], [m["grad_norm"] for m in ref_metrics]
+        ),
+        "params": _max_diff(state.params, ref_state.params),
+        "opt_state": _max_diff(state.opt_state, ref_state.opt_state),
+        "loss_value": float(ref_metrics[-1]["loss"]),
+    }
+
+
+def main(argv: list[str]) -> None:
+    phase, *specs = argv
+    config = CONFIG.replace(scan_layers=phase != "train_unrolled")
+    out = {spec: train_diffs(config, spec) for spec in specs}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
