@@ -153,6 +153,20 @@ def state_specs(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
+def gather_fsdp(params: Any, mesh: Mesh) -> Any:
+    """``params`` constrained to their rules without ``fsdp``: gathered over it, still split on
+    ``tensor`` (call inside the differentiated function: the transpose reduce-scatters gradients)."""
+
+    def unsharded_on_fsdp(spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*(None if a == FSDP else a for a in spec)))
+
+    specs = param_specs(params)
+    return jax.lax.with_sharding_constraint(
+        params,
+        jax.tree.map(unsharded_on_fsdp, specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+    )
+
+
 def batch_spec() -> PartitionSpec:
     """Tokens [B, ...]: B split across data and fsdp."""
     return PartitionSpec(BATCH)

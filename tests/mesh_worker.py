@@ -2,7 +2,9 @@
 
 ``python tests/mesh_worker.py train data=2,tensor=4 fsdp=4,tensor=2 ...`` prints, per mesh, the
 largest absolute difference of the loss, grad norm, parameters and AdamW moments after two train
-steps. Run in a subprocess by tests/test_mesh.py: the device count is fixed when JAX first starts,
+steps (``train_unrolled``: the same with unrolled layers); ``analyze`` prints, per mesh, the
+collective bytes of the compiled step beside ``collectives.train_comm`` and XLA's per-device memory
+beside ``shard_memory.train_memory_per_device``. Run in a subprocess by tests/test_mesh.py: the device count is fixed when JAX first starts,
 and the rest of the suite runs on one device.
 """
 
@@ -18,9 +20,10 @@ import json
 import jax
 import jax.numpy as jnp
 
+from jaxllm import collectives, shard_memory, train
 from jaxllm import mesh as meshes
-from jaxllm import train
 from jaxllm.config import ModelConfig
+from jaxllm.model import param_shapes
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -64,10 +67,28 @@ def train_diffs(config: ModelConfig, spec: str) -> dict:
     }
 
 
+def analysis(config: ModelConfig, spec: str) -> dict:
+    """The compiled sharded step's collectives and memory beside the closed-form counts."""
+    sizes = meshes.parse_mesh(spec)
+    optimizer = train.make_optimizer()
+    step = train.make_train_step(config, optimizer, mesh=meshes.make_mesh(sizes))
+    state = jax.eval_shape(lambda p: train.state_from_params(p, optimizer), param_shapes(config))
+    compiled = step.lower(state, jax.ShapeDtypeStruct((BATCH, SEQ + 1), jnp.int32)).compile()
+    memory = compiled.memory_analysis()
+    return {
+        "hlo": collectives.hlo_collectives(compiled.as_text()),
+        "analytic": collectives.train_comm(config, sizes, BATCH, SEQ),
+        "argument_bytes": memory.argument_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "memory": shard_memory.train_memory_per_device(config, sizes, BATCH, SEQ),
+    }
+
+
 def main(argv: list[str]) -> None:
     phase, *specs = argv
     config = CONFIG.replace(scan_layers=phase != "train_unrolled")
-    out = {spec: train_diffs(config, spec) for spec in specs}
+    run = analysis if phase == "analyze" else train_diffs
+    out = {spec: run(config, spec) for spec in specs}
     print(json.dumps(out))
 
 
