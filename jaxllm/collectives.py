@@ -21,6 +21,7 @@ and so what ``train_comm`` counts:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -119,9 +120,28 @@ def _tensor_factor(spec: Any, sizes: dict[str, int]) -> int:
     return sizes[meshes.TENSOR] if meshes.TENSOR in tuple(spec) else 1
 
 
-def train_comm(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> dict[str, int]:
-    """Closed-form logical bytes per device of each collective kind in one train step on tokens
-    [B, T] on a mesh of ``sizes`` (see the module docstring for what XLA does)."""
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One family of collectives in a step: its kind, logical bytes per device, and group size."""
+
+    kind: str
+    bytes: int
+    group: int
+
+    @property
+    def link_bytes(self) -> float:
+        """Bytes each device sends in one direction under a ring algorithm: 2(g - 1)/g of an
+        all-reduce, (g - 1)/g of an all-gather or reduce-scatter."""
+        share = (self.group - 1) / self.group
+        return (2 if self.kind == "all-reduce" else 1) * share * self.bytes
+
+
+def train_collectives(
+    config: ModelConfig, sizes: dict[str, int], batch: int, seq: int
+) -> dict[str, Collective]:
+    """The collectives of one train step on tokens [B, T] on a mesh of ``sizes``, in closed form
+    (see the module docstring for what XLA does): ``gather`` (weights over fsdp), ``grads``
+    (gradients over data x fsdp), ``tensor`` (activations over tensor)."""
     shapes = param_shapes(config)
     specs = meshes.param_specs(shapes)
     leaves = zip(
@@ -143,7 +163,16 @@ def train_comm(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int)
         per_layer = 2 + 3 + (2 if config.mlp == "swiglu" else 1)
         activation = (batch // replicas) * seq * config.d_model * config.compute_dtype.itemsize
         tensor = config.n_layers * per_layer * activation
+    return {
+        "gather": Collective("all-gather", gather, sizes[meshes.FSDP]),
+        "grads": Collective("all-reduce", grads if replicas > 1 else 0, replicas),
+        "tensor": Collective("all-reduce", tensor, sizes[meshes.TENSOR]),
+    }
+
+
+def train_comm(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> dict[str, int]:
+    """``train_collectives`` summed by kind: what ``hlo_collectives`` reads off the compiled step."""
     out = dict.fromkeys(KINDS, 0)
-    out["all-gather"] = gather
-    out["all-reduce"] = (grads if replicas > 1 else 0) + tensor
+    for c in train_collectives(config, sizes, batch, seq).values():
+        out[c.kind] += c.bytes
     return out

@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 
 AXES = ("data", "fsdp", "tensor")
 DATA, FSDP, TENSOR = AXES
@@ -55,7 +56,7 @@ _LAYER = re.compile(r"^(blocks|block_\d+)/")
 def parse_mesh(text: str) -> dict[str, int]:
     """``"data=2,fsdp=2,tensor=2"`` -> {data: 2, fsdp: 2, tensor: 2} (every axis, absent ones 1).
 
-    ValueError naming the bad item: an unknown or repeated axis, a size that is not a positive int.
+    InputError naming the bad item: an unknown or repeated axis, a size that is not a positive int.
     """
     sizes = dict.fromkeys(AXES, 1)
     seen: set[str] = set()
@@ -64,11 +65,11 @@ def parse_mesh(text: str) -> dict[str, int]:
         name = name.strip()
         if not sep or name not in AXES or name in seen:
             what = "repeated" if name in seen else "unknown" if sep else "malformed"
-            raise ValueError(
+            raise InputError(
                 f"--mesh item {item!r} is {what}: give AXIS=SIZE with AXIS in {', '.join(AXES)}"
             )
         if not raw.strip().isdigit() or int(raw) < 1:
-            raise ValueError(f"--mesh axis {name} must be a positive integer, got {raw.strip()!r}")
+            raise InputError(f"--mesh axis {name} must be a positive integer, got {raw.strip()!r}")
         sizes[name] = int(raw)
         seen.add(name)
     return sizes
@@ -76,12 +77,12 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over ``devices`` (default: all of them), sizes multiplying to
-    their count; ValueError naming the axes otherwise."""
+    their count; InputError naming the axes otherwise."""
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(sizes.get(axis, 1) for axis in AXES)
     if math.prod(shape) != len(devices):
         described = " x ".join(f"{a}={n}" for a, n in zip(AXES, shape, strict=True))
-        raise ValueError(
+        raise InputError(
             f"mesh {described} has {math.prod(shape)} devices; there are {len(devices)} "
             "(axis sizes must multiply to the device count)"
         )
@@ -89,7 +90,7 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Me
 
 
 def check_divides(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> None:
-    """ValueError naming the axis and the size it does not divide: ``tensor`` must divide the query
+    """InputError naming the axis and the size it does not divide: ``tensor`` must divide the query
     heads N, the key/value heads K and the MLP width F; ``fsdp`` the width D; data x fsdp the batch."""
     n = dict(mesh.shape)
     checks = [
@@ -102,7 +103,7 @@ def check_divides(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> 
         checks.append(("data x fsdp", n[DATA] * n[FSDP], "batch", batch))
     for axis, size, name, value in checks:
         if value % size:
-            raise ValueError(f"mesh axis {axis}={size} does not divide {name}={value}")
+            raise InputError(f"mesh axis {axis}={size} does not divide {name}={value}")
 
 
 def path_names(path: tuple[Any, ...]) -> str:
@@ -125,7 +126,7 @@ def param_spec(path: str, ndim: int) -> PartitionSpec | None:
 
 
 def param_specs(params: Any) -> Any:
-    """A PartitionSpec per parameter leaf; ValueError naming a parameter no rule covers."""
+    """A PartitionSpec per parameter leaf; ValueError (a bug: a new parameter needs a rule) naming one no rule covers."""
 
     def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
         name = path_names(path)

@@ -165,3 +165,54 @@ def test_collectives_and_memory_of_the_compiled_step_match_the_closed_form():
         held = m["params"] + m["adam"] + m["batch"]  # the donated state and the batch
         assert held <= d["argument_bytes"] <= held + 64, spec  # + the step, count and lr scalars
     assert d["hlo"]["all-gather"] > 0 and d["hlo"]["all-reduce"] > 0
+
+
+def test_ring_link_bytes_and_the_three_term_step_time():
+    from jaxllm.collectives import Collective
+    from jaxllm.roofline import step_time
+
+    assert Collective("all-reduce", 800, 8).link_bytes == 2 * 7 / 8 * 800
+    assert Collective("all-gather", 800, 4).link_bytes == 3 / 4 * 800
+    assert Collective("all-reduce", 800, 1).link_bytes == 0
+    t = step_time(4e12, 1e9, 3e9, 1e12, 1e9, 1e9)
+    assert (t.compute_seconds, t.memory_seconds, t.communication_seconds) == (4.0, 1.0, 3.0)
+    assert t.predicted_seconds == 7.0
+
+
+def test_published_links_of_nvidia_gpus():
+    from jaxllm import hardware
+
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        sheet = hardware.published(kind)
+        assert sheet is not None and sheet.link_bytes_per_s == 450e9  # NVLink 4: 900 GB/s both ways
+        assert sheet.network_bytes_per_s == 50e9 and "nvidia.com" in sheet.link_source
+
+
+ANALYZE = ["analyze", "--preset", "tiny", "--phase", "train", "--batch", "2", "--seq", "8"]
+
+
+def test_analyze_train_on_a_one_device_mesh(capsys, tmp_path, monkeypatch):
+    from jaxllm.cli import main
+
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
+    assert main([*ANALYZE, "--mesh", "data=1", "--json", "--quick"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["hlo_collectives"]["all-reduce"] == 0 == row["analytic"]["link_bytes"]
+    m = row["analytic"]["memory"]
+    assert m["params"] + m["adam"] + m["batch"] <= row["xla"]["argument_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mesh", "data=2"], "has 2 devices; there are 1"),
+        (["--mesh", "pipe=1"], "'pipe=1' is unknown"),
+        (["--mesh", "data=1", "--measure"], "train phase only, without --measure"),
+    ],
+)
+def test_analyze_mesh_errors_are_one_line(extra, message, capsys):
+    from jaxllm.cli import main
+
+    assert main([*ANALYZE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
