@@ -35,7 +35,13 @@ from jaxllm.config import ModelConfig
 from jaxllm.cost import call_graph
 from jaxllm.model import param_shapes
 
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+KINDS: tuple[str, ...] = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
 _OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(KINDS) + r")\(")
 _SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 
-AXES = ("data", "fsdp", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 DATA, FSDP, TENSOR = AXES
 BATCH = (DATA, FSDP)  # the mesh axes the batch dimension B is split across
 Spec = tuple[Any, ...]  # one entry per array dimension: a mesh axis name, a tuple of them, or None
