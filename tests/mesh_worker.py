@@ -2,7 +2,8 @@
 
 ``python tests/mesh_worker.py train data=2,tensor=4 fsdp=4,tensor=2 ...`` prints, per mesh, the
 largest absolute difference of the loss, grad norm, parameters and AdamW moments after two train
-steps (``train_unrolled``: the same with unrolled layers); ``analyze`` prints, per mesh, the
+steps (``train_unrolled``: the same with unrolled layers); ``serve`` the same of a prefill and two
+greedy decode steps with params and cache placed on the mesh, and the decode step's collectives; ``analyze`` prints, per mesh, the
 collective bytes of the compiled step beside ``collectives.train_comm`` and XLA's per-device memory
 beside ``shard_memory.train_memory_per_device``. Run in a subprocess by tests/test_mesh.py: the device count is fixed when JAX first starts,
 and the rest of the suite runs on one device.
@@ -16,14 +17,16 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm import collectives, shard_memory, train
+from jaxllm import collectives, serve, shard_memory, train
 from jaxllm import mesh as meshes
+from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
-from jaxllm.model import param_shapes
+from jaxllm.model import init_params, param_shapes
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -84,10 +87,48 @@ def analysis(config: ModelConfig, spec: str) -> dict:
     }
 
 
+def _run_serve(config: ModelConfig, mesh) -> tuple:
+    """A prefill of [B, SEQ // 2] left-padded prompts and two greedy decode steps; params and
+    cache placed on ``mesh`` (None: one device) and the phases' own jit propagating from them."""
+    params = init_params(config, jax.random.key(0))
+    cache = KVCache.init(config, BATCH, SEQ)
+    if mesh is not None:
+        params = jax.device_put(params, meshes.shardings(mesh, meshes.param_specs(params)))
+        cache = jax.device_put(cache, meshes.shardings(mesh, meshes.cache_specs(cache)))
+    placed = cache.k[0].sharding
+    prompts = jax.random.randint(jax.random.key(9), (BATCH, SEQ // 2), 0, config.vocab_size)
+    pad = jnp.arange(BATCH, dtype=jnp.int32) % 3
+    logits, cache = serve.make_prefill(config).jitted(params, cache, prompts, pad)
+    out = [logits]
+    for _ in range(2):
+        logits, cache = serve.make_decode_step(config).jitted(params, cache, out[-1].argmax(-1))
+        out.append(logits)
+    kept = cache.k[0].sharding.is_equivalent_to(placed, 4)
+    decode = serve.make_decode_step(config).jitted.lower(params, cache, out[-1].argmax(-1))
+    comm = collectives.hlo_collectives(decode.compile().as_text())
+    return jax.device_get(out), jax.device_get((cache.k, cache.v)), kept, comm
+
+
+def serve_diffs(config: ModelConfig, spec: str) -> dict:
+    """Differences between prefill + two decode steps on ``spec``'s mesh and on one device."""
+    ref_logits, ref_kv, *_ = _run_serve(config, None)
+    mesh = meshes.make_mesh(meshes.parse_mesh(spec))
+    meshes.check_divides(mesh, config, BATCH)
+    logits, kv, kept, comm = _run_serve(config, mesh)
+    return {
+        "logits": _max_diff(logits, ref_logits),
+        "cache": _max_diff(kv, ref_kv),
+        "cache_sharding_kept": kept,
+        "decode_collectives": comm,
+        "cache_bytes_per_device": KVCache.init(config, BATCH, SEQ).nbytes()
+        // math.prod(mesh.shape.values()),
+    }
+
+
 def main(argv: list[str]) -> None:
     phase, *specs = argv
-    config = CONFIG.replace(scan_layers=phase != "train_unrolled")
-    run = analysis if phase == "analyze" else train_diffs
+    config = CONFIG.replace(scan_layers=phase not in ("train_unrolled", "serve"))
+    run = {"analyze": analysis, "serve": serve_diffs}.get(phase, train_diffs)
     out = {spec: run(config, spec) for spec in specs}
     print(json.dumps(out))
 

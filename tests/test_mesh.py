@@ -216,3 +216,20 @@ def test_analyze_mesh_errors_are_one_line(extra, message, capsys):
     assert main([*ANALYZE, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _assert_serving_equals_one_device(diffs: dict) -> None:
+    for spec, d in diffs.items():
+        assert d["logits"] <= 1e-6 and d["cache"] <= 1e-6, spec
+        assert d["cache_sharding_kept"], spec  # the donated cache comes back laid out as it went in
+        # No all-gather of the whole cache: what a decode step gathers is under one device's share.
+        assert d["decode_collectives"]["all-gather"] < d["cache_bytes_per_device"], spec
+
+
+def test_prefill_and_decode_on_a_3d_mesh_equal_one_device():
+    _assert_serving_equals_one_device(_worker("serve", ["data=2,fsdp=2,tensor=2"]))
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_on_every_experiment_mesh_equal_one_device():
+    _assert_serving_equals_one_device(_worker("serve", EXPERIMENT_MESHES))
