@@ -239,13 +239,12 @@ def _analyze_sharded(args: argparse.Namespace, config: ModelConfig) -> int:
     from jaxllm import hardware, sharded
     from jaxllm.mesh import check_divides, make_mesh, parse_mesh
 
-    if args.phase != "train" or args.measure:
-        raise UsageError("--mesh analyses the train phase only, without --measure (for now)")
+    if args.phase != "train":
+        raise UsageError("--mesh analyses the train phase only (for now)")
     mesh = make_mesh(parse_mesh(args.mesh))
     check_divides(mesh, config, args.batch)  # before calibrating: a bad mesh is a one-line error
-    row = sharded.analyze_train(
-        config, mesh, args.batch, args.seq, hardware.calibrate(quick=args.quick)
-    )
+    calibration = hardware.calibrate(quick=args.quick)
+    row = sharded.analyze_train(config, mesh, args.batch, args.seq, calibration, args.measure)
     print(json.dumps(row) if args.json else "\n".join(sharded.table(row)))
     return 0
 

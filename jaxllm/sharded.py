@@ -1,4 +1,5 @@
-"""``jaxllm analyze --phase train --mesh ...``: the sharded train step per device, three ways.
+"""``jaxllm analyze --phase train --mesh ... [--measure]``: the sharded train step per device, three
+ways (and timed).
 
 XLA's cost and memory analyses of a sharded program are per device; beside them the closed-form
 per-device memory (``jaxllm.shard_memory``), the collectives counted in the compiled HLO and in closed
@@ -23,6 +24,7 @@ from jaxllm.cost import analyze_compiled, compile_timed
 from jaxllm.model import param_shapes
 from jaxllm.roofline import step_time
 from jaxllm.tables import si
+from jaxllm.timing import time_compiled
 
 
 def train_flops_per_device(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> int:
@@ -41,10 +43,29 @@ def link_bandwidth(calibration: dict[str, Any]) -> tuple[float, str]:
     return calibration["copy_bytes_per_s"], "simulated devices: shared memory (calibrated copy)"
 
 
-def analyze_train(
-    config: ModelConfig, mesh: Mesh, batch: int, seq: int, calibration: dict[str, Any]
+def measure_train(
+    compiled: Any, config: ModelConfig, optimizer: Any, mesh: Mesh, batch: int, seq: int
 ) -> dict[str, Any]:
-    """The sharded train step on tokens [B, T] per device: XLA, closed form, and predicted time."""
+    """Wall-clock seconds of the compiled sharded step on a fresh state laid out on ``mesh`` (copied
+    before each call: the step donates it) and a random batch split across data and fsdp."""
+    state = train.init_state(config, optimizer, jax.random.key(0), mesh)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
+    tokens = jax.device_put(tokens, meshes.shardings(mesh, meshes.batch_spec()))
+    layout = train.state_shardings(config, optimizer, mesh)
+    copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=layout)
+    return time_compiled(compiled, lambda: (copy(state), tokens), repeats=5, warmup=1).to_dict()
+
+
+def analyze_train(
+    config: ModelConfig,
+    mesh: Mesh,
+    batch: int,
+    seq: int,
+    calibration: dict[str, Any],
+    measure: bool = False,
+) -> dict[str, Any]:
+    """The sharded train step on tokens [B, T] per device: XLA, closed form, predicted time and,
+    with ``measure``, the measured time."""
     meshes.check_divides(mesh, config, batch)
     sizes = dict(mesh.shape)
     optimizer = train.make_optimizer()
@@ -66,7 +87,9 @@ def analyze_train(
         peaks.bandwidth_bytes_per_s,
         link,
     )
+    measured = measure_train(compiled, config, optimizer, mesh, batch, seq) if measure else None
     return {
+        "measured": measured,
         "mesh": sizes,
         "batch": batch,
         "seq": seq,
@@ -104,4 +127,8 @@ def table(row: dict[str, Any]) -> list[str]:
         f" -> max + communication {si(p['communication_seconds'], 's')}"
         f" = {si(p['predicted_seconds'], 's')} (link {si(row['link_bytes_per_s'], 'B/s')}:"
         f" {row['link_source']})",
-    ]
+    ] + (
+        [f"measured: {si(row['measured']['seconds_median'], 's')} (median of 5)"]
+        if row["measured"]
+        else []
+    )

@@ -195,8 +195,9 @@ def test_analyze_train_on_a_one_device_mesh(capsys, tmp_path, monkeypatch):
     from jaxllm.cli import main
 
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
-    assert main([*ANALYZE, "--mesh", "data=1", "--json", "--quick"]) == 0
+    assert main([*ANALYZE, "--mesh", "data=1", "--json", "--quick", "--measure"]) == 0
     row = json.loads(capsys.readouterr().out)
+    assert row["measured"]["seconds_median"] > 0
     assert row["hlo_collectives"]["all-reduce"] == 0 == row["analytic"]["link_bytes"]
     m = row["analytic"]["memory"]
     assert m["params"] + m["adam"] + m["batch"] <= row["xla"]["argument_bytes"]
@@ -207,7 +208,7 @@ def test_analyze_train_on_a_one_device_mesh(capsys, tmp_path, monkeypatch):
     [
         (["--mesh", "data=2"], "has 2 devices; there are 1"),
         (["--mesh", "pipe=1"], "'pipe=1' is unknown"),
-        (["--mesh", "data=1", "--measure"], "train phase only, without --measure"),
+        (["--mesh", "data=1", "--phase", "decode"], "train phase only"),
     ],
 )
 def test_analyze_mesh_errors_are_one_line(extra, message, capsys):
