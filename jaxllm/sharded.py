@@ -5,8 +5,8 @@ XLA's cost and memory analyses of a sharded program are per device; beside them 
 per-device memory (``jaxllm.shard_memory``), the collectives counted in the compiled HLO and in closed
 form (``jaxllm.collectives``), and the step predicted as compute, memory and communication terms
 (``jaxllm.roofline.step_time``). On a known accelerator the link is its published within-node
-bandwidth (``jaxllm.hardware``); simulated CPU devices share one memory, so their "link" is the
-calibrated copy bandwidth.
+bandwidth (``jaxllm.hardware``); simulated CPU devices share one host, so each gets 1/n of its
+calibrated peaks and their "link" is 1/n of the calibrated copy bandwidth.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def analyze_train(
     link_bytes = sum(c.link_bytes for c in comms.values())
     peaks = hardware.roofline_peaks(calibration, config.dtype)
     link, link_source = link_bandwidth(calibration)
+    # Simulated CPU devices run on one host: each gets 1/n of its calibrated peaks.
+    shared = mesh.size if calibration["platform"] == "cpu" else 1
     predicted = step_time(
         xla.flops,
         xla.bytes_accessed,
         link_bytes,
-        peaks.flops_per_s,
-        peaks.bandwidth_bytes_per_s,
-        link,
+        peaks.flops_per_s / shared,
+        peaks.bandwidth_bytes_per_s / shared,
+        link / shared,
     )
     measured = measure_train(compiled, config, optimizer, mesh, batch, seq) if measure else None
     return {
