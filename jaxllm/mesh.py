@@ -5,7 +5,8 @@ the sizes multiply to ``jax.device_count()``; without ``--mesh``, one device):
 
 - ``data``: the batch is split across it, parameters and optimizer state are replicated (DP);
 - ``fsdp``: the batch is split across it too, and parameters, gradients and AdamW moments are
-  sharded along D (ZeRO-3: XLA gathers a weight where a matmul needs it, reduce-scatters its gradient);
+  sharded along D (ZeRO-3: a weight is gathered where a matmul needs it; on the CPU backend XLA
+  all-reduces its gradient rather than reduce-scattering it, see ``jaxllm.collectives``);
 - ``tensor``: attention heads (N, K) and MLP columns (F) are split across it (Megatron-style tensor
   parallelism: q, k, v, up and gate column-parallel, o and down row-parallel).
 
@@ -156,7 +157,7 @@ def state_specs(tree: Any) -> Any:
 
 def gather_fsdp(params: Any, mesh: Mesh) -> Any:
     """``params`` constrained to their rules without ``fsdp``: gathered over it, still split on
-    ``tensor`` (call inside the differentiated function: the transpose reduce-scatters gradients)."""
+    ``tensor`` (call inside the differentiated function, so the gradients flow back through it)."""
 
     def unsharded_on_fsdp(spec: PartitionSpec) -> NamedSharding:
         return NamedSharding(mesh, PartitionSpec(*(None if a == FSDP else a for a in spec)))

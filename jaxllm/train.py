@@ -164,9 +164,10 @@ def loss_fn(
 ) -> jax.Array:
     """Mean next-token cross entropy of batch[B, T+1], in nats per token, computed in float32.
 
-    On a ``mesh`` the weights are gathered over fsdp where they are used (ZeRO-3; the gradient of the
-    gather is a reduce-scatter) and the batch stays split across data and fsdp: without this, XLA
-    keeps the weights sharded on D and reshards the activations instead (measured: all-to-alls).
+    On a ``mesh`` the weights are gathered over fsdp where they are used (ZeRO-3; their gradients
+    flow back through the gather, reduced as ``jaxllm.collectives`` counts) and the batch stays split
+    across data and fsdp: without this, XLA keeps the weights sharded on D and reshards the
+    activations instead (measured: all-to-alls).
     """
     if mesh is not None:
         params = meshes.gather_fsdp(params, mesh)
