@@ -226,10 +226,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     phases.check_sizes(config, args.phase, args.batch, args.seq)
+    if args.mesh is not None:
+        return _analyze_sharded(args, config)
     row = measure.analyze_phase(
         config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )
     print(json.dumps(row.to_json()) if args.json else "\n".join(tables.analysis_table(row)))
+    return 0
+
+
+def _analyze_sharded(args: argparse.Namespace, config: ModelConfig) -> int:
+    from jaxllm import hardware, sharded
+    from jaxllm.mesh import check_divides, make_mesh, parse_mesh
+
+    if args.phase != "train":
+        raise UsageError("--mesh analyses the train phase only (for now)")
+    mesh = make_mesh(parse_mesh(args.mesh))
+    check_divides(mesh, config, args.batch)  # before calibrating: a bad mesh is a one-line error
+    calibration = hardware.calibrate(quick=args.quick)
+    row = sharded.analyze_train(config, mesh, args.batch, args.seq, calibration, args.measure)
+    print(json.dumps(row) if args.json else "\n".join(sharded.table(row)))
     return 0
 
 
@@ -249,6 +265,12 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure", action="store_true", help="also time it (allocates the model)")
     p.add_argument("--quick", action="store_true", help="quick calibration, fewer repeats")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--mesh",
+        metavar="AXES",
+        help="shard over a device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device "
+        "count; train only for now)",
+    )
     p.set_defaults(func=cmd_analyze)
 
 

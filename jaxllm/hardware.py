@@ -45,19 +45,56 @@ class Published:
     source: str
     tf32_flops_per_s: float | None = None  # dense TF32 tensor-core peak (NVIDIA only)
     f32_flops_per_s: float | None = None  # full-precision f32 (CUDA cores on NVIDIA)
+    # Interconnect, bytes/s per device in each direction (a ring collective is bound by one
+    # direction): within a node (NVLink, TPU ICI) and between nodes (the node's network per device).
+    link_bytes_per_s: float | None = None
+    network_bytes_per_s: float | None = None
+    link_source: str = ""
 
 
 _T, _TB, _GB = 1e12, 1e12, 1e9
 _H100 = "NVIDIA H100 Tensor Core GPU datasheet"
+# NVLink 4 (H100 SXM, H200 SXM): 900 GB/s per GPU, both directions together; NVLink bridge (H100 PCIe)
+# 600 GB/s; NVLink 3 (A100 SXM) 600 GB/s. Between nodes: a DGX/HGX H100 or H200 node has one 400 Gb/s
+# ConnectX-7 InfiniBand port per GPU (NVIDIA DGX H100 datasheet), 50 GB/s each way.
+_NVLINK = (
+    "NVLink per GPU: https://www.nvidia.com/en-us/data-center/h100/ (900 GB/s SXM, 600 GB/s PCIe), "
+    "https://www.nvidia.com/en-us/data-center/h200/ (900 GB/s), "
+    "https://www.nvidia.com/en-us/data-center/a100/ (600 GB/s); halved for one direction. "
+    "Network: 400 Gb/s ConnectX-7 InfiniBand per GPU (NVIDIA DGX H100 datasheet)"
+)
+_NDR = 50 * _GB  # 400 Gb/s InfiniBand NDR per GPU, one direction
 # Ordered: the first pattern that matches jax.devices()[0].device_kind (lower-cased) wins.
 PUBLISHED: list[tuple[str, Published]] = [
     (
         r"h100.*pcie",
-        Published("H100 PCIe", 756 * _T, 2.0 * _TB, 80 * _GB, _H100, 378 * _T, 51 * _T),
+        Published(
+            "H100 PCIe",
+            756 * _T,
+            2.0 * _TB,
+            80 * _GB,
+            _H100,
+            378 * _T,
+            51 * _T,
+            300 * _GB,
+            _NDR,
+            _NVLINK,
+        ),
     ),
     (
         r"h100",
-        Published("H100 SXM", 989 * _T, 3.35 * _TB, 80 * _GB, _H100 + " (SXM)", 494 * _T, 67 * _T),
+        Published(
+            "H100 SXM",
+            989 * _T,
+            3.35 * _TB,
+            80 * _GB,
+            _H100 + " (SXM)",
+            494 * _T,
+            67 * _T,
+            450 * _GB,
+            _NDR,
+            _NVLINK,
+        ),
     ),
     (
         r"h200",
@@ -69,6 +106,9 @@ PUBLISHED: list[tuple[str, Published]] = [
             "NVIDIA H200 Tensor Core GPU datasheet",
             494 * _T,
             67 * _T,
+            450 * _GB,
+            _NDR,
+            _NVLINK,
         ),
     ),
     (
@@ -81,6 +121,9 @@ PUBLISHED: list[tuple[str, Published]] = [
             "NVIDIA A100 Tensor Core GPU datasheet",
             156 * _T,
             19.5 * _T,
+            300 * _GB,
+            None,
+            _NVLINK,
         ),
     ),
     (

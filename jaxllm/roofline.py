@@ -78,3 +78,35 @@ def roofline(
         mfu=flops / measured_seconds / peak_flops_per_s,
         mbu=nbytes / measured_seconds / bandwidth_bytes_per_s,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """A sharded step's predicted seconds as three terms, per device."""
+
+    compute_seconds: float  # FLOPs / peak
+    memory_seconds: float  # bytes / memory bandwidth
+    communication_seconds: float  # link bytes / link bandwidth (one direction)
+    predicted_seconds: float  # max(compute, memory) + communication: collectives not overlapped
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def step_time(
+    flops: float,
+    nbytes: float,
+    link_bytes: float,
+    peak_flops_per_s: float,
+    bandwidth_bytes_per_s: float,
+    link_bytes_per_s: float,
+) -> StepTime:
+    """Per-device compute, memory and communication terms of a step. Communication is added, not
+    overlapped: XLA runs the train step's collectives between the matmuls that need them (on the CPU
+    backend synchronously), so this is the bound with no overlap."""
+    if min(peak_flops_per_s, bandwidth_bytes_per_s, link_bytes_per_s) <= 0:
+        raise ValueError("peaks and link bandwidth must be positive")
+    compute = flops / peak_flops_per_s
+    memory = nbytes / bandwidth_bytes_per_s
+    comm = link_bytes / link_bytes_per_s
+    return StepTime(compute, memory, comm, max(compute, memory) + comm)

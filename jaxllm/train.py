@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
+from jaxllm import mesh as meshes
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError, positive_int
-from jaxllm.model import Params, Transformer, init_params
+from jaxllm.model import Params, Transformer, init_params, param_shapes
 
 Batch = jax.Array  # [B, T+1] int32 token ids
 Metrics = dict[str, jax.Array]  # loss (nats/token), grad_norm, lr: float32 scalars
@@ -134,15 +136,42 @@ def state_from_params(params: Params, optimizer: optax.GradientTransformation) -
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
-def init_state(
-    config: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array
+def state_shardings(
+    config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> TrainState:
-    """Fresh parameters (``init_params``) and float32 optimizer state, at step 0; one compiled call."""
-    return jax.jit(lambda k: state_from_params(init_params(config, k), optimizer))(key)
+    """Where each leaf of a train state lives on ``mesh`` (``jaxllm.mesh.state_specs``)."""
+    abstract = jax.eval_shape(lambda p: state_from_params(p, optimizer), param_shapes(config))
+    return meshes.shardings(mesh, meshes.state_specs(abstract))
 
 
-def loss_fn(params: Params, batch: Batch, config: ModelConfig) -> jax.Array:
-    """Mean next-token cross entropy of batch[B, T+1], in nats per token, computed in float32."""
+def init_state(
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """Fresh parameters (``init_params``) and float32 optimizer state, at step 0; one compiled call,
+    its outputs laid out on ``mesh`` as the partition rules say (None: one device)."""
+    out = None if mesh is None else state_shardings(config, optimizer, mesh)
+    init = jax.jit(
+        lambda k: state_from_params(init_params(config, k), optimizer), out_shardings=out
+    )
+    return init(key)
+
+
+def loss_fn(
+    params: Params, batch: Batch, config: ModelConfig, mesh: Mesh | None = None
+) -> jax.Array:
+    """Mean next-token cross entropy of batch[B, T+1], in nats per token, computed in float32.
+
+    On a ``mesh`` the weights are gathered over fsdp where they are used (ZeRO-3; their gradients
+    flow back through the gather, reduced as ``jaxllm.collectives`` counts) and the batch stays split
+    across data and fsdp: without this, XLA keeps the weights sharded on D and reshards the
+    activations instead (measured: all-to-alls).
+    """
+    if mesh is not None:
+        params = meshes.gather_fsdp(params, mesh)
+        batch = jax.lax.with_sharding_constraint(batch, meshes.shardings(mesh, meshes.batch_spec()))
     inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
     B, T = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -151,30 +180,32 @@ def loss_fn(params: Params, batch: Batch, config: ModelConfig) -> jax.Array:
     return losses.mean()
 
 
-def loss_and_grads(params: Params, batch: Batch, config: ModelConfig) -> tuple[jax.Array, Params]:
+def loss_and_grads(
+    params: Params, batch: Batch, config: ModelConfig, mesh: Mesh | None = None
+) -> tuple[jax.Array, Params]:
     """The loss and its float32 gradient with respect to the parameters (whatever their dtype)."""
 
     def from_f32(params32: Params) -> jax.Array:
         stored = jax.tree.map(lambda p32, p: p32.astype(p.dtype), params32, params)
-        return loss_fn(stored, batch, config)
+        return loss_fn(stored, batch, config, mesh)
 
     return jax.value_and_grad(from_f32)(_f32(params))
 
 
 def accumulated_grads(
-    params: Params, batch: Batch, config: ModelConfig, accum_steps: int
+    params: Params, batch: Batch, config: ModelConfig, accum_steps: int, mesh: Mesh | None = None
 ) -> tuple[jax.Array, Params]:
     """Loss and gradient of batch[B, T+1] as the mean over ``accum_steps`` micro-batches of B/k rows,
     one at a time under ``lax.scan`` (activation memory of one micro-batch)."""
     if accum_steps == 1:
-        return loss_and_grads(params, batch, config)
+        return loss_and_grads(params, batch, config, mesh)
     B = batch.shape[0]
     if B % accum_steps:
         raise InputError(f"batch size {B} is not divisible by accum_steps={accum_steps}")
     micro = batch.reshape(accum_steps, B // accum_steps, batch.shape[1])
 
     def add(total: Any, micro_batch: Batch) -> tuple[Any, None]:
-        return jax.tree.map(jnp.add, total, loss_and_grads(params, micro_batch, config)), None
+        return jax.tree.map(jnp.add, total, loss_and_grads(params, micro_batch, config, mesh)), None
 
     zero = (
         jnp.zeros((), jnp.float32),
@@ -185,17 +216,22 @@ def accumulated_grads(
 
 
 def make_train_step(
-    config: ModelConfig, optimizer: optax.GradientTransformation, accum_steps: int = 1
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    accum_steps: int = 1,
+    mesh: Mesh | None = None,
 ) -> Any:
     """The compiled step ``(state, batch[B, T+1] int32) -> (state, metrics)``, state donated.
 
     Metrics: ``loss`` (nats/token, before the update), ``grad_norm`` (global L2 norm before clipping),
-    ``lr`` (the learning rate applied).
+    ``lr`` (the learning rate applied). On a ``mesh`` the state comes in and goes out laid out as the
+    partition rules say (``jaxllm.mesh``), the batch split across data and fsdp, the metrics
+    replicated; XLA inserts the collectives.
     """
     positive_int("accum_steps", accum_steps)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        loss, grads = accumulated_grads(state.params, batch, config, accum_steps)
+        loss, grads = accumulated_grads(state.params, batch, config, accum_steps, mesh)
         updates, opt_state = optimizer.update(grads, state.opt_state, _f32(state.params))
         params: Params = optax.apply_updates(state.params, updates)  # pyright: ignore[reportAssignmentType]  # cast back to param_dtype
         metrics = {
@@ -205,7 +241,16 @@ def make_train_step(
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    state = state_shardings(config, optimizer, mesh)
+    batch = meshes.shardings(mesh, meshes.batch_spec())
+    return jax.jit(
+        train_step,
+        donate_argnums=0,
+        in_shardings=(state, batch),
+        out_shardings=(state, meshes.replicated(mesh)),
+    )
 
 
 def make_eval_step(config: ModelConfig) -> Any:

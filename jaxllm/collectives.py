@@ -1,0 +1,184 @@
+"""The communication of a sharded train step, counted two ways: in the compiled HLO and in closed form.
+
+Sizes are logical, per device, in bytes: an all-reduce of an [n] f32 array is 4n bytes whatever the
+group; an all-gather counts its (gathered) output, a reduce-scatter its (unscattered) input. The bytes a
+device sends over links follow from the algorithm (a ring all-reduce sends 2(g - 1)/g of it, a ring
+all-gather or reduce-scatter (g - 1)/g). Rank-0 operands (the loss, partial sums of the gradient norm)
+are left out of both counts: they are bytes, not bandwidth.
+
+What XLA does on the train step (``jaxllm.train`` on a ``jaxllm.mesh`` mesh), measured on the CPU backend
+and so what ``train_comm`` counts:
+
+- fsdp: each weight sharded on fsdp is all-gathered once (the backward reuses it: no remat); its
+  gradient is all-reduced at full size, not reduce-scattered (the CPU backend does not turn
+  all-reduce + slice into a reduce-scatter);
+- data x fsdp: every gradient (float32, its tensor shard) is all-reduced; a tied embedding's gradient
+  twice (the lookup's and the head's parts are reduced separately);
+- tensor: per layer, the forward all-reduces the outputs of ``o`` and ``down`` [B', T, D], and the
+  backward the input gradients of q, k and v (each separately) and of the MLP's up (and gate)
+  projection, B' = B / (data x fsdp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+from jaxllm import mesh as meshes
+from jaxllm.config import ModelConfig
+from jaxllm.cost import call_graph
+from jaxllm.model import param_shapes
+
+KINDS: tuple[str, ...] = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
+_OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(KINDS) + r")\(")
+_SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+_BITS = re.compile(r"(\d+)$")
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype == "pred":
+        return 1
+    bits = _BITS.search(dtype)
+    if bits is None:
+        raise ValueError(f"unknown HLO element type {dtype!r}")
+    return int(bits.group(1)) // 8
+
+
+def _shape_bytes(types: str) -> int:
+    """Bytes of the non-scalar arrays in an HLO result type (one shape or a tuple)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(types):
+        if dims:
+            total += _itemsize(dtype) * math.prod(int(d) for d in dims.split(","))
+    return total
+
+
+def _executions(hlo_text: str) -> dict[str, int]:
+    """How many times each computation runs per call of the module: a while body its trip count
+    times its caller's (unknown trip counts raise), any other callee as often as its caller."""
+    entry, sites = call_graph(hlo_text)
+    runs: Counter[str] = Counter()
+
+    def visit(computation: str, times: int) -> None:
+        runs[computation] += times
+        for site in sites.get(computation, []):
+            if site.opcode == "while":
+                if site.trip_count is None:
+                    raise ValueError("a while loop without a known trip count: cannot count")
+                cond, body = site.callees
+                visit(body, times * site.trip_count)
+                visit(cond, times * (site.trip_count + 1))
+            else:
+                for callee in site.callees:
+                    visit(callee, times)
+
+    visit(entry, 1)
+    return dict(runs)
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, int]:
+    """Logical bytes per device of each collective kind in an optimized HLO module, loops
+    multiplied out (a reduce-scatter counts its input: its output times the group)."""
+    runs = _executions(hlo_text)
+    out = dict.fromkeys(KINDS, 0)
+    current = ""
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(1)
+            continue
+        op = _OP.match(line)
+        if op is None:
+            continue
+        types, kind = op.groups()
+        nbytes = _shape_bytes(types)
+        if kind == "reduce-scatter":
+            nbytes *= _group_size(line)
+        out[kind] += nbytes * runs.get(current, 0)
+    return out
+
+
+def _group_size(line: str) -> int:
+    groups = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+    if groups:
+        return len(groups.group(1).split(","))
+    if iota:
+        return int(iota.group(1))
+    raise ValueError(f"cannot read the replica groups of: {line.strip()[:200]}")
+
+
+def _tensor_factor(spec: Any, sizes: dict[str, int]) -> int:
+    """How many ways the tensor axis splits a parameter with ``spec``."""
+    return sizes[meshes.TENSOR] if meshes.TENSOR in tuple(spec) else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One family of collectives in a step: its kind, logical bytes per device, and group size."""
+
+    kind: str
+    bytes: int
+    group: int
+
+    @property
+    def link_bytes(self) -> float:
+        """Bytes each device sends in one direction under a ring algorithm: 2(g - 1)/g of an
+        all-reduce, (g - 1)/g of an all-gather or reduce-scatter."""
+        share = (self.group - 1) / self.group
+        return (2 if self.kind == "all-reduce" else 1) * share * self.bytes
+
+
+def train_collectives(
+    config: ModelConfig, sizes: dict[str, int], batch: int, seq: int
+) -> dict[str, Collective]:
+    """The collectives of one train step on tokens [B, T] on a mesh of ``sizes``, in closed form
+    (see the module docstring for what XLA does): ``gather`` (weights over fsdp), ``grads``
+    (gradients over data x fsdp), ``tensor`` (activations over tensor)."""
+    shapes = param_shapes(config)
+    specs = meshes.param_specs(shapes)
+    leaves = zip(
+        jax.tree.leaves(shapes),
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+        strict=True,
+    )
+    gather = grads = 0
+    replicas = sizes[meshes.DATA] * sizes[meshes.FSDP]
+    for shape, spec in leaves:
+        n = math.prod(shape.shape) // _tensor_factor(spec, sizes)
+        if sizes[meshes.FSDP] > 1 and meshes.FSDP in tuple(spec):
+            gather += n * shape.dtype.itemsize
+        grads += 4 * n
+    if config.tie_embeddings:
+        grads += 4 * config.vocab_size * config.d_model
+    tensor = 0
+    if sizes[meshes.TENSOR] > 1:
+        per_layer = 2 + 3 + (2 if config.mlp == "swiglu" else 1)
+        activation = (batch // replicas) * seq * config.d_model * config.compute_dtype.itemsize
+        tensor = config.n_layers * per_layer * activation
+    return {
+        "gather": Collective("all-gather", gather, sizes[meshes.FSDP]),
+        "grads": Collective("all-reduce", grads if replicas > 1 else 0, replicas),
+        "tensor": Collective("all-reduce", tensor, sizes[meshes.TENSOR]),
+    }
+
+
+def train_comm(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> dict[str, int]:
+    """``train_collectives`` summed by kind: what ``hlo_collectives`` reads off the compiled step."""
+    out = dict.fromkeys(KINDS, 0)
+    for c in train_collectives(config, sizes, batch, seq).values():
+        out[c.kind] += c.bytes
+    return out
