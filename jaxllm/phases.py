@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm import analytic
+from jaxllm import analytic, serve, train
 from jaxllm.cache import KVCache, cache_dtype
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
@@ -97,8 +97,6 @@ def filler_params(shapes: Any, seed: int = 0) -> Any:
 
 
 def _train(config: ModelConfig, batch: int, seq: int) -> tuple[Any, tuple, Callable]:
-    from jaxllm import train
-
     optimizer = train.make_optimizer()
     step = train.make_train_step(config, optimizer)
     state = jax.eval_shape(lambda: train.init_state(config, optimizer, jax.random.key(0)))
@@ -121,8 +119,6 @@ def _cache(config: ModelConfig, batch: int, capacity: int, index: int) -> Any:
 
 
 def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int):
-    from jaxllm import serve
-
     index = 0 if phase == "prefill" else seq - 1  # a decode step completes a context of seq tokens
     abstract_cache, fresh_cache = _cache(config, batch, capacity, index)
     tokens = jax.ShapeDtypeStruct((batch, seq) if phase == "prefill" else (batch,), jnp.int32)
@@ -149,8 +145,6 @@ def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     if phase == "train":
         jitted, args, make_args = _train(config, batch, seq)
     else:
-        from jaxllm import serve
-
         # Served as jaxllm.generate serves it (serve.serving_config): layers unrolled, since
         # slicing stacked weights and cache per layer copies them on every step, and weights stored
         # in the compute dtype.
