@@ -16,11 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import jax
 import numpy as np
-import openai
 import pytest
+
+pytest.importorskip("httpx")  # test dependencies and the `serve` extra; absent from GPU images
+pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
+import httpx
+import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxllm import checkpoint, data, server
