@@ -346,7 +346,7 @@ _ESCAPES = str.maketrans(
 
 
 def one_line(text: str) -> str:
-    """``text`` on one line: backslashes doubled, line breaks written as \\n, \\r or \\uXXXX."""
+    """``text`` on one line: backslashes doubled, line breaks written as \\n, \\r or \\u and four hex digits."""
     return text.translate(_ESCAPES)
 
 
