@@ -69,7 +69,23 @@ class Einsum(nn.Module):
         return y
 
 
+class _StandardPromotion(nn.Module):
+    """A Flax norm applied under standard dtype promotion: flax's norms mix bf16 activations with
+    their f32 statistics inside, which strict promotion (``jax_numpy_dtype_promotion='strict'``, the
+    test configuration) refuses."""
+
+    norm: nn.Module
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        with jax.numpy_dtype_promotion("standard"):
+            return self.norm(x)
+
+
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
+    return _StandardPromotion(_flax_norm(config, name))
+
+
+def _flax_norm(config: ModelConfig, name: str) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(
             epsilon=config.norm_eps,
@@ -161,10 +177,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pad: jax.Array | 
             jnp.arange(T)[None, None, None, :] >= pad[:, None, None, None], (pad.shape[0], 1, T, T)
         )
     attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=True)
-    try:
-        return attend(implementation=attention_implementation(q.dtype, q.shape[-1]))
-    except (NotImplementedError, RuntimeError):  # cuDNN missing, or this shape unsupported
-        return attend(implementation="xla")
+    # jax.nn's attention mixes bf16 inputs with f32 logits inside: standard promotion, as for norms.
+    with jax.numpy_dtype_promotion("standard"):
+        try:
+            return attend(implementation=attention_implementation(q.dtype, q.shape[-1]))
+        except (NotImplementedError, RuntimeError):  # cuDNN missing, or this shape unsupported
+            return attend(implementation="xla")
 
 
 def cached_attention(

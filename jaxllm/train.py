@@ -232,8 +232,12 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss, grads = accumulated_grads(state.params, batch, config, accum_steps, mesh)
-        updates, opt_state = optimizer.update(grads, state.opt_state, _f32(state.params))
-        params: Params = optax.apply_updates(state.params, updates)  # pyright: ignore[reportAssignmentType]  # cast back to param_dtype
+        params32 = _f32(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params32)
+        # The update is added in float32 and rounded once to the storage dtype.
+        params = jax.tree.map(
+            lambda p, u, stored: (p + u).astype(stored.dtype), params32, updates, state.params
+        )
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),

@@ -1,5 +1,7 @@
-"""Strict JAX for every test: no implicit rank promotion, float32 matmuls at full precision (a GPU
-runs them as TF32 otherwise). On a GPU each xdist worker allocates what it uses instead of
+"""Strict JAX for every test: no implicit rank or dtype promotion, float32 matmuls at full precision (a GPU
+runs them as TF32 otherwise). A test marked ``standard_promotion`` runs under standard dtype promotion:
+for bf16 gradients through ``jax.nn.dot_product_attention``, whose backward pass (JAX's, traced when
+the step is lowered) mixes float32 cotangents with bfloat16 operands. On a GPU each xdist worker allocates what it uses instead of
 preallocating 75% of the card, so several workers share one device."""
 
 import os
@@ -13,7 +15,15 @@ from jaxllm import data
 from jaxllm.config import PRESETS, ModelConfig
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _dtype_promotion(request):
+    mode = "standard" if request.node.get_closest_marker("standard_promotion") else "strict"
+    with jax.numpy_dtype_promotion(mode):
+        yield
 
 
 @pytest.fixture

@@ -34,8 +34,9 @@ def train_step(config: ModelConfig):
     def step(state, batch):
         params, opt_state = state
         value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 counts
+            updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), value
 
     return jax.jit(step, donate_argnums=0)
 

@@ -150,6 +150,7 @@ def test_step_lowers_from_abstract_state_without_allocating(changes):
     assert set(metrics) == {"loss", "grad_norm", "lr"}
 
 
+@pytest.mark.standard_promotion  # bf16 gradients through jax.nn.dot_product_attention
 def test_mixed_precision_keeps_storage_dtype_and_f32_optimizer_state():
     cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
     opt = train.make_optimizer(1e-2, 20, 0)
