@@ -16,7 +16,6 @@ Attention is given two ways:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -287,12 +286,6 @@ def serve_memory(
     out = {"params": param_bytes(config), "kv_cache": kv}
     out["total"] = sum(out.values())
     return out
-
-
-def decode_capacity(config: ModelConfig, filled: int) -> int:
-    """Cache slots used to analyse a decode step after ``filled`` tokens: filled + 1 rounded up to a
-    power of two, at most max_len (jaxllm.serve's bucket policy for a cache with room for the step)."""
-    return min(config.max_len, 1 << math.ceil(math.log2(filled + 1)))
 
 
 @dataclasses.dataclass(frozen=True)
