@@ -134,20 +134,48 @@ def _label(args: argparse.Namespace) -> str:
     return getattr(args, "hf_dir", None) or args.preset
 
 
+def add_process_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that may run as one of many processes (``jaxllm.distributed``)."""
+    group = parser.add_argument_group(
+        "many processes", "each process runs the same command with its own --process-id"
+    )
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address for jax.distributed (default: $JAX_COORDINATOR_ADDRESS, or the "
+        "Slurm / Open MPI environment; none of these: one process)",
+    )
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """``jax.distributed`` started as the process flags ask (nothing without them)."""
+    from jaxllm import distributed
+
+    processes = distributed.Processes(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(processes)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxllm import loop
+    from jaxllm import distributed, loop
+    from jaxllm.mesh import parse_mesh
 
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    mesh = None if args.mesh is None else parse_mesh(args.mesh)
+    start_processes(args)
     summary = loop.train(
         args.out,
         preset=args.preset,
         hf_dir=args.hf_dir,
         overrides=args.override,
         resume=args.resume,
+        mesh=mesh,
         **requested,
     )
-    print(loop.describe_summary(summary))
+    if distributed.is_primary():
+        print(loop.describe_summary(summary))
     stopped = summary["stopped_by"]
     return 128 + signal.Signals[stopped].value if stopped else 0
 
@@ -160,7 +188,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "With --hf-dir, fine-tune that checkpoint: its weights, its tokenizer.json (copied into "
         "--out) and config; --override may change only dtype, param_dtype, scan_layers, remat. "
         "With --resume, settings not given are taken from the checkpoint and those given must "
-        "match it (except the evaluation, checkpoint, logging and --data options).",
+        "match it (except the evaluation, checkpoint, logging and --data options; the mesh "
+        "may differ too).",
     )
     add_model_args(p)
     p.set_defaults(preset=None)  # None: small, or the checkpoint's config with --resume
@@ -218,6 +247,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars to DIR"
     )
+    p.add_argument(
+        "--mesh",
+        metavar="AXES",
+        help="train on a device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device "
+        "count of all processes; default: one device)",
+    )
+    add_process_args(p)
     p.set_defaults(func=cmd_train)
 
 
