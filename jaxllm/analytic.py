@@ -16,7 +16,6 @@ Attention is given two ways:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -232,31 +231,51 @@ def saved_per_layer(config: ModelConfig, seq: int) -> dict[str, int]:
     Remat "full" keeps only the layer input (D per token); "dots" keeps the matmul outputs q, k, v,
     o, scores, probs·v, up (and gate) and down; "dots_no_batch" the same without the two attention
     matmuls (their outputs have batch dimensions).
+
+    ``head_values`` is the part of ``values`` that belongs to one query or key/value head or one MLP
+    column, which tensor parallelism splits (``jaxllm.mesh``: q, k, v, up and gate column-parallel):
+    queries, keys, values, the attention output before ``o``, the softmax statistics, the per-pair
+    tensors and the MLP's width-F tensors. The rest — the norms' [B, T, D] tensors, rotary's sin and
+    cos, the layer input, and the outputs of ``o`` and ``down`` (row-parallel: each device holds a
+    full-width partial sum) — is replicated. The mask is per head: split too.
     """
     D, F, KH = config.d_model, config.d_ff, config.n_kv_heads * config.head_dim
     N, H = config.n_heads, config.head_dim
     n_up = _mlp_matrices(config) - 1
     if config.remat == "full":
-        return {"values": seq * D, "mask_bytes": 0}
+        return {"values": seq * D, "head_values": 0, "mask_bytes": 0}
     if config.remat in ("dots", "dots_no_batch"):
         attention = config.remat == "dots"
-        per_token = 3 * D + 2 * KH + n_up * F + (D if attention else 0)
-        return {"values": seq * per_token + (N * seq * seq if attention else 0), "mask_bytes": 0}
+        scores = N * seq * seq if attention else 0
+        per_head = D + 2 * KH + n_up * F + (D if attention else 0)  # q, k, v, up (gate), probs·v
+        return {
+            "values": seq * (per_head + 2 * D) + scores,  # + the outputs of o and down
+            "head_values": seq * per_head + scores,
+            "mask_bytes": 0,
+        }
     rotary = 2 * H if config.positions == "rotary" else 0
-    per_token = 2 * (4 * D + 2) + 2 * D + 2 * KH + 2 * N + rotary + 6 * F
-    return {"values": seq * per_token + 3 * N * seq * seq, "mask_bytes": N * seq * seq}
+    per_head = 2 * D + 2 * KH + 2 * N + 6 * F
+    pairs = 3 * N * seq * seq
+    return {
+        "values": seq * (2 * (4 * D + 2) + rotary + per_head) + pairs,
+        "head_values": seq * per_head + pairs,
+        "mask_bytes": N * seq * seq,
+    }
 
 
-def activation_bytes(config: ModelConfig, batch: int, seq: int) -> int:
-    """Activations a train step holds between forward and backward, bytes.
+def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1) -> int:
+    """Activations a train step holds between forward and backward, bytes, on one device when heads
+    and MLP columns are split ``tensor`` ways (1: the whole step).
 
-    L layers' saved values (``saved_per_layer``, at the compute dtype) + the final norm's (4·D + 2 per
-    token) + the loss's float32 exp(logits) [B, T, V] and per-token normaliser; a tied head also
-    keeps the transposed embedding [D, V].
+    L layers' saved values (``saved_per_layer``, at the compute dtype; its ``head_values`` and mask
+    divided by ``tensor``) + the final norm's (4·D + 2 per token) + the loss's float32 exp(logits)
+    [B, T, V] and per-token normaliser; a tied head also keeps the transposed embedding [D, V]. The
+    final norm, logits and head are replicated on tensor (the head's rule splits only D, on fsdp).
     """
     saved = saved_per_layer(config, seq)
     itemsize = _bytes(config.compute_dtype)
-    layer = saved["values"] * itemsize + saved["mask_bytes"]
+    values = saved["values"] - saved["head_values"] + saved["head_values"] // tensor
+    layer = values * itemsize + saved["mask_bytes"] // tensor
     final = seq * (4 * config.d_model + 2) * itemsize + seq * (config.vocab_size + 1) * 4
     table = config.d_model * config.vocab_size * itemsize if config.tie_embeddings else 0
     return batch * (config.n_layers * layer + final) + table
@@ -287,12 +306,6 @@ def serve_memory(
     out = {"params": param_bytes(config), "kv_cache": kv}
     out["total"] = sum(out.values())
     return out
-
-
-def decode_capacity(config: ModelConfig, filled: int) -> int:
-    """Cache slots used to analyse a decode step after ``filled`` tokens: filled + 1 rounded up to a
-    power of two, at most max_len (jaxllm.serve's bucket policy for a cache with room for the step)."""
-    return min(config.max_len, 1 << math.ceil(math.log2(filled + 1)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,15 +192,26 @@ def config_from_meta(meta: dict[str, Any], source: str | Path) -> ModelConfig:
     return ModelConfig(**raw)
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
+def _abstract(tree: Any, shardings: Any = None) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves of ``tree``'s shapes and dtypes, each carrying its sharding
+    from ``shardings`` (a tree of the same structure) when given: orbax restores into that layout,
+    whatever the layout the step was saved from."""
+    if shardings is None:
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
+    return jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), tree, shardings
+    )
 
 
 def _restore_params(path: Path, step: int) -> tuple[ModelConfig, Params]:
+    """The config and parameters of ``step``, on the first device (whatever mesh they were saved
+    from: without a target layout orbax refuses a step saved on other devices)."""
     config = config_from_meta(read_meta(path, step), path)
+    shapes = param_shapes(config)
+    first = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
     restored = manager(path, keep=None).restore(
         step,
-        args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(param_shapes(config)))),  # pyright: ignore[reportCallIssue]
+        args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(shapes, first))),  # pyright: ignore[reportCallIssue]
     )
     require_finite(restored["params"], f"{path} step {step}")
     return config, restored["params"]
@@ -217,16 +228,24 @@ def load_params(
     return newest_that_loads(path, lambda s: _restore_params(path, s), warn, step)[1]
 
 
-def load_state(run_dir: str | Path, step: int, params: Any, opt_state: Any) -> tuple[Params, Any]:
+def load_state(
+    run_dir: str | Path,
+    step: int,
+    params: Any,
+    opt_state: Any,
+    shardings: tuple[Any, Any] | None = None,
+) -> tuple[Params, Any]:
     """Parameters and optimizer state of complete step ``step``, restored into the structure, shapes
-    and dtypes of ``params`` and ``opt_state`` (arrays or ``jax.ShapeDtypeStruct`` leaves);
-    NonFiniteError if either holds NaN or infinite values."""
+    and dtypes of ``params`` and ``opt_state`` (arrays or ``jax.ShapeDtypeStruct`` leaves) and, when
+    given, laid out as ``shardings`` = (params', opt_state's): a step saved from one mesh restores
+    onto another, or onto one device. NonFiniteError if either holds NaN or infinite values."""
     path = Path(run_dir)
+    where = (None, None) if shardings is None else shardings
     restored = manager(path, keep=None).restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params)),  # pyright: ignore[reportCallIssue]
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),  # pyright: ignore[reportCallIssue]
+            params=ocp.args.StandardRestore(_abstract(params, where[0])),  # pyright: ignore[reportCallIssue]
+            opt_state=ocp.args.StandardRestore(_abstract(opt_state, where[1])),  # pyright: ignore[reportCallIssue]
         ),
     )
     params, opt_state = restored["params"], restored["opt_state"]

@@ -134,20 +134,48 @@ def _label(args: argparse.Namespace) -> str:
     return getattr(args, "hf_dir", None) or args.preset
 
 
+def add_process_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that may run as one of many processes (``jaxllm.distributed``)."""
+    group = parser.add_argument_group(
+        "many processes", "each process runs the same command with its own --process-id"
+    )
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address for jax.distributed (default: $JAX_COORDINATOR_ADDRESS, or the "
+        "Slurm / Open MPI environment; none of these: one process)",
+    )
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """``jax.distributed`` started as the process flags ask (nothing without them)."""
+    from jaxllm import distributed
+
+    processes = distributed.Processes(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(processes)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxllm import loop
+    from jaxllm import distributed, loop
+    from jaxllm.mesh import parse_mesh
 
     names = [f.name for f in dataclasses.fields(loop.TrainSettings)]
     requested = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    mesh = None if args.mesh is None else parse_mesh(args.mesh)
+    start_processes(args)
     summary = loop.train(
         args.out,
         preset=args.preset,
         hf_dir=args.hf_dir,
         overrides=args.override,
         resume=args.resume,
+        mesh=mesh,
         **requested,
     )
-    print(loop.describe_summary(summary))
+    if distributed.is_primary():
+        print(loop.describe_summary(summary))
     stopped = summary["stopped_by"]
     return 128 + signal.Signals[stopped].value if stopped else 0
 
@@ -160,7 +188,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "With --hf-dir, fine-tune that checkpoint: its weights, its tokenizer.json (copied into "
         "--out) and config; --override may change only dtype, param_dtype, scan_layers, remat. "
         "With --resume, settings not given are taken from the checkpoint and those given must "
-        "match it (except the evaluation, checkpoint, logging and --data options).",
+        "match it (except the evaluation, checkpoint, logging and --data options; the mesh "
+        "may differ too).",
     )
     add_model_args(p)
     p.set_defaults(preset=None)  # None: small, or the checkpoint's config with --resume
@@ -218,7 +247,32 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars to DIR"
     )
+    p.add_argument(
+        "--mesh",
+        metavar="AXES",
+        help="train on a device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device "
+        "count of all processes; default: one device)",
+    )
+    add_process_args(p)
     p.set_defaults(func=cmd_train)
+
+
+def add_mesh_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument(
+        "--mesh",
+        metavar="AXES",
+        help="shard over a device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device "
+        f"count; default: one device){note}",
+    )
+
+
+def mesh_from_args(args: argparse.Namespace) -> Any:
+    """The ``--mesh`` (a ``jax.sharding.Mesh``), or None for one device; InputError on a bad one."""
+    if args.mesh is None:
+        return None
+    from jaxllm.mesh import make_mesh, parse_mesh
+
+    return make_mesh(parse_mesh(args.mesh))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -237,11 +291,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _analyze_sharded(args: argparse.Namespace, config: ModelConfig) -> int:
     from jaxllm import hardware, sharded
-    from jaxllm.mesh import check_divides, make_mesh, parse_mesh
+    from jaxllm.mesh import check_divides
 
     if args.phase != "train":
         raise UsageError("--mesh analyses the train phase only (for now)")
-    mesh = make_mesh(parse_mesh(args.mesh))
+    mesh = mesh_from_args(args)
     check_divides(mesh, config, args.batch)  # before calibrating: a bad mesh is a one-line error
     calibration = hardware.calibrate(quick=args.quick)
     row = sharded.analyze_train(config, mesh, args.batch, args.seq, calibration, args.measure)
@@ -265,12 +319,7 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure", action="store_true", help="also time it (allocates the model)")
     p.add_argument("--quick", action="store_true", help="quick calibration, fewer repeats")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument(
-        "--mesh",
-        metavar="AXES",
-        help="shard over a device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device "
-        "count; train only for now)",
-    )
+    add_mesh_arg(p, "; the train phase only")
     p.set_defaults(func=cmd_analyze)
 
 
@@ -380,6 +429,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxllm.tokenizer import parse_ids
 
     sampler = Sampler(args.temperature, args.top_k, args.top_p)
+    mesh = mesh_from_args(args)
     config, params, tokenizer, stop = _generation_model(args)
     if args.prompt_ids is not None:
         texts, prompts = [args.prompt_ids], [parse_ids(args.prompt_ids, config.vocab_size).tolist()]
@@ -389,7 +439,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         texts = _read_prompts(args)
         prompts = [tokenizer.encode(t).tolist() for t in texts]
     key = jax.random.key(args.seed)
-    gen = generate(config, params, prompts, args.max_new_tokens, sampler, key, stop)
+    gen = generate(config, params, prompts, args.max_new_tokens, sampler, key, stop, mesh)
     if tokenizer is None:
         outputs = [",".join(map(str, t)) for t in gen.tokens]
     else:
@@ -449,6 +499,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         "--seed", type=_seed, default=0, help=f"sampling seed, 0 to {MAX_SEED} (default: 0)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_mesh_arg(p, "; data x fsdp must divide the prompts")
     p.set_defaults(func=cmd_generate)
 
 
@@ -485,11 +536,12 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     else:
         lens = traces.parse_lengths(args.prompt_lens), traces.parse_lengths(args.output_lens)
         trace = traces.make_trace(args.requests, args.rate, *lens, seed=args.seed)
+    mesh = mesh_from_args(args)
     config, params = _serve_bench_model(args)
     if args.save_trace:
         traces.save_trace(args.save_trace, trace)
     peaks = hardware.roofline_peaks(hardware.calibrate(), config.dtype)
-    runs = [_serve_bench_run(args, p, config, params, trace, peaks) for p in policies]
+    runs = [_serve_bench_run(args, p, config, params, trace, peaks, mesh) for p in policies]
     if args.json:
         print(json.dumps({"runs": runs}))
         return 0
@@ -504,14 +556,26 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _serve_bench_run(
-    args: argparse.Namespace, policy: str, config: ModelConfig, params: Any, trace: Any, peaks: Any
+    args: argparse.Namespace,
+    policy: str,
+    config: ModelConfig,
+    params: Any,
+    trace: Any,
+    peaks: Any,
+    mesh: Any,
 ) -> dict[str, Any]:
     """One policy's replay of ``trace`` on a fresh engine: ``servebench.summarize`` and more."""
     from jaxllm import servebench
     from jaxllm.engine import Engine
 
     engine = Engine(
-        config, params, slots=args.slots, capacity=args.capacity, policy=policy, chunk=args.chunk
+        config,
+        params,
+        slots=args.slots,
+        capacity=args.capacity,
+        policy=policy,
+        chunk=args.chunk,
+        mesh=mesh,
     )
     longest = min(max(r.prompt_len for r in trace), engine.capacity - 1)
     compile_s = engine.compile_programs(longest)
@@ -543,6 +607,7 @@ def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--slots", type=_positive, default=8, help="B, requests decoded at once (8)")
     p.add_argument("--chunk", type=_positive, default=64, help="chunked: prompt tokens per step")
+    add_mesh_arg(p, "; the engine shards over tensor only")
     p.add_argument("--capacity", type=_positive, help="positions per slot (default: max_len)")
     p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (default: inf)")
     p.add_argument("--requests", type=_positive, default=64, help="requests in the trace (64)")
@@ -594,8 +659,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     limits = Limits(args.max_queue, args.max_body, args.shutdown_timeout)
+    mesh = mesh_from_args(args)
     config, params, tokenizer, stop = _generation_model(args)
-    engine = Engine(config, params, slots=args.slots, policy=args.policy, chunk=args.chunk)
+    engine = Engine(
+        config, params, slots=args.slots, policy=args.policy, chunk=args.chunk, mesh=mesh
+    )
     model = ServedModel(args.checkpoint or args.hf_dir, tokenizer, stop)
     return server.serve(engine, model, limits, args.host, args.port)
 
@@ -629,6 +697,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--chunk", type=_positive, default=64, help="chunked: prompt tokens per step (default: 64)"
     )
+    add_mesh_arg(p, "; the engine shards over tensor only")
     p.add_argument(
         "--max-queue",
         type=int,

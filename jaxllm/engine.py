@@ -37,11 +37,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxllm import mesh as meshes
 from jaxllm import serve
 from jaxllm.batching import bucket
 from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError
+from jaxllm.errors import InputError, positive_int
 from jaxllm.model import Params
 from jaxllm.sampling import Sampler, greedy, sample_rows
 from jaxllm.slots import SlotCache
@@ -145,14 +147,22 @@ class Engine:
         policy: str = "continuous",
         chunk: int = 64,
         clock: Callable[[], float] = time.perf_counter,
+        mesh: Mesh | None = None,
     ) -> None:
         capacity = config.max_len if capacity is None else capacity
         _check_engine_args(config, slots, capacity, policy, chunk)
+        if mesh is not None:
+            meshes.check_engine_mesh(mesh, config)
         self.config, self.params = serve.for_serving(config, params)
-        self.config = self.config.replace(remat="none")
         self.slots, self.capacity, self.policy, self.chunk = slots, capacity, policy, chunk
-        self.clock = clock
-        self.cache = SlotCache.init(self.config, slots, capacity)
+        self.clock, self.mesh = clock, mesh
+        empty = functools.partial(SlotCache.init, self.config, slots, capacity)
+        if mesh is None:
+            self.cache = empty()
+        else:  # the weights and the cache split over tensor, the cache made in place
+            at = meshes.ServeLayout.of(mesh, self.config)
+            self.params = jax.device_put(self.params, at.params)
+            self.cache = jax.jit(empty, out_shardings=at.slots)()
         self.running: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=MAX_RECORDS)
@@ -225,8 +235,7 @@ class Engine:
     def _check_request(self, ids: np.ndarray, max_new_tokens: Any) -> None:
         if ids.size == 0:
             raise InputError("the prompt is empty")
-        if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        positive_int("max_new_tokens", max_new_tokens)
         if ids.size + max_new_tokens > self.capacity:
             what = "context (max_len)" if self.capacity == self.config.max_len else "slot capacity"
             raise InputError(
@@ -334,7 +343,7 @@ class Engine:
         shape = (decode, read, inp.lanes, inp.chunk)
         if shape not in self.compiled:
             cache = jax.eval_shape(lambda: self.cache)
-            jitted = make_step(self.config, decode, read)
+            jitted = make_step(self.config, decode, read, self.mesh)
             self.compiled[shape] = jitted.lower(self.params, cache, inp).compile()
         return self.compiled[shape]
 
@@ -405,8 +414,7 @@ def _check_engine_args(
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; policies are: {', '.join(POLICIES)}")
     for name, value in (("slots", slots), ("capacity", capacity), ("chunk", chunk)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_int(name, value)
     if capacity > config.max_len:
         raise InputError(
             f"capacity {capacity} is beyond the model's context (max_len) {config.max_len}"

@@ -1,5 +1,5 @@
 """The failures a command reports as its own, the exit status of each kind of ending, and the one
-check of a positive integer.
+check of an integer's bounds.
 
 Exit status: 0 success; 2 bad input (``InputError``: the command was refused before it did anything —
 a bad option, a missing or foreign file, a run directory in use); 1 a run that failed on its own
@@ -9,6 +9,8 @@ its traceback.
 """
 
 from __future__ import annotations
+
+import numbers
 
 
 class InputError(ValueError):
@@ -20,15 +22,16 @@ class RunError(RuntimeError):
     """A run that failed on its own, not through bad input: exit status 1, one line."""
 
 
-def positive_int(name: str, value: object, most: int | None = None) -> int:
-    """``value`` if it is an ``int`` (not a ``bool``) in [1, ``most``]; InputError naming ``name``
-    otherwise."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < 1
-        or (most is not None and value > most)
-    ):
+def positive_int(name: str, value: object, most: int | None = None, least: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer (Python's or NumPy's, not a ``bool``) in
+    [``least``, ``most``]; InputError naming ``name`` and the bounds otherwise."""
+    number = None if isinstance(value, bool) else _integer(value)
+    if number is None or number < least or (most is not None and number > most):
+        low = "a positive integer" if least == 1 else f"an integer >= {least}"
         bound = "" if most is None else f" <= {most}"
-        raise InputError(f"{name} must be a positive integer{bound}, got {value!r}")
-    return value
+        raise InputError(f"{name} must be {low}{bound}, got {value!r}")
+    return number
+
+
+def _integer(value: object) -> int | None:
+    return int(value) if isinstance(value, numbers.Integral) else None

@@ -21,7 +21,16 @@ from jaxllm.config import ModelConfig, get_preset
 
 Row = dict[str, Any]
 # The experiments `make report` runs and experiments/report.py gathers, in the report's order.
-EXPERIMENTS = ("roofline", "decode_batch", "memory", "seqlen", "estimates", "padding", "serving")
+EXPERIMENTS = (
+    "roofline",
+    "decode_batch",
+    "memory",
+    "seqlen",
+    "estimates",
+    "padding",
+    "serving",
+    "mesh",
+)
 
 
 def parse_args(

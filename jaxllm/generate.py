@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
+from jaxllm import mesh as meshes
 from jaxllm.batching import Batch, bucket, make_batch
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
@@ -110,11 +112,22 @@ def _decode_loop(
 
 
 @functools.cache
-def make_decode_loop(config: ModelConfig, sampler: Sampler, prompt_len: int) -> Any:
+def make_decode_loop(
+    config: ModelConfig, sampler: Sampler, prompt_len: int, mesh: Mesh | None = None
+) -> Any:
     """``fn(params, cache, logits, key, limits, stop) -> (out, length, steps, cache)``, jitted, the
-    cache donated: sampling and every decode step after a ``prompt_len``-token prefill, on device."""
+    cache donated: sampling and every decode step after a ``prompt_len``-token prefill, on device;
+    on a ``mesh``, laid out as ``jaxllm.mesh.ServeLayout`` says ([B, ...] arrays split like B)."""
     fn = functools.partial(_decode_loop, config, sampler, prompt_len)
-    return jax.jit(fn, donate_argnums=1)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=1)
+    at = meshes.ServeLayout.of(mesh, config)
+    return jax.jit(
+        fn,
+        donate_argnums=1,
+        in_shardings=(at.params, at.cache, at.rows, at.replicated, at.rows, at.replicated),
+        out_shardings=(at.rows, at.rows, at.replicated, at.cache),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,13 +166,27 @@ def _prefill_batch(
     return logits, cache, time.perf_counter() - start
 
 
-def _compile_prefill(config: ModelConfig, params: Params, batch: Batch) -> Any:
+def _compile_prefill(config: ModelConfig, params: Params, batch: Batch, mesh: Mesh | None) -> Any:
     """Prefill compiled ahead for this batch's shapes, so that its timing excludes compilation.
 
     Call the returned executable itself: a later call of the jitted function compiles again (its
     concrete arguments carry shardings the abstract ones lack)."""
     cache = jax.eval_shape(lambda: KVCache.init(config, batch.tokens.shape[0], batch.capacity))
-    return make_prefill(config).lower(params, cache, batch.tokens, batch.pad).compile()
+    return make_prefill(config, mesh).lower(params, cache, batch.tokens, batch.pad).compile()
+
+
+def _place(
+    config: ModelConfig, params: Params, batch: Batch, mesh: Mesh | None
+) -> tuple[Params, KVCache]:
+    """The parameters and an empty cache for ``batch``, laid out on ``mesh`` (None: one device):
+    the cache is created in place, never whole on one device."""
+    rows, capacity = batch.tokens.shape[0], batch.capacity
+    if mesh is None:
+        return params, KVCache.init(config, rows, capacity)
+    meshes.check_divides(mesh, config, rows)
+    at = meshes.ServeLayout.of(mesh, config)
+    cache = jax.jit(lambda: KVCache.init(config, rows, capacity), out_shardings=at.cache)()
+    return jax.device_put(params, at.params), cache
 
 
 def generate(
@@ -170,20 +197,22 @@ def generate(
     sampler: Sampler = GREEDY,
     key: jax.Array | None = None,
     stop_tokens: Sequence[int] = (),
+    mesh: Mesh | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` (one int, or one per prompt) new tokens for each prompt.
 
     A row stops after its first stop token (which is not returned) or at its limit. Two compiled
-    calls: prefill, then the decode loop (one ``lax.while_loop``). ``key`` defaults to key 0.
+    calls: prefill, then the decode loop (one ``lax.while_loop``). ``key`` defaults to key 0. On a
+    ``mesh`` both run sharded (``jaxllm.mesh.ServeLayout``); data x fsdp must divide the prompts.
     """
     config, params = for_serving(config, params)
     batch = make_batch(config, prompts, max_new_tokens)
     stop = check_tokens(config, np.asarray(stop_tokens, np.int32).reshape(-1), "stop token")
     key = jax.random.key(0) if key is None else key
-    loop = make_decode_loop(config, sampler, batch.tokens.shape[1])
+    params, cache = _place(config, params, batch, mesh)
+    loop = make_decode_loop(config, sampler, batch.tokens.shape[1], mesh)
     start = time.perf_counter()
-    prefill = _compile_prefill(config, params, batch)
-    cache = KVCache.init(config, batch.tokens.shape[0], batch.capacity)
+    prefill = _compile_prefill(config, params, batch, mesh)
     logits = jax.ShapeDtypeStruct((batch.tokens.shape[0], config.vocab_size), jnp.float32)
     decode = loop.lower(params, cache, logits, key, batch.limits, stop).compile()
     compile_s = time.perf_counter() - start

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
 import signal
@@ -30,13 +31,15 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
 
-from jaxllm import analytic, checkpoint, data, finetune, memory, runlock, tensorboard
+from jaxllm import analytic, checkpoint, data, distributed, finetune, memory, runlock, tensorboard
+from jaxllm import mesh as meshes
 from jaxllm.config import ModelConfig, apply_overrides, get_preset
 from jaxllm.errors import InputError, RunError, positive_int
 from jaxllm.finite import NonFiniteError, require_finite
 from jaxllm.model import Params, count_params
-from jaxllm.progress import Reporter, format_seconds, truncate_metrics
+from jaxllm.progress import METRICS_FILE, Reporter, format_seconds, truncate_metrics
 from jaxllm.train import (
     TrainState,
     init_state,
@@ -44,6 +47,7 @@ from jaxllm.train import (
     make_optimizer,
     make_train_step,
     state_from_params,
+    state_shardings,
 )
 
 DEFAULT_PRESET = "small"
@@ -145,14 +149,22 @@ class Plan:
     settings: TrainSettings
     meta: dict[str, Any] | None  # the checkpoint's metadata when resuming, else None
     origin: finetune.Origin | None  # the checkpoint fine-tuned from; None: a preset
+    mesh: Mesh | None = None  # the devices the run trains on; None: one device
 
 
-def resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[str, Any]) -> Plan:
-    """The config, settings and (when resuming) checkpoint metadata of a run, all checked.
+def resolve(
+    run_dir: Path,
+    resume: bool,
+    model: ModelRequest,
+    requested: dict[str, Any],
+    mesh: dict[str, int] | None = None,
+) -> Plan:
+    """The config, settings, mesh (from axis sizes ``mesh``, ``jaxllm.mesh.parse_mesh``) and (when
+    resuming) checkpoint metadata of a run, all checked.
 
     A fresh run needs a directory without checkpoints. A resumed run takes what is not requested from
     the newest checkpoint whose metadata reads; what is requested must match, except the
-    ``RESUME_FREE`` settings.
+    ``RESUME_FREE`` settings. The mesh is not a setting: a run may resume on another one.
     """
     plan = _resolve(run_dir, resume, model, requested)
     plan.settings.check(plan.config, byte_level=plan.origin is None)
@@ -160,7 +172,34 @@ def resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[st
         tensorboard.require()
     check_layout(run_dir, plan.settings.data)
     check_memory(plan.config, plan.settings)
-    return plan
+    return dataclasses.replace(plan, mesh=run_mesh(mesh, plan.config, plan.settings))
+
+
+def run_mesh(
+    sizes: dict[str, int] | None, config: ModelConfig, settings: TrainSettings
+) -> Mesh | None:
+    """The mesh of ``sizes`` over every process's devices (None: one device, which one process
+    alone may use); InputError naming the axis if it does not divide the model, the batch B or,
+    with ``accum`` > 1, the micro-batch B / accum."""
+    if sizes is None:
+        if jax.distributed.is_initialized() and jax.process_count() > 1:
+            raise InputError(
+                f"{jax.process_count()} processes need --mesh over their {jax.device_count()} "
+                f"devices (e.g. --mesh data={jax.device_count()})"
+            )
+        return None
+    mesh = meshes.make_mesh(sizes)
+    meshes.check_divides(mesh, config, settings.batch)
+    rows, micro = (
+        mesh.shape[meshes.DATA] * mesh.shape[meshes.FSDP],
+        settings.batch // settings.accum,
+    )
+    if micro % rows:
+        raise InputError(
+            f"mesh axis data x fsdp={rows} does not divide the micro-batch "
+            f"batch/accum={settings.batch}/{settings.accum}={micro}"
+        )
+    return mesh
 
 
 def _resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[str, Any]) -> Plan:
@@ -315,11 +354,31 @@ def compiled_steps(
     weight_decay: float,
     clip_norm: float,
     accum: int,
+    mesh: Mesh | None = None,
 ) -> tuple[Any, Any, Any]:
-    """(optimizer, train step, eval step), made once per process for the same settings, so training
-    the same model again in one process (a resume, a sweep) reuses the compiled steps."""
+    """(optimizer, train step, eval step), made once per process for the same settings and mesh,
+    so training the same model again in one process (a resume, a sweep) reuses the compiled steps."""
     optimizer = make_optimizer(lr, steps, warmup, weight_decay, clip_norm)
-    return optimizer, make_train_step(config, optimizer, accum), make_eval_step(config)
+    step = make_train_step(config, optimizer, accum, mesh)
+    return optimizer, step, make_eval_step(config, mesh)
+
+
+def _optimizer(config: ModelConfig, settings: TrainSettings, mesh: Mesh | None) -> Any:
+    """The run's optimizer, from the compiled steps of its settings and mesh."""
+    s = settings
+    args = (config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum)
+    return compiled_steps(*args, mesh)[0]
+
+
+def state_layout(
+    config: ModelConfig, optimizer: Any, mesh: Mesh | None
+) -> TrainState | SingleDeviceSharding:
+    """Where a run's state lives: laid out on ``mesh`` by the partition rules, or on the first
+    device (committed, like the step's own output: a state of uncommitted or mixed arrays is a
+    different call signature and would make the step compile again)."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return state_shardings(config, optimizer, mesh)
 
 
 class Run:
@@ -333,33 +392,40 @@ class Run:
         corpus: Corpus,
         reporter: Reporter,
         origin: finetune.Origin | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         self.run_dir, self.config, self.settings, self.corpus = run_dir, config, settings, corpus
-        self.reporter, self.origin = reporter, origin
+        self.reporter, self.origin, self.mesh = reporter, origin, mesh
         s = settings
-        self.optimizer, self.train_step, self.eval_step = compiled_steps(
-            config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum
-        )
-        self.eval_set = jnp.asarray(data.eval_batches(corpus.val, s.eval_batches, s.batch, s.seq))
+        args = (config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum)
+        self.optimizer, self.train_step, self.eval_step = compiled_steps(*args, mesh)
+        evals = data.eval_batches(corpus.val, s.eval_batches, s.batch, s.seq)
+        self.eval_set = jnp.asarray(evals) if mesh is None else [self.place(b) for b in evals]
         self.manager = checkpoint.manager(run_dir, s.keep)
         self.saved_step: int | None = None
         self.last_metrics: dict[str, float] = {}
+
+    def place(self, batch: np.ndarray) -> Any:
+        """A batch [B, T+1] as the train and eval steps take it: as it is on one device, split
+        across data and fsdp on a mesh (each process transferring its own rows)."""
+        if self.mesh is None:
+            return batch
+        return distributed.global_batch(batch, meshes.shardings(self.mesh, meshes.batch_spec()))
 
     def initial_state(
         self, restored: TrainState | None, params: Params | None = None
     ) -> TrainState:
         """Step 0 around ``params`` (fine-tuning) or fresh ones from the seed, else the ``restored``
-        state; committed to the default device either way, like the step's own output: a state of
-        uncommitted (or mixed) arrays is a different call signature and would make the step compile
-        again."""
+        state; laid out as ``state_layout`` says either way."""
         if restored is None and params is not None:
             state = state_from_params(params, self.optimizer)
         elif restored is None:
-            state = init_state(self.config, self.optimizer, jax.random.key(self.settings.seed))
+            key = jax.random.key(self.settings.seed)
+            state = init_state(self.config, self.optimizer, key, self.mesh)
         else:
             state = restored
             self.saved_step = int(restored.step)
-        return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        return jax.device_put(state, state_layout(self.config, self.optimizer, self.mesh))
 
     def evaluate(self, state: TrainState, step: int) -> None:
         losses = [float(self.eval_step(state.params, batch)) for batch in self.eval_set]
@@ -392,7 +458,7 @@ class Run:
     def advance(self, state: TrainState, step: int) -> TrainState:
         """Apply update ``step`` (0-based), checking its loss and gradient norm are finite."""
         s = self.settings
-        batch = data.train_batch(self.corpus.train, step, s.batch, s.seq, s.seed)
+        batch = self.place(data.train_batch(self.corpus.train, step, s.batch, s.seq, s.seed))
         began = time.perf_counter()
         state, metrics = self.train_step(state, batch)
         values = {k: float(v) for k, v in metrics.items()}  # waits for the step
@@ -424,9 +490,13 @@ class Run:
 
 
 def _summary(
-    run_dir: Path, corpus: Corpus, step: int, settings: TrainSettings, reporter: Reporter
+    records: list[dict[str, Any]],
+    run_dir: Path,
+    corpus: Corpus,
+    step: int,
+    settings: TrainSettings,
+    reporter: Reporter,
 ) -> dict[str, Any]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if r["kind"] == "val"]
     timed = reporter.step_times
     return {
@@ -456,26 +526,33 @@ def _header(config: ModelConfig, settings: TrainSettings, corpus: Corpus, start:
 
 
 def restore_state(
-    run_dir: Path, config: ModelConfig, settings: TrainSettings, warn: checkpoint.Warn
+    run_dir: Path,
+    config: ModelConfig,
+    settings: TrainSettings,
+    warn: checkpoint.Warn,
+    mesh: Mesh | None = None,
 ) -> TrainState:
     """The state of the newest checkpoint of ``run_dir`` that restores with ``config`` and finite
-    values; each newer step is skipped (``warn`` hears why) and set aside, since the run is about to
-    write new steps in its place."""
-    s = settings
-    optimizer = compiled_steps(
-        config, s.lr, s.steps, s.warmup or 0, s.weight_decay, s.clip_norm, s.accum
-    )[0]
-    shapes = jax.eval_shape(lambda: init_state(config, optimizer, jax.random.key(s.seed)))
+    values, laid out as ``state_layout(mesh)`` says (whatever the mesh it was saved from); each
+    newer step is skipped (``warn`` hears why) and set aside by process 0, since the run is about
+    to write new steps in its place."""
+    optimizer = _optimizer(config, settings, mesh)
+    shapes = jax.eval_shape(lambda: init_state(config, optimizer, jax.random.key(settings.seed)))
+    layout = state_layout(config, optimizer, mesh)
+    if isinstance(layout, SingleDeviceSharding):
+        layout = jax.tree.map(lambda _: layout, shapes)
 
     def load(step: int) -> tuple[Any, Any]:
         saved = checkpoint.config_from_meta(checkpoint.read_meta(run_dir, step), run_dir)
         if saved != config:
             raise checkpoint.CheckpointError(f"step {step} holds another model config")
-        return checkpoint.load_state(run_dir, step, shapes.params, shapes.opt_state)
+        where = (layout.params, layout.opt_state)
+        return checkpoint.load_state(run_dir, step, shapes.params, shapes.opt_state, where)
 
     step, (params, opt_state) = checkpoint.newest_that_loads(run_dir, load, warn)
     for newer in [n for n in checkpoint.complete_steps(run_dir) if n > step]:
-        warn(f"moved damaged step {newer} aside to {checkpoint.set_aside(run_dir, newer)}")
+        if distributed.is_primary():
+            warn(f"moved damaged step {newer} aside to {checkpoint.set_aside(run_dir, newer)}")
     return TrainState(step=np.int32(step), params=params, opt_state=opt_state)  # pyright: ignore[reportArgumentType]
 
 
@@ -487,15 +564,20 @@ def train(
     overrides: list[str] | tuple[str, ...] = (),
     resume: bool = False,
     stream: TextIO | None = None,
+    mesh: dict[str, int] | None = None,
     **requested: Any,
 ) -> dict[str, Any]:
     """Train into ``run_dir`` from ``preset`` or, fine-tuning, from the Hugging Face checkpoint in
-    ``hf_dir`` (at most one of them); ``requested`` holds ``TrainSettings`` fields. Returns the
+    ``hf_dir`` (at most one of them); ``requested`` holds ``TrainSettings`` fields; ``mesh`` the
+    axis sizes of a device mesh (``jaxllm.mesh.parse_mesh``; None: one device). Returns the
     summary (also written to ``RUN_DIR/summary.json``); ``summary["stopped_by"]`` names a signal that
     stopped the run early (its checkpoint saved), else None.
 
     Bad input is refused before the directory is created; the run then holds the directory's lock
-    (``runlock``) and checks again under it, so a second process on the same directory is refused."""
+    (``runlock``) and checks again under it, so a second process on the same directory is refused.
+    With many processes (``jaxllm.distributed``) process 0 alone holds the lock and writes the
+    metrics, the summary and the progress lines; the others return a summary without validation
+    losses (they read no metrics file)."""
     if str(run_dir) == "":
         raise InputError("the run directory (--out) must not be empty")
     model = ModelRequest(preset, hf_dir, tuple(overrides))
@@ -504,11 +586,13 @@ def train(
         raise checkpoint.CheckpointError(f"no checkpoint directory at {path}")
     corpus = None
     if not resume:  # everything checked before the directory is made
-        plan = resolve(path, resume, model, requested)
+        plan = resolve(path, resume, model, requested, mesh)
         corpus = prepare_data(plan.settings, None, _tokenizer(plan, hf_dir or path))
         path.mkdir(parents=True, exist_ok=True)
-    with runlock.hold(path):
-        return _train_locked(path, model, resume, stream or sys.stderr, requested, corpus)
+    primary = distributed.is_primary()
+    with runlock.hold(path) if primary else contextlib.nullcontext():
+        request = (resume, model, requested, mesh)
+        return _train_locked(path, request, stream or sys.stderr, corpus, primary)
 
 
 def _tokenizer(plan: Plan, directory: str | Path) -> finetune.CorpusTokenizer | None:
@@ -521,56 +605,71 @@ def _tokenizer(plan: Plan, directory: str | Path) -> finetune.CorpusTokenizer | 
 
 def _train_locked(
     path: Path,
-    model: ModelRequest,
-    resume: bool,
+    request: tuple[bool, ModelRequest, dict[str, Any], dict[str, int] | None],
     stream: TextIO,
-    requested: dict[str, Any],
     corpus: Corpus | None,
+    primary: bool,
 ) -> dict[str, Any]:
     """``train`` while holding the directory: resolved again, since another process may have saved
-    into it meanwhile; ``corpus``: already loaded for a fresh run."""
-    plan = resolve(path, resume, model, requested)
+    into it meanwhile; ``request``: (resume, model, settings, mesh sizes); ``corpus``: already
+    loaded for a fresh run; ``primary``: this is process 0 (it alone writes into the directory)."""
+    plan = resolve(path, *request)
     config, settings, meta = plan.config, plan.settings, plan.meta
     if corpus is None:
         corpus = prepare_data(settings, meta, _tokenizer(plan, path))
-    elif plan.origin is not None:
+    elif plan.origin is not None and primary:
         finetune.copy_tokenizer(plan.origin.hf_dir, path)
     notes: list[str] = []
-    restored = None if meta is None else restore_state(path, config, settings, notes.append)
+    restored = None
+    if meta is not None:
+        restored = restore_state(path, config, settings, notes.append, plan.mesh)
     params = None
     if restored is None and plan.origin is not None:
         params = finetune.initial_params(plan.origin.hf_dir, config)
     start = 0 if restored is None else int(restored.step)
-    if restored is not None:
+    if restored is not None and primary:
         notes += truncate_metrics(path, start)
-    events = None
-    if settings.tensorboard is not None:
-        events = tensorboard.EventWriter(
-            settings.tensorboard, purge_step=start + 1 if start else None
-        )
-    reporter = Reporter(
-        path,
-        settings.steps,
-        settings.batch * settings.seq,
-        stream,
-        settings.log_every,
-        append=start > 0,
-        unit=corpus.unit,
-        events=events,
-    )
+    reporter = _reporter(path, settings, corpus.unit, start, stream if primary else None)
     for note in notes:
         reporter.line(f"warning: {note}")
     reporter.line(_header(config, settings, corpus, start))
     try:
-        run = Run(path, config, settings, corpus, reporter, plan.origin)
+        run = Run(path, config, settings, corpus, reporter, plan.origin, plan.mesh)
         with stop_requests() as stop:
             step = run.loop(run.initial_state(restored, params), start, stop)
     finally:
         reporter.close()
-    summary = _summary(path, corpus, step, settings, reporter)
+    records = []
+    if primary:
+        lines = (path / METRICS_FILE).read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+    summary = _summary(records, path, corpus, step, settings, reporter)
     summary["stopped_by"] = signal.Signals(stop[0]).name if stop else None
-    (path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if primary:
+        (path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _reporter(
+    path: Path, settings: TrainSettings, unit: str, start: int, stream: TextIO | None
+) -> Reporter:
+    """The run's reporter, appending to the metrics of a resumed run (``start`` > 0); with no
+    ``stream`` (a process other than 0), one that writes no file and shows nothing."""
+    events = None
+    if settings.tensorboard is not None and stream is not None:
+        events = tensorboard.EventWriter(
+            settings.tensorboard, purge_step=start + 1 if start else None
+        )
+    return Reporter(
+        path if stream is not None else None,
+        settings.steps,
+        settings.batch * settings.seq,
+        stream or io.StringIO(),
+        settings.log_every,
+        append=start > 0,
+        unit=unit,
+        events=events,
+    )
 
 
 def describe_summary(summary: dict[str, Any]) -> str:

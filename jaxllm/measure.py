@@ -138,7 +138,7 @@ def analyze_phase(
 ) -> PhaseResult:
     """One phase at one shape, three ways. ``quick``: quick calibration and fewer timed repeats."""
     program = phases.build(config, phase, batch, seq)
-    analytic = AnalyticView(**phases.analytic_view(program))
+    analytic = phases.analytic_view(program)
     compiled, compile_seconds = compile_timed(program.jitted, *program.abstract_args)
     xla = analyze_compiled(compiled, compile_seconds)
     repeats = 3 if quick else 5

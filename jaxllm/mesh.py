@@ -20,6 +20,8 @@ rest (``jax.jit`` with in/out shardings; GSPMD inserts the collectives).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -29,8 +31,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
+from jaxllm.model import param_shapes
+from jaxllm.slots import SlotCache
 
 AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 DATA, FSDP, TENSOR = AXES
@@ -184,6 +189,54 @@ def cache_specs(cache: Any) -> Any:
         index=PartitionSpec(),
         pad=PartitionSpec(BATCH),
     )
+
+
+def slot_cache_specs(cache: Any) -> Any:
+    """A ``SlotCache``'s specs: each layer's K and V [B, K, S, H] split on tensor over K; the slots
+    are not split (the engine runs one slot set per tensor group: see ``check_engine_mesh``)."""
+    layer = PartitionSpec(None, TENSOR, None, None)
+    return cache.replace(k=tuple(layer for _ in cache.k), v=tuple(layer for _ in cache.v))
+
+
+def check_engine_mesh(mesh: Mesh, config: ModelConfig) -> None:
+    """InputError unless ``mesh`` is tensor-parallel only: an engine's requests come and go one slot
+    at a time, so its slots are not split over data or fsdp (run one engine per data replica)."""
+    n = dict(mesh.shape)
+    for axis in (DATA, FSDP):
+        if n[axis] != 1:
+            raise InputError(
+                f"the serving engine shards over tensor only, got mesh axis {axis}={n[axis]} "
+                "(run one engine per data replica)"
+            )
+    check_divides(mesh, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLayout:
+    """Where the arrays of the serving phases live on a mesh (``config``: the served, unrolled one).
+
+    ``params``: a NamedSharding per parameter (the rules); ``cache``: a ``KVCache`` of them (B on data
+    and fsdp, K on tensor); ``slots``: a ``SlotCache`` of them (K on tensor); ``rows``: any [B, ...]
+    array (tokens, padding, logits, limits), B split like the cache; ``replicated``: everything else
+    (a random key, stop tokens, step counts, an engine step's inputs and logits)."""
+
+    params: Any
+    cache: KVCache
+    slots: SlotCache
+    rows: NamedSharding
+    replicated: NamedSharding
+
+    @classmethod
+    def of(cls, mesh: Mesh, config: ModelConfig) -> ServeLayout:
+        named = functools.partial(shardings, mesh)
+        cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1))
+        return cls(
+            params=named(param_specs(param_shapes(config))),
+            cache=named(cache_specs(cache)),
+            slots=named(slot_cache_specs(jax.eval_shape(lambda: SlotCache.init(config, 1, 1)))),
+            rows=NamedSharding(mesh, batch_spec()),
+            replicated=replicated(mesh),
+        )
 
 
 def shardings(mesh: Mesh, specs: Any) -> Any:

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import analytic, serve, train
+from jaxllm.batching import bucket
 from jaxllm.cache import KVCache, cache_dtype
 from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError
+from jaxllm.errors import InputError, positive_int
 from jaxllm.model import param_shapes
 
 PHASES = ("train", "prefill", "decode")
@@ -54,8 +55,7 @@ def check_sizes(config: ModelConfig, phase: str, batch: int, seq: int) -> None:
     if phase not in PHASES:
         raise InputError(f"unknown phase {phase!r}; phases are: {', '.join(PHASES)}")
     for name, value in (("batch", batch), ("seq", seq)):
-        if not isinstance(value, int) or value <= 0:
-            raise InputError(f"--{name} must be a positive integer, got {value!r}")
+        positive_int(f"--{name}", value)
     if seq > config.max_len:
         raise InputError(
             f"--seq {seq} is beyond the context length max_len={config.max_len} of this config"
@@ -63,11 +63,14 @@ def check_sizes(config: ModelConfig, phase: str, batch: int, seq: int) -> None:
 
 
 def _capacity(config: ModelConfig, phase: str, seq: int) -> int:
+    """Cache slots of the analysed program: none (train), the prompt's (prefill), or for a decode
+    step completing ``seq`` tokens, ``seq`` rounded up to a power of two, at most max_len (the
+    bucket ``jaxllm.generate`` would allocate for a cache with room for the step)."""
     if phase == "train":
         return 0
     if phase == "prefill":
         return seq
-    return analytic.decode_capacity(config, seq - 1)
+    return min(config.max_len, bucket(seq))
 
 
 def _unwrap(phase: Any) -> Any:
@@ -155,7 +158,7 @@ def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     return Program(phase, config, batch, seq, capacity, slots, tokens, jitted, args, make_args)
 
 
-def analytic_view(program: Program) -> dict[str, Any]:
+def analytic_view(program: Program) -> analytic.AnalyticView:
     """Closed-form FLOPs (both attention conventions), compulsory bytes and memory of ``program``."""
     cfg, B, S, cap, read = (
         program.config,
@@ -164,6 +167,7 @@ def analytic_view(program: Program) -> dict[str, Any]:
         program.capacity,
         program.slots,
     )
+    moved = None  # decode only: decode_bytes' parts
     if program.phase == "train":
         flops = {c: analytic.train_flops(cfg, B, S, c) for c in ("xla", "causal")}
         memory = analytic.train_memory(cfg, B, S)
@@ -181,18 +185,16 @@ def analytic_view(program: Program) -> dict[str, Any]:
         memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
         moved = analytic.decode_bytes(cfg, B, S - 1, read, cache_dtype(cfg))
         nbytes = moved["total_allocated"]
-    out = {
-        "flops": flops["xla"],
-        "flops_causal": flops["causal"],
-        "flops_convention": "matmuls only; 'flops' attends over every slot the program scores "
+    return analytic.AnalyticView(
+        flops=flops["xla"],
+        flops_causal=flops["causal"],
+        flops_convention="matmuls only; 'flops' attends over every slot the program scores "
         "(full T×T, or T×(S+T) with a cache); 'flops_causal' counts only useful causal pairs",
-        "bytes": nbytes,
-        "memory": memory,
-        "params": analytic.param_counts(cfg)["total"],
-        "tokens": program.tokens,
-        "capacity": cap,
-        "slots_read": read,
-    }
-    if program.phase == "decode":
-        out["decode_bytes"] = moved
-    return out
+        bytes=nbytes,
+        memory=memory,
+        params=analytic.param_counts(cfg)["total"],
+        tokens=program.tokens,
+        capacity=cap,
+        slots_read=read,
+        decode_bytes=moved,
+    )

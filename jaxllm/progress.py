@@ -87,7 +87,7 @@ class Reporter:
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Path | None,
         total_steps: int,
         tokens_per_step: int,
         stream: TextIO,
@@ -97,7 +97,7 @@ class Reporter:
         events: EventWriter | None = None,
     ) -> None:
         """``append``: add to the metrics of the run being resumed; otherwise (a fresh run) any
-        records of an earlier attempt in ``run_dir`` are replaced. ``unit``: what a token is (a byte,
+        records of an earlier attempt in ``run_dir`` are replaced (None: no metrics file). ``unit``: what a token is (a byte,
         or a tokenizer's token), as losses are printed per unit."""
         self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
         self.unit = unit
@@ -107,12 +107,16 @@ class Reporter:
         self.bar = tqdm(
             total=total_steps, file=stream, disable=not self.tty, ascii="-#", bar_format=_BAR_FORMAT
         )
-        self.metrics = (run_dir / METRICS_FILE).open("a" if append else "w")
+        self.metrics = (
+            None if run_dir is None else (run_dir / METRICS_FILE).open("a" if append else "w")
+        )
         self.start = time.perf_counter()
         self.step_times: list[float] = []  # seconds of each step after the first
         self.first_step = True
 
     def _append(self, record: dict[str, Any]) -> None:
+        if self.metrics is None:
+            return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
 
@@ -173,6 +177,7 @@ class Reporter:
 
     def close(self) -> None:
         self.bar.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.events is not None:
             self.events.close()

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxllm.errors import InputError
+from jaxllm.errors import InputError, positive_int
 
 # Positive temperatures below this are greedy: float32 logits divided by them overflow to inf.
 TEMPERATURE_FLOOR = 1e-6
@@ -65,8 +65,8 @@ class Sampler:
             raise InputError(f"temperature must be a finite number >= 0, got {t!r}")
         if t < TEMPERATURE_FLOOR:
             object.__setattr__(self, "temperature", 0.0)
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise InputError(f"top_k must be an integer >= 1, got {k!r}")
+        if k is not None:
+            positive_int("top_k", k)
         if p is not None and (not isinstance(p, int | float) or not 0 < p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {p!r}")
 

@@ -8,7 +8,10 @@
 - ``make_decode_step(config)(params, cache, tokens[B]) -> (logits[B, V], cache)``: one token per row,
   written at slot ``cache.index``, attending to the cache's window.
 
-Both take the cache second and donate it. They are cached per config and return a ``Phase``: calling
+Both take the cache second and donate it. On a device mesh (``make_prefill(config, mesh)``) they are
+jitted with the shardings of ``jaxllm.mesh.ServeLayout``: weights as the partition rules say, the
+cache and every [B, ...] input split over data and fsdp on B, the cache over tensor on K. They are
+cached per (config, mesh) and return a ``Phase``: calling
 it checks the inputs in Python (shapes, token ids, room in the cache: XLA clamps an out-of-range write
 silently) before the jitted function runs; ``Phase.lower`` lowers the jitted function from abstract
 inputs, without the checks. Both serve unrolled layers (``serving_config``).
@@ -24,7 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxllm import mesh as meshes
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
@@ -143,20 +148,49 @@ def _check_served(config: ModelConfig) -> None:
         )
 
 
-@functools.cache
-def make_prefill(config: ModelConfig) -> Phase:
-    """The prefill phase for ``config``: jitted, the cache (argument 1) donated."""
-    _check_served(config)
-    fn = jax.jit(functools.partial(prefill, config), donate_argnums=1)
-    return Phase(fn, functools.partial(_check_prefill, config))
+def _checks(config: ModelConfig, mesh: Mesh | None, check: Callable[..., None]) -> Callable:
+    """``check`` of a phase's arguments (params, cache, ...), then, on a mesh, that it divides the
+    heads, the widths and the cache's batch B."""
+
+    def run(params: Params, cache: KVCache, *rest: Any) -> None:
+        check(config, params, cache, *rest)
+        if mesh is not None:
+            meshes.check_divides(mesh, config, cache.batch)
+
+    return run
+
+
+def _jit(fn: Callable, config: ModelConfig, mesh: Mesh | None, row_inputs: int) -> Any:
+    """``fn(params, cache, *inputs) -> (logits [B, V], cache)`` jitted with the cache donated; on a
+    mesh, with the shardings of ``jaxllm.mesh.ServeLayout`` (``row_inputs`` [B, ...] arrays after
+    the cache, each split like B)."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=1)
+    at = meshes.ServeLayout.of(mesh, config)
+    return jax.jit(
+        fn,
+        donate_argnums=1,
+        in_shardings=(at.params, at.cache, *(at.rows,) * row_inputs),
+        out_shardings=(at.rows, at.cache),
+    )
 
 
 @functools.cache
-def make_decode_step(config: ModelConfig) -> Phase:
-    """The decode step for ``config``: jitted, the cache (argument 1) donated and updated in place."""
+def make_prefill(config: ModelConfig, mesh: Mesh | None = None) -> Phase:
+    """The prefill phase for ``config``: jitted, the cache (argument 1) donated; laid out on
+    ``mesh`` as ``jaxllm.mesh.ServeLayout`` says (None: one device)."""
     _check_served(config)
-    fn = jax.jit(functools.partial(decode_step, config), donate_argnums=1)
-    return Phase(fn, functools.partial(_check_decode, config))
+    fn = _jit(functools.partial(prefill, config), config, mesh, row_inputs=2)
+    return Phase(fn, _checks(config, mesh, _check_prefill))
+
+
+@functools.cache
+def make_decode_step(config: ModelConfig, mesh: Mesh | None = None) -> Phase:
+    """The decode step for ``config``: jitted, the cache (argument 1) donated and updated in place;
+    laid out on ``mesh`` as ``jaxllm.mesh.ServeLayout`` says (None: one device)."""
+    _check_served(config)
+    fn = _jit(functools.partial(decode_step, config), config, mesh, row_inputs=1)
+    return Phase(fn, _checks(config, mesh, _check_decode))
 
 
 def serving_config(config: ModelConfig) -> ModelConfig:

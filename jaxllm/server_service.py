@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jaxllm.engine import Engine, Event, Request
-from jaxllm.errors import InputError
+from jaxllm.errors import InputError, positive_int
 from jaxllm.server_metrics import Metrics
 from jaxllm.server_request import ApiError, Completion
 from jaxllm.server_text import Detokenizer, StopStrings, detokenizer
@@ -42,10 +42,8 @@ class Limits:
     shutdown_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_queue", 0), ("max_body", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        positive_int("max_queue", self.max_queue, least=0)
+        positive_int("max_body", self.max_body)
         if not 0 <= self.shutdown_s < float("inf"):
             raise InputError(
                 f"shutdown_s must be a finite number of seconds >= 0, got {self.shutdown_s!r}"

@@ -1,9 +1,16 @@
 """Closed-form bytes per device of a train step on a mesh: each array divided as the partition rules
 (``jaxllm.mesh``) split it.
 
-Parameters, gradients and AdamW's m and v are divided by the mesh axes their rule names (fsdp and
-tensor; replicated on data); the batch [B, T+1] by data x fsdp. Activations are counted at the
-per-device batch B / (data x fsdp) and not divided by tensor: an upper bound where tensor > 1.
+- Parameters and AdamW's m and v are divided by the mesh axes their rule names (fsdp and tensor;
+  replicated on data); the batch [B, T+1] by data x fsdp.
+- Activations are counted at the per-device batch B / (data x fsdp), with what belongs to one head
+  or one MLP column divided by tensor and the [B, T, D] tensors around it replicated
+  (``jaxllm.analytic.activation_bytes`` with ``tensor``).
+- Under fsdp a device also holds every weight gathered over fsdp (``gathered``: the step gathers
+  each once and the backward reuses it, ``jaxllm.collectives``), and the gradient of those gathered
+  weights from its own batch rows: float32 at the gathered size before it is reduced (the CPU
+  backend all-reduces it at full size and keeps its shard; a reduce-scatter would still start from
+  it). Without fsdp, both are the parameters' own sizes and ``gathered`` is 0.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ def ways(spec: PartitionSpec, sizes: dict[str, int]) -> int:
 
 
 def _sharded_elements(sizes: dict[str, int], config: ModelConfig) -> int:
+    """Parameter elements one device holds on a mesh of ``sizes``."""
     shapes = param_shapes(config)
     specs = jax.tree.leaves(
         meshes.param_specs(shapes), is_leaf=lambda x: isinstance(x, PartitionSpec)
@@ -45,16 +53,20 @@ def _sharded_elements(sizes: dict[str, int], config: ModelConfig) -> int:
 def train_memory_per_device(
     config: ModelConfig, sizes: dict[str, int], batch: int, seq: int
 ) -> dict[str, Any]:
-    """Bytes one device holds in a train step on tokens [B, T]: params (param dtype), grads and
-    AdamW m and v (float32), activations (upper bound, see the module docstring), the batch."""
+    """Bytes one device holds in a train step on tokens [B, T] (see the module docstring): params
+    (param dtype), grads (float32, at the fsdp-gathered size), AdamW m and v (float32), activations,
+    the batch, and the weights gathered over fsdp (param dtype; 0 without fsdp)."""
     n = _sharded_elements(sizes, config)
-    local = batch // (sizes[meshes.DATA] * sizes[meshes.FSDP])
+    fsdp = sizes[meshes.FSDP]
+    gathered = _sharded_elements(sizes | {meshes.FSDP: 1}, config)
+    local = batch // (sizes[meshes.DATA] * fsdp)
     out = {
         "params": n * config.storage_dtype.itemsize,
-        "grads": 4 * n,
+        "grads": 4 * gathered,
         "adam": analytic.ADAM_MOMENTS * 4 * n,
-        "activations": analytic.activation_bytes(config, local, seq),
+        "activations": analytic.activation_bytes(config, local, seq, sizes[meshes.TENSOR]),
         "batch": local * (seq + 1) * 4,
+        "gathered": gathered * config.storage_dtype.itemsize if fsdp > 1 else 0,
     }
     out["total"] = sum(out.values())
     return out

@@ -115,14 +115,16 @@ def table(row: dict[str, Any]) -> list[str]:
     mesh = ",".join(f"{k}={v}" for k, v in row["mesh"].items())
     hlo = ", ".join(f"{k} {si(v, 'B')}" for k, v in row["hlo_collectives"].items() if v)
     closed = ", ".join(f"{k} {si(v, 'B')}" for k, v in a["collectives"].items() if v)
-    held = a["memory"]["params"] + a["memory"]["adam"] + a["memory"]["batch"]
+    m = a["memory"]
+    held = m["params"] + m["adam"] + m["batch"]
+    working = m["grads"] + m["activations"] + m["gathered"]
     return [
         f"train B={row['batch']} T={row['seq']} on mesh {mesh}, per device",
         f"{'':<26}{'analytic':>14}{'XLA':>14}",
         f"{'FLOPs':<26}{si(a['flops'], 'F'):>14}{si(x['flops'], 'F'):>14}",
         f"{'state + batch (args)':<26}{si(held, 'B'):>14}{si(x['argument_bytes'], 'B'):>14}",
-        f"{'activations / temp':<26}{si(a['memory']['activations'], 'B'):>14}"
-        f"{si(x['temp_bytes'], 'B'):>14}",
+        f"{'grads + acts + gathered':<26}{si(working, 'B'):>14}{si(x['temp_bytes'], 'B'):>14}",
+        f"{'total (XLA: footprint)':<26}{si(m['total'], 'B'):>14}{si(x['footprint_bytes'], 'B'):>14}",
         f"collectives in the HLO: {hlo or 'none'}",
         f"collectives in closed form: {closed or 'none'}; {si(a['link_bytes'], 'B')} over links",
         f"predicted: compute {si(p['compute_seconds'], 's')} + memory {si(p['memory_seconds'], 's')}"

@@ -26,7 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
+from jaxllm import mesh as meshes
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.model import Attend, Params, Transformer, cached_attention, causal_attention
@@ -138,11 +140,22 @@ def _step(
 
 
 @functools.cache
-def make_step(config: ModelConfig, decode: bool, read: bool) -> Any:
+def make_step(config: ModelConfig, decode: bool, read: bool, mesh: Mesh | None = None) -> Any:
     """The step program family for ``config`` (unrolled layers: ``serve.serving_config``), jitted
-    with the cache (argument 1) donated; P and C come from the input's shapes."""
+    with the cache (argument 1) donated; P and C come from the input's shapes. On a tensor-parallel
+    ``mesh`` (``jaxllm.mesh.check_engine_mesh``) the weights and the cache are split over tensor as
+    ``jaxllm.mesh.ServeLayout`` says; the host's inputs and the logits are replicated."""
     if config.scan_layers:
         raise InputError(
             "the engine serves unrolled layers: use jaxllm.serve.serving_config(config)"
         )
-    return jax.jit(functools.partial(_step, config, decode, read), donate_argnums=1)
+    fn = functools.partial(_step, config, decode, read)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=1)
+    at = meshes.ServeLayout.of(mesh, config)
+    return jax.jit(
+        fn,
+        donate_argnums=1,
+        in_shardings=(at.params, at.slots, at.replicated),
+        out_shardings=(at.replicated, at.slots),
+    )

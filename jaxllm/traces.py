@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.errors import InputError
+from jaxllm.errors import InputError, positive_int
 
 Lengths = tuple[int, int] | Sequence[int]  # (lo, hi) inclusive, or the values to draw from
 
@@ -30,10 +30,8 @@ class TraceRequest:
     def __post_init__(self) -> None:
         if not math.isfinite(self.arrival) or self.arrival < 0:
             raise InputError(f"arrival must be a finite time >= 0 s, got {self.arrival!r}")
-        for name in ("prompt_len", "output_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_int("prompt_len", self.prompt_len)
+        positive_int("output_len", self.output_len)
 
 
 def parse_lengths(text: str) -> Lengths:

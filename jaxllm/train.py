@@ -257,6 +257,15 @@ def make_train_step(
     )
 
 
-def make_eval_step(config: ModelConfig) -> Any:
-    """The compiled ``(params, batch[B, T+1]) -> loss`` (nats/token), nothing donated."""
-    return jax.jit(lambda params, batch: loss_fn(params, batch, config))
+def make_eval_step(config: ModelConfig, mesh: Mesh | None = None) -> Any:
+    """The compiled ``(params, batch[B, T+1]) -> loss`` (nats/token), nothing donated; on a
+    ``mesh``, the parameters laid out as the rules say, the batch split across data and fsdp."""
+    if mesh is None:
+        return jax.jit(lambda params, batch: loss_fn(params, batch, config))
+    params = meshes.shardings(mesh, meshes.param_specs(param_shapes(config)))
+    batch = meshes.shardings(mesh, meshes.batch_spec())
+    return jax.jit(
+        lambda params, batch: loss_fn(params, batch, config, mesh),
+        in_shardings=(params, batch),
+        out_shardings=meshes.replicated(mesh),
+    )

@@ -5,7 +5,8 @@ largest absolute difference of the loss, grad norm, parameters and AdamW moments
 steps (``train_unrolled``: the same with unrolled layers); ``serve`` the same of a prefill and two
 greedy decode steps with params and cache placed on the mesh, and the decode step's collectives; ``analyze`` prints, per mesh, the
 collective bytes of the compiled step beside ``collectives.train_comm`` and XLA's per-device memory
-beside ``shard_memory.train_memory_per_device``. Run in a subprocess by tests/test_mesh.py: the device count is fixed when JAX first starts,
+(arguments, and the footprint: argument + output - alias + temp) beside
+``shard_memory.train_memory_per_device``. Run in a subprocess by tests/test_mesh.py: the device count is fixed when JAX first starts,
 and the rest of the suite runs on one device.
 """
 
@@ -26,6 +27,7 @@ from jaxllm import collectives, serve, shard_memory, train
 from jaxllm import mesh as meshes
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
+from jaxllm.cost import analyze_compiled
 from jaxllm.model import init_params, param_shapes
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -77,12 +79,12 @@ def analysis(config: ModelConfig, spec: str) -> dict:
     step = train.make_train_step(config, optimizer, mesh=meshes.make_mesh(sizes))
     state = jax.eval_shape(lambda p: train.state_from_params(p, optimizer), param_shapes(config))
     compiled = step.lower(state, jax.ShapeDtypeStruct((BATCH, SEQ + 1), jnp.int32)).compile()
-    memory = compiled.memory_analysis()
+    xla = analyze_compiled(compiled, 0.0)
     return {
         "hlo": collectives.hlo_collectives(compiled.as_text()),
         "analytic": collectives.train_comm(config, sizes, BATCH, SEQ),
-        "argument_bytes": memory.argument_size_in_bytes,
-        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": xla.argument_bytes,
+        "footprint_bytes": xla.footprint_bytes,
         "memory": shard_memory.train_memory_per_device(config, sizes, BATCH, SEQ),
     }
 

@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 
 from jaxllm import analytic
@@ -117,3 +118,11 @@ def test_positive_int_refuses_what_is_not_an_int_in_range(value):
 def test_positive_int_returns_ints_in_range():
     assert [positive_int("n", v, 10) for v in (1, 10)] == [1, 10]
     assert positive_int("n", 2**40) == 2**40  # no bound by default
+    numpy_int = positive_int("n", np.int64(3))
+    assert numpy_int == 3 and type(numpy_int) is int
+
+
+def test_an_integer_bound_other_than_one_is_named():
+    assert positive_int("queue", 0, least=0) == 0
+    with pytest.raises(InputError, match=r"^queue must be an integer >= 0, got -1$"):
+        positive_int("queue", -1, least=0)

@@ -188,7 +188,7 @@ def test_bad_requests_are_refused_with_one_line_and_the_others_go_on():
         engine.submit([1, 300], 5)
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], 5)
-    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
         engine.submit([1], 0)
     trace = make_trace(3, float("inf"), [10, 70], [4], seed=3)
     run = replay(engine, trace)
@@ -199,7 +199,7 @@ def test_bad_requests_are_refused_with_one_line_and_the_others_go_on():
 
 def test_engine_and_trace_arguments_are_checked():
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"chunk": 0}, "chunk must be an integer >= 1, got 0"),
+        ({"chunk": 0}, "chunk must be a positive integer, got 0"),
         ({"policy": "fifo"}, "unknown policy 'fifo'"),
         ({"capacity": 65}, "capacity 65 is beyond the model's context"),
         ({"slots": 0}, "slots must be"),
@@ -234,7 +234,7 @@ def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path):
     with pytest.raises(ValueError, match="holds no requests"):
         load_trace(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"arrival": 1, "prompt_len": 0, "output_len": 3}\n')
-    with pytest.raises(ValueError, match=r"line 1.*prompt_len must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"line 1.*prompt_len must be a positive integer, got 0"):
         load_trace(tmp_path / "bad.jsonl")
 
 

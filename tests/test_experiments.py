@@ -148,3 +148,18 @@ def test_serving_cost_model_predicts_a_longer_step_for_a_longer_chunk():
     assert 0 < predicted[0] < predicted[1]
     size = module.scale(False, 256)
     assert size["prompts"][1] + size["outputs"][1] <= 256
+
+
+def test_mesh_projection_covers_both_clusters_and_its_bound_follows_the_terms():
+    from jaxllm.mesh import parse_mesh
+
+    rows = load("mesh").projection_rows()
+    assert {r["devices"] for r in rows} == {8, 64}
+    for r in rows:
+        sizes = parse_mesh(r["mesh"])
+        assert (
+            sizes["data"] * sizes["fsdp"] * sizes["tensor"] == r["devices"] and sizes["tensor"] <= 8
+        )
+        busy = max(r["compute_s"], r["memory_s"])
+        assert (r["bound"] == "communication") == (r["communication_s"] > busy), r["mesh"]
+        assert r["fits"] == (r["memory_bytes"] <= r["capacity_bytes"])

@@ -42,6 +42,12 @@ def test_prompts_file_batch_equals_each_prompt_alone(run_dir, tmp_path, capsys):
     assert timing["prefill_s"] > 0 and timing["decode_s"] > 0 and timing["decode_tokens_per_s"] > 0
 
 
+def test_a_one_device_mesh_generates_what_one_device_does(run_dir, capsys):
+    argv = ["--checkpoint", run_dir, "--prompt", "Hi", "--max-new-tokens", "4", "--seed", "2"]
+    plain = _generate(capsys, *argv)["results"][0]["tokens"]
+    assert _generate(capsys, *argv, "--mesh", "data=1,tensor=1")["results"][0]["tokens"] == plain
+
+
 @pytest.mark.slow
 def test_plain_output_and_seeded_sampling(run_dir, capsys):
     argv = ["--checkpoint", run_dir, "--prompt", "Hi", "--max-new-tokens", "4", "--top-k", "5"]
@@ -63,6 +69,8 @@ def test_plain_output_and_seeded_sampling(run_dir, capsys):
         (["--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
         (["--prompt", "x", "--seed", str(2**64)], "expected a seed in [0, 4294967295]"),
         (["--prompt", "x", "--seed", "-1"], "expected a seed in [0, 4294967295]"),
+        (["--prompt", "x", "--mesh", "data=2"], "has 2 devices; there are 1"),
+        (["--prompt", "x", "--mesh", "pipe=1"], "'pipe=1' is unknown"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(run_dir, extra, word, capsys):
