@@ -46,8 +46,8 @@ class Processes:
         if self.num_processes is not None:
             positive_int("--num-processes", self.num_processes)
         pid, n = self.process_id, self.num_processes
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 0):
-            raise InputError(f"--process-id must be an integer >= 0, got {pid!r}")
+        if pid is not None:
+            positive_int("--process-id", pid, least=0)
         if pid is not None and n is not None and pid >= n:
             raise InputError(f"--process-id must be in [0, --num-processes={n}), got {pid}")
 

@@ -10,10 +10,6 @@ for tests/test_distributed.py to set beside the same step on one device.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-).strip()
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -55,5 +51,10 @@ def main(coordinator: str, n: int, pid: int, out: str) -> None:
 
 
 if __name__ == "__main__":
+    # Set here, not at import: tests/test_distributed.py imports this module, and its process must
+    # keep one device. XLA reads the flag when the backend starts, at the first device query.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
     address, count, index, path = sys.argv[1:]
     main(address, int(count), int(index), path)

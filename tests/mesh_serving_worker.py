@@ -1,7 +1,7 @@
 """Runs ``generate`` and the serving engine on 8 simulated CPU devices beside one device; prints JSON.
 
-``python tests/mesh_serving_worker.py generate data=2,tensor=4 ...`` prints, per mesh, whether the
-greedy and the sampled tokens equal one device's, the largest difference of the prefill logits and
+``python tests/mesh_serving_worker.py generate greedy,sampled data=2,tensor=4 ...`` prints, per mesh,
+whether the tokens of each sampler equal one device's, the largest difference of the prefill logits and
 what the compiled prefill and decode loop all-gather: any result shaped like a whole cache layer
 [B, K, S', H] or a whole parameter. ``engine tensor=8 ...`` prints whether the engine's tokens under
 each policy (``engine static,chunked tensor=8``) equal one device's. Run in a subprocess by tests/test_mesh_serving.py: the device count
@@ -73,12 +73,16 @@ def _programs(config: ModelConfig, params, mesh) -> dict:
     }
 
 
-def generate_diffs(spec: str) -> dict:
-    """Greedy and sampled ``generate`` on ``spec``'s mesh beside one device."""
+SAMPLERS = {"greedy": GREEDY, "sampled": Sampler(temperature=1.0)}
+
+
+def generate_diffs(spec: str, samplers: list[str]) -> dict:
+    """``generate`` with each of ``samplers`` on ``spec``'s mesh beside one device."""
     params = init_params(CONFIG, jax.random.key(0))
     mesh = meshes.make_mesh(meshes.parse_mesh(spec))
     out: dict = {}
-    for name, sampler in (("greedy", GREEDY), ("sampled", Sampler(temperature=1.0))):
+    for name in samplers:
+        sampler = SAMPLERS[name]
         one = gen.generate(CONFIG, params, PROMPTS, NEW, sampler, jax.random.key(3))
         many = gen.generate(CONFIG, params, PROMPTS, NEW, sampler, jax.random.key(3), mesh=mesh)
         out[name] = one.tokens == many.tokens
@@ -121,12 +125,9 @@ def engine_diffs(spec: str, policies: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    what, *specs = argv
-    if what == "generate":
-        print(json.dumps({spec: generate_diffs(spec) for spec in specs}))
-    else:  # engine POLICY,POLICY SPEC ...
-        policies, *specs = specs
-        print(json.dumps({spec: engine_diffs(spec, policies.split(",")) for spec in specs}))
+    what, names, *specs = argv  # generate greedy,sampled SPEC ... | engine static,chunked SPEC ...
+    run = generate_diffs if what == "generate" else engine_diffs
+    print(json.dumps({spec: run(spec, names.split(",")) for spec in specs}))
 
 
 if __name__ == "__main__":

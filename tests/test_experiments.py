@@ -59,7 +59,9 @@ def test_report_gathers_summaries(tmp_path, monkeypatch):
     quick = hardware.calibrate(quick=True)  # the report's full calibration takes seconds
     monkeypatch.setattr(hardware, "calibrate", lambda **_: quick)
     results = tmp_path / "results"
-    load("memory").main(["--quick", "--out", str(results / "memory")])
+    (results / "memory").mkdir(parents=True)  # an experiment's output: a summary and its plot
+    (results / "memory" / "summary.md").write_text("# Memory\n\n![memory](memory.png)\n")
+    (results / "memory" / "memory.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     out = tmp_path / "report"
     assert (
         load("report").main(
@@ -68,7 +70,8 @@ def test_report_gathers_summaries(tmp_path, monkeypatch):
         == 0
     )
     report = (out / "REPORT.md").read_text()
-    assert "Calibrated peaks" in report and "(memory/memory.png)" in report
+    assert "Calibrated peaks" in report and "## Memory" in report
+    assert "(memory/memory.png)" in report
     assert (out / "memory" / "memory.png").is_file()
     assert "Missing: " in report  # the experiments not run are named, not silently dropped
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import jax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import mesh as meshes
 from jaxllm.config import PRESETS
-from jaxllm.engine import Engine
+from jaxllm.engine import Engine, SamplingParams
 from jaxllm.generate import generate
 from jaxllm.model import init_params
 
@@ -32,10 +34,10 @@ def _worker(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _assert_generate_equals_one_device(diffs: dict) -> None:
+def _assert_generate_equals_one_device(diffs: dict, samplers: list[str]) -> None:
     for spec, d in diffs.items():
-        assert d["greedy"] and d["sampled"], spec  # token for token, greedy and sampled
-        assert d["greedy_tokens"] == d["sampled_tokens"] == 8 * 6, spec
+        for name in samplers:  # token for token
+            assert d[name] and d[f"{name}_tokens"] == 8 * 6, (spec, name)
         assert d["prefill_logits"] <= 1e-6, spec
         assert d["prefill_logits_sharding"] == "P(('data', 'fsdp'),)", spec
         fsdp = meshes.parse_mesh(spec)["fsdp"] > 1
@@ -46,13 +48,15 @@ def _assert_generate_equals_one_device(diffs: dict) -> None:
                 assert gathers["params"] == 0, (spec, program, gathers)
 
 
-def test_generate_on_a_3d_mesh_equals_one_device():
-    _assert_generate_equals_one_device(_worker("generate", "data=2,fsdp=2,tensor=2"))
+def test_greedy_generate_on_a_3d_mesh_equals_one_device():
+    diffs = _worker("generate", "greedy", "data=2,fsdp=2,tensor=2")
+    _assert_generate_equals_one_device(diffs, ["greedy"])
 
 
 @pytest.mark.slow
-def test_generate_on_every_experiment_mesh_equals_one_device():
-    _assert_generate_equals_one_device(_worker("generate", *EXPERIMENT_MESHES))
+def test_greedy_and_sampled_generate_on_every_experiment_mesh_equal_one_device():
+    diffs = _worker("generate", "greedy,sampled", "data=2,fsdp=2,tensor=2", *EXPERIMENT_MESHES)
+    _assert_generate_equals_one_device(diffs, ["greedy", "sampled"])
 
 
 def _assert_engine_equals_one_device(diffs: dict, policies: list[str]) -> None:
@@ -62,6 +66,25 @@ def _assert_engine_equals_one_device(diffs: dict, policies: list[str]) -> None:
             assert d[f"{policy}_tokens"] == sum(6 + i for i in range(8)), (spec, policy)
 
 
+def test_an_engine_on_a_one_device_mesh_runs_its_sharded_programs():
+    """The explicit-sharding path in this process: the mesh's programs and cache layout, the same
+    tokens as without a mesh."""
+    params = init_params(CONFIG, jax.random.key(0))
+    tokens = []
+    for mesh in (None, meshes.make_mesh({})):
+        engine = Engine(CONFIG, params, slots=2, capacity=32, mesh=mesh)
+        requests = [engine.submit([1, 2, 3], 4), engine.submit([4, 5], 3, SamplingParams(1.0))]
+        engine.run_until_idle()
+        tokens.append([r.tokens for r in requests])
+        if mesh is not None:
+            layout = engine.cache.k[0].sharding
+            assert isinstance(layout, NamedSharding) and layout.spec == P(
+                None, "tensor", None, None
+            )
+    assert tokens[0] == tokens[1] and list(map(len, tokens[1])) == [4, 3]
+
+
+@pytest.mark.slow
 def test_chunked_engine_on_tensor_8_equals_one_device():
     _assert_engine_equals_one_device(_worker("engine", "chunked", "tensor=8"), ["chunked"])
 
