@@ -42,6 +42,7 @@ def test_prompts_file_batch_equals_each_prompt_alone(run_dir, tmp_path, capsys):
     assert timing["prefill_s"] > 0 and timing["decode_s"] > 0 and timing["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.slow  # the mesh path runs fast in tests/test_mesh_serving.py
 def test_a_one_device_mesh_generates_what_one_device_does(run_dir, capsys):
     argv = ["--checkpoint", run_dir, "--prompt", "Hi", "--max-new-tokens", "4", "--seed", "2"]
     plain = _generate(capsys, *argv)["results"][0]["tokens"]

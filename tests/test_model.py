@@ -19,7 +19,14 @@ from jaxllm.model import (
 from jaxllm.model import init_params as _init_params
 
 # (family, K) for multi-head (K = N = 4), grouped-query (K = 2) and multi-query (K = 1) attention.
-VARIANTS = [(fam, k) for fam in ("gpt2", "llama") for k in (4, 2, 1)]
+# Every family x K (N = 4: multi-head, grouped-query, multi-query); the fast suite runs one of each
+# attention kind and each family, the rest are slow.
+FAST = {("gpt2", 4), ("gpt2", 1), ("llama", 2)}
+VARIANTS = [
+    pytest.param(fam, k, marks=[] if (fam, k) in FAST else [pytest.mark.slow])
+    for fam in ("gpt2", "llama")
+    for k in (4, 2, 1)
+]
 
 
 @functools.cache
