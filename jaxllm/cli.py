@@ -293,12 +293,10 @@ def _analyze_sharded(args: argparse.Namespace, config: ModelConfig) -> int:
     from jaxllm import hardware, sharded
     from jaxllm.mesh import check_divides
 
-    if args.phase != "train":
-        raise UsageError("--mesh analyses the train phase only (for now)")
     mesh = mesh_from_args(args)
     check_divides(mesh, config, args.batch)  # before calibrating: a bad mesh is a one-line error
     calibration = hardware.calibrate(quick=args.quick)
-    row = sharded.analyze_train(config, mesh, args.batch, args.seq, calibration, args.measure)
+    row = sharded.analyze(config, mesh, args.phase, args.batch, args.seq, calibration, args.measure)
     print(json.dumps(row) if args.json else "\n".join(sharded.table(row)))
     return 0
 
@@ -319,7 +317,7 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure", action="store_true", help="also time it (allocates the model)")
     p.add_argument("--quick", action="store_true", help="quick calibration, fewer repeats")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_mesh_arg(p, "; the train phase only")
+    add_mesh_arg(p)
     p.set_defaults(func=cmd_analyze)
 
 

@@ -3,8 +3,9 @@
 Sizes are logical, per device, in bytes: an all-reduce of an [n] f32 array is 4n bytes whatever the
 group; an all-gather counts its (gathered) output, a reduce-scatter its (unscattered) input. The bytes a
 device sends over links follow from the algorithm (a ring all-reduce sends 2(g - 1)/g of it, a ring
-all-gather or reduce-scatter (g - 1)/g). Rank-0 operands (the loss, partial sums of the gradient norm)
-are left out of both counts: they are bytes, not bandwidth.
+all-gather or reduce-scatter (g - 1)/g). Single-element operands (the loss, partial sums of the
+gradient norm, a decode step's position bookkeeping) are left out of both counts: they are bytes, not
+bandwidth.
 
 What XLA does on the train step (``jaxllm.train`` on a ``jaxllm.mesh`` mesh), measured on the CPU backend
 and so what ``train_comm`` counts:
@@ -28,6 +29,7 @@ from collections import Counter
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxllm import mesh as meshes
@@ -58,11 +60,12 @@ def _itemsize(dtype: str) -> int:
 
 
 def _shape_bytes(types: str) -> int:
-    """Bytes of the non-scalar arrays in an HLO result type (one shape or a tuple)."""
+    """Bytes of the arrays of more than one element in an HLO result type (one shape or a tuple)."""
     total = 0
     for dtype, dims in _SHAPE.findall(types):
-        if dims:
-            total += _itemsize(dtype) * math.prod(int(d) for d in dims.split(","))
+        elements = math.prod(int(d) for d in dims.split(",")) if dims else 1
+        if elements > 1:
+            total += _itemsize(dtype) * elements
     return total
 
 
@@ -142,12 +145,9 @@ class Collective:
         return (2 if self.kind == "all-reduce" else 1) * share * self.bytes
 
 
-def train_collectives(
-    config: ModelConfig, sizes: dict[str, int], batch: int, seq: int
-) -> dict[str, Collective]:
-    """The collectives of one train step on tokens [B, T] on a mesh of ``sizes``, in closed form
-    (see the module docstring for what XLA does): ``gather`` (weights over fsdp), ``grads``
-    (gradients over data x fsdp), ``tensor`` (activations over tensor)."""
+def _weights(config: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
+    """Per device: bytes of the fsdp-split weights gathered over fsdp (each its tensor shard, in the
+    storage dtype), and float32 bytes of every weight's tensor shard (its gradient)."""
     shapes = param_shapes(config)
     specs = meshes.param_specs(shapes)
     leaves = zip(
@@ -156,19 +156,37 @@ def train_collectives(
         strict=True,
     )
     gather = grads = 0
-    replicas = sizes[meshes.DATA] * sizes[meshes.FSDP]
     for shape, spec in leaves:
         n = math.prod(shape.shape) // _tensor_factor(spec, sizes)
         if sizes[meshes.FSDP] > 1 and meshes.FSDP in tuple(spec):
             gather += n * shape.dtype.itemsize
         grads += 4 * n
+    return gather, grads
+
+
+def _tensor_all_reduces(
+    config: ModelConfig, sizes: dict[str, int], rows: int, per_layer: int
+) -> int:
+    """Bytes of ``per_layer`` all-reduces of [B', T, D] activations per layer over tensor, where
+    ``rows`` = B x T and B' = B / (data x fsdp); 0 without tensor parallelism."""
+    if sizes[meshes.TENSOR] == 1:
+        return 0
+    local = rows // (sizes[meshes.DATA] * sizes[meshes.FSDP])
+    return config.n_layers * per_layer * local * config.d_model * config.compute_dtype.itemsize
+
+
+def train_collectives(
+    config: ModelConfig, sizes: dict[str, int], batch: int, seq: int
+) -> dict[str, Collective]:
+    """The collectives of one train step on tokens [B, T] on a mesh of ``sizes``, in closed form
+    (see the module docstring for what XLA does): ``gather`` (weights over fsdp), ``grads``
+    (gradients over data x fsdp), ``tensor`` (activations over tensor)."""
+    gather, grads = _weights(config, sizes)
+    replicas = sizes[meshes.DATA] * sizes[meshes.FSDP]
     if config.tie_embeddings:
         grads += 4 * config.vocab_size * config.d_model
-    tensor = 0
-    if sizes[meshes.TENSOR] > 1:
-        per_layer = 2 + 3 + (2 if config.mlp == "swiglu" else 1)
-        activation = (batch // replicas) * seq * config.d_model * config.compute_dtype.itemsize
-        tensor = config.n_layers * per_layer * activation
+    per_layer = 2 + 3 + (2 if config.mlp == "swiglu" else 1)
+    tensor = _tensor_all_reduces(config, sizes, batch * seq, per_layer)
     return {
         "gather": Collective("all-gather", gather, sizes[meshes.FSDP]),
         "grads": Collective("all-reduce", grads if replicas > 1 else 0, replicas),
@@ -176,9 +194,47 @@ def train_collectives(
     }
 
 
-def train_comm(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> dict[str, int]:
-    """``train_collectives`` summed by kind: what ``hlo_collectives`` reads off the compiled step."""
+def serve_collectives(
+    config: ModelConfig, sizes: dict[str, int], batch: int, tokens: int, kv_dtype: Any
+) -> dict[str, Collective]:
+    """The collectives of a prefill of [B, T] tokens (``tokens`` = T) or a decode step (1) on a mesh
+    of ``sizes`` (``config``: the served one, cache in ``kv_dtype``), in closed form, as XLA's CPU
+    backend compiles ``jaxllm.serve``'s phases:
+
+    - ``gather``: each fsdp-split weight all-gathered once (``serve`` gathers them where used);
+    - ``tensor``: the outputs of ``o`` and ``down`` [B', T, D] all-reduced in every layer;
+    - ``heads`` (decode only): the attention output [B', N, H] all-gathered over tensor in every
+      layer before ``o`` (merging the K and G axes of a single token loses the split over K, so o
+      then runs on every head and its all-reduce adds the copies up).
+
+    The KV cache is split like the heads that read it: reading it needs no collective."""
+    gather, _ = _weights(config, sizes)
+    tensor = _tensor_all_reduces(config, sizes, batch * tokens, 2)
+    heads = 0
+    if tokens == 1 and sizes[meshes.TENSOR] > 1:
+        local = batch // (sizes[meshes.DATA] * sizes[meshes.FSDP])
+        heads = (
+            config.n_layers
+            * local
+            * config.n_heads
+            * config.head_dim
+            * jnp.dtype(kv_dtype).itemsize
+        )
+    return {
+        "gather": Collective("all-gather", gather, sizes[meshes.FSDP]),
+        "tensor": Collective("all-reduce", tensor, sizes[meshes.TENSOR]),
+        "heads": Collective("all-gather", heads, sizes[meshes.TENSOR]),
+    }
+
+
+def by_kind(families: dict[str, Collective]) -> dict[str, int]:
+    """Closed-form families summed by kind: what ``hlo_collectives`` reads off a compiled program."""
     out = dict.fromkeys(KINDS, 0)
-    for c in train_collectives(config, sizes, batch, seq).values():
+    for c in families.values():
         out[c.kind] += c.bytes
     return out
+
+
+def train_comm(config: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> dict[str, int]:
+    """``train_collectives`` summed by kind: what ``hlo_collectives`` reads off the compiled step."""
+    return by_kind(train_collectives(config, sizes, batch, seq))

@@ -117,13 +117,18 @@ def make_decode_loop(
 ) -> Any:
     """``fn(params, cache, logits, key, limits, stop) -> (out, length, steps, cache)``, jitted, the
     cache donated: sampling and every decode step after a ``prompt_len``-token prefill, on device;
-    on a ``mesh``, laid out as ``jaxllm.mesh.ServeLayout`` says ([B, ...] arrays split like B)."""
+    on a ``mesh``, laid out as ``jaxllm.mesh.ServeLayout`` says ([B, ...] arrays split like B), the
+    weights gathered over fsdp once, before the loop (as ``jaxllm.serve``'s phases gather them)."""
     fn = functools.partial(_decode_loop, config, sampler, prompt_len)
     if mesh is None:
         return jax.jit(fn, donate_argnums=1)
     at = meshes.ServeLayout.of(mesh, config)
+
+    def gathered(params: Params, *rest: Any) -> Any:
+        return fn(meshes.gather_fsdp(params, mesh), *rest)
+
     return jax.jit(
-        fn,
+        gathered,
         donate_argnums=1,
         in_shardings=(at.params, at.cache, at.rows, at.replicated, at.rows, at.replicated),
         out_shardings=(at.rows, at.rows, at.replicated, at.cache),

@@ -62,7 +62,7 @@ def check_sizes(config: ModelConfig, phase: str, batch: int, seq: int) -> None:
         )
 
 
-def _capacity(config: ModelConfig, phase: str, seq: int) -> int:
+def cache_capacity(config: ModelConfig, phase: str, seq: int) -> int:
     """Cache slots of the analysed program: none (train), the prompt's (prefill), or for a decode
     step completing ``seq`` tokens, ``seq`` rounded up to a power of two, at most max_len (the
     bucket ``jaxllm.generate`` would allocate for a cache with room for the step)."""
@@ -144,7 +144,7 @@ def _serve(config: ModelConfig, phase: str, batch: int, seq: int, capacity: int)
 def build(config: ModelConfig, phase: str, batch: int, seq: int) -> Program:
     """The ``phase`` program for tokens [batch, seq] (decode: a step completing ``seq`` tokens)."""
     check_sizes(config, phase, batch, seq)
-    capacity = _capacity(config, phase, seq)
+    capacity = cache_capacity(config, phase, seq)
     if phase == "train":
         jitted, args, make_args = _train(config, batch, seq)
     else:

@@ -1,5 +1,5 @@
-"""Closed-form bytes per device of a train step on a mesh: each array divided as the partition rules
-(``jaxllm.mesh``) split it.
+"""Closed-form bytes per device of a train step, a prefill and a decode step on a mesh: each array
+divided as the partition rules (``jaxllm.mesh``) split it.
 
 - Parameters and AdamW's m and v are divided by the mesh axes their rule names (fsdp and tensor;
   replicated on data); the batch [B, T+1] by data x fsdp.
@@ -67,6 +67,30 @@ def train_memory_per_device(
         "activations": analytic.activation_bytes(config, local, seq, sizes[meshes.TENSOR]),
         "batch": local * (seq + 1) * 4,
         "gathered": gathered * config.storage_dtype.itemsize if fsdp > 1 else 0,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def serve_memory_per_device(
+    config: ModelConfig,
+    sizes: dict[str, int],
+    batch: int,
+    tokens: int,
+    capacity: int,
+    kv_dtype: Any,
+) -> dict[str, int]:
+    """Bytes one device holds as the arguments of a sharded prefill of [B, T] tokens (``tokens`` =
+    T) or decode step (1) over a KV cache of B x ``capacity`` slots in ``kv_dtype`` (``config``: the
+    served one, ``jaxllm.serve.serving_config``): its parameters' share, its share of the cache (B
+    split over data x fsdp, K over tensor), and its rows of the int32 tokens and padding, plus the
+    cache's int32 write index."""
+    local = batch // (sizes[meshes.DATA] * sizes[meshes.FSDP])
+    kv = analytic.kv_cache_bytes(config, local, capacity, kv_dtype)
+    out = {
+        "params": _sharded_elements(sizes, config) * config.storage_dtype.itemsize,
+        "kv_cache": kv // sizes[meshes.TENSOR],
+        "inputs": 4 * local * (tokens + 1) + 4,
     }
     out["total"] = sum(out.values())
     return out

@@ -3,14 +3,19 @@
 ``python tests/mesh_serving_worker.py generate greedy,sampled data=2,tensor=4 ...`` prints, per mesh,
 whether the tokens of each sampler equal one device's, the largest difference of the prefill logits and
 what the compiled prefill and decode loop all-gather: any result shaped like a whole cache layer
-[B, K, S', H] or a whole parameter. ``engine tensor=8 ...`` prints whether the engine's tokens under
-each policy (``engine static,chunked tensor=8``) equal one device's. Run in a subprocess by tests/test_mesh_serving.py: the device count
-is fixed when JAX first starts, and the rest of the suite runs on one device.
+[B, K, S', H] or a whole parameter. ``engine static,chunked tensor=8 ...`` prints whether the
+engine's tokens under each policy equal one device's. ``analyze prefill,decode fsdp=8 ...`` prints
+each phase's collectives in the compiled HLO beside ``collectives.serve_collectives`` and XLA's
+argument bytes beside ``shard_memory.serve_memory_per_device``. Run in a subprocess by
+tests/test_mesh_serving.py: the device count is fixed when JAX first starts, and the rest of the
+suite runs on one device.
 """
 
 import os
 import sys
+import tempfile
 
+os.environ["JAXLLM_CACHE_DIR"] = tempfile.mkdtemp()  # a quick calibration of its own, not cached
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -23,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import collectives, hardware, serve, sharded
 from jaxllm import generate as gen
 from jaxllm import mesh as meshes
-from jaxllm import serve
 from jaxllm.batching import make_batch
+from jaxllm.cache import cache_dtype
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine, SamplingParams
 from jaxllm.model import init_params
@@ -124,9 +130,34 @@ def engine_diffs(spec: str, policies: list[str]) -> dict:
     return out
 
 
+def analysis(spec: str, phases: list[str]) -> dict:
+    """Per phase: the compiled sharded program's collectives and arguments beside the closed form."""
+    calibration = hardware.calibrate(quick=True)  # the prediction's peaks; not checked here
+    mesh = meshes.make_mesh(meshes.parse_mesh(spec))
+    served = serve.serving_config(CONFIG)
+    out = {}
+    for phase in phases:
+        row = sharded.analyze_serve(CONFIG, mesh, phase, 8, 16, calibration)
+        out[phase] = {
+            "hlo": row["hlo_collectives"],
+            "analytic": collectives.by_kind(
+                collectives.serve_collectives(
+                    served,
+                    dict(mesh.shape),
+                    8,
+                    16 if phase == "prefill" else 1,
+                    cache_dtype(served),
+                )
+            ),
+            "argument_bytes": row["xla"]["argument_bytes"],
+            "memory": row["analytic"]["memory"],
+        }
+    return out
+
+
 def main(argv: list[str]) -> None:
     what, names, *specs = argv  # generate greedy,sampled SPEC ... | engine static,chunked SPEC ...
-    run = generate_diffs if what == "generate" else engine_diffs
+    run = {"generate": generate_diffs, "engine": engine_diffs, "analyze": analysis}[what]
     print(json.dumps({spec: run(spec, names.split(",")) for spec in specs}))
 
 

@@ -120,3 +120,21 @@ def test_generate_on_a_mesh_that_does_not_divide_the_prompts_names_the_axis():
     params = init_params(CONFIG, jax.random.key(0))
     with pytest.raises(ValueError, match="data x fsdp=4 does not divide batch=3"):
         generate(CONFIG, params, [[1, 2], [3], [4, 5, 6]], 2, mesh=_FakeMesh(data=4))  # pyright: ignore[reportArgumentType]
+
+
+def _assert_analysis_matches_the_closed_form(rows: dict) -> None:
+    """Each phase's collectives in the compiled HLO equal the closed form, byte for byte, and XLA's
+    per-device arguments equal the parameters', cache's and inputs' shares."""
+    for spec, phases in rows.items():
+        for phase, d in phases.items():
+            assert d["hlo"] == d["analytic"], (spec, phase)
+            assert d["argument_bytes"] == d["memory"]["total"], (spec, phase)
+
+
+def test_serving_collectives_and_memory_on_dp_fsdp_tp_and_every_experiment_mesh():
+    """Compiled only (20 s for the 14 programs on the 2-core VM)."""
+    meshes_ = ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", *EXPERIMENT_MESHES]
+    rows = _worker("analyze", "prefill,decode", *meshes_)
+    _assert_analysis_matches_the_closed_form(rows)
+    decode = rows["data=2,fsdp=2,tensor=2"]["decode"]["hlo"]
+    assert decode["all-gather"] > 0 and decode["all-reduce"] > 0
