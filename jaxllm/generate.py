@@ -123,12 +123,8 @@ def make_decode_loop(
     if mesh is None:
         return jax.jit(fn, donate_argnums=1)
     at = meshes.ServeLayout.of(mesh, config)
-
-    def gathered(params: Params, *rest: Any) -> Any:
-        return fn(meshes.gather_fsdp(params, mesh), *rest)
-
     return jax.jit(
-        gathered,
+        meshes.with_gathered_weights(fn, mesh),
         donate_argnums=1,
         in_shardings=(at.params, at.cache, at.rows, at.replicated, at.rows, at.replicated),
         out_shardings=(at.rows, at.rows, at.replicated, at.cache),

@@ -174,6 +174,17 @@ def gather_fsdp(params: Any, mesh: Mesh) -> Any:
     )
 
 
+def with_gathered_weights(fn: Any, mesh: Mesh) -> Any:
+    """``fn(params, *rest)`` with ``params`` gathered over fsdp first (``gather_fsdp``): a serving
+    program's weights gathered where they are used (ZeRO-3, as in training; otherwise XLA splits the
+    matmuls' contraction over fsdp and all-reduces the activations instead)."""
+
+    def gathered(params: Any, *rest: Any) -> Any:
+        return fn(gather_fsdp(params, mesh), *rest)
+
+    return gathered
+
+
 def batch_spec() -> PartitionSpec:
     """Tokens [B, ...]: B split across data and fsdp."""
     return PartitionSpec(BATCH)
@@ -227,6 +238,7 @@ class ServeLayout:
     replicated: NamedSharding
 
     @classmethod
+    @functools.cache  # param_shapes traces the model's init: once per (mesh, config)
     def of(cls, mesh: Mesh, config: ModelConfig) -> ServeLayout:
         named = functools.partial(shardings, mesh)
         cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1))

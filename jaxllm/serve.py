@@ -163,18 +163,13 @@ def _checks(config: ModelConfig, mesh: Mesh | None, check: Callable[..., None]) 
 def _jit(fn: Callable, config: ModelConfig, mesh: Mesh | None, row_inputs: int) -> Any:
     """``fn(params, cache, *inputs) -> (logits [B, V], cache)`` jitted with the cache donated; on a
     mesh, with the shardings of ``jaxllm.mesh.ServeLayout`` (``row_inputs`` [B, ...] arrays after
-    the cache, each split like B), the weights gathered over fsdp where they are used (ZeRO-3, as
-    in training: otherwise XLA splits the matmuls' contraction over fsdp and all-reduces the
-    activations instead)."""
+    the cache, each split like B), the weights gathered over fsdp where they are used
+    (``jaxllm.mesh.with_gathered_weights``)."""
     if mesh is None:
         return jax.jit(fn, donate_argnums=1)
     at = meshes.ServeLayout.of(mesh, config)
-
-    def gathered(params: Params, *rest: Any) -> Any:
-        return fn(meshes.gather_fsdp(params, mesh), *rest)
-
     return jax.jit(
-        gathered,
+        meshes.with_gathered_weights(fn, mesh),
         donate_argnums=1,
         in_shardings=(at.params, at.cache, *(at.rows,) * row_inputs),
         out_shardings=(at.rows, at.cache),

@@ -180,14 +180,12 @@ def analyze_serve(
     make = serve.make_prefill if phase == "prefill" else serve.make_decode_step
     args = _serve_args(config, phase, batch, seq, capacity)
     compiled, seconds = compile_timed(make(config, mesh).jitted, *args)
-    tokens = seq if phase == "prefill" else 1
+    tokens, kv = (seq if phase == "prefill" else 1), cache_dtype(config)
     analytic_view = {
         "flops": serve_flops_per_device(config, sizes, phase, batch, seq, capacity),
-        "memory": shard_memory.serve_memory_per_device(
-            config, sizes, batch, tokens, capacity, cache_dtype(config)
-        ),
+        "memory": shard_memory.serve_memory_per_device(config, sizes, batch, tokens, capacity, kv),
     }
-    comms = collectives.serve_collectives(config, sizes, batch, tokens, cache_dtype(config))
+    comms = collectives.serve_collectives(config, sizes, batch, tokens, kv)
     measured = measure_serve(compiled, config, mesh, args) if measure else None
     row = {"phase": phase, "mesh": sizes, "batch": batch, "seq": seq, "measured": measured}
     return row | _views(config, mesh, compiled, seconds, analytic_view, comms, calibration)
