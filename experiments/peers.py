@@ -9,8 +9,9 @@ Shapes (the issue's table): train B=4 T=256 (f32, and bf16 compute with f32 mast
 bf16 autocast); prefill B=1 T=1024 f32; decode B = 1, 8, 32 at a mean context of 96 (64-token prompt,
 64 new) and B = 1, 32 at 1008 (1000-token prompt, 16 new), f32 and bf16 (bf16 weights on both sides;
 PyTorch keeps its KV cache in bf16, jaxllm on a CPU in float32: ``jaxllm.cache.cache_dtype``). A
-jaxllm decode step runs at the mean context in a 1024-slot cache, reading the window
-``jaxllm.generate`` would read; the peer attends its filled slots. ``generate`` (the on-device
+jaxllm decode step runs at the mean context in the cache ``jaxllm.generate`` would hold then (its
+phase's size, ``jaxllm.generate.windows`` of a 1024-slot generation); the peer attends its filled
+slots of a 1024-slot cache. ``generate`` (the on-device
 loop) is timed at context 96 as well, per decode step, against the standalone step.
 """
 
@@ -96,15 +97,15 @@ def jax_prefill(steps: int) -> Callable[[], float]:
 
 
 def jax_decode(dtype: str, batch: int, context: int, steps: int) -> Callable[[], float]:
-    """A decode step completing ``context`` tokens, in the window generate would read."""
+    """A decode step completing ``context`` tokens, in the cache generate would hold then."""
     config, params = _served(dtype)
-    window = next(w for w in windows(64, CAPACITY) if w >= context)
-    cache = jax.eval_shape(lambda: KVCache.init(config, batch, CAPACITY)).replace(window=window)
+    slots = next(w for w in windows(64, CAPACITY) if w >= context)
+    cache = jax.eval_shape(lambda: KVCache.init(config, batch, slots))
     tokens = jnp.ones((batch,), jnp.int32)
     compiled = serve.make_decode_step(config).jitted.lower(params, cache, tokens).compile()
 
     def timed() -> float:
-        box = [KVCache.init(config, batch, CAPACITY).replace(window=window)]
+        box = [KVCache.init(config, batch, slots)]
 
         def once() -> Any:
             logits, box[0] = compiled(params, box[0].replace(index=jnp.int32(context - 1)), tokens)

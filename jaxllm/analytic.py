@@ -177,7 +177,7 @@ def decode_flops(
     """One decode step: one new token per sequence with ``filled`` tokens already cached.
 
     Weights: 2·N_matmul per sequence. Attention: the step scores the token against the S = ``slots``
-    cache slots it reads (the capacity, or a window covering the filled ones) plus itself ("xla":
+    cache slots it reads (the capacity) plus itself ("xla":
     S + 1 keys) — only ``filled`` + 1 are useful ("causal").
     """
     keys = slots + 1 if attention == "xla" else filled + 1
@@ -195,7 +195,7 @@ def decode_bytes(
 
     weights: every parameter, except lookup tables that are only gathered (an untied token
     embedding, learned positions), which give B rows; kv_read: K and V of the S = ``slots`` slots the
-    step reads (``allocated``: the capacity, or the window it attends) or of the ``filled`` ones;
+    step reads (``allocated``: the capacity) or of the ``filled`` ones;
     kv_write: the new token's K and V; io: tokens in, float32 logits out. The cache is in
     ``kv_dtype`` (default: the compute dtype; see ``jaxllm.cache.cache_dtype``).
     """

@@ -9,11 +9,12 @@ made XLA insert transposes on CPU (measured in round 1). Slot s of sequence b ho
 the token written there; slots below ``pad[b]`` hold left padding and are never attended to; slots at
 or above ``index`` are empty.
 
-``window`` (static: part of the pytree structure, so each value compiles once) bounds the slots a
-decode step reads: slots [0, window) of the cache (None: every slot), so a step over a short context
-need not read the whole allocated cache. Slicing the window out of a bigger cache is a copy on CPU, so
-it pays when the window is a small part of the capacity (``jaxllm.generate`` grows it in powers of
-two). A prefill reads no cache at all (``jaxllm.serve``): its tokens attend to each other only.
+A decode step reads every slot of the cache, filled or not: a cache sized to what a generation
+needs reads less. ``resize`` cuts or extends the slots (a copy, once), which ``jaxllm.generate`` does
+to grow its cache in powers of two; reading a part of a bigger cache instead would copy that part on
+every step (XLA's dots on a CPU take whole arrays: measured at B=32, a 128-slot read out of 1024
+slots doubled gpt2's step). A prefill reads no cache at all (``jaxllm.serve``): its tokens attend to
+each other only.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class KVCache(struct.PyTreeNode):
     v: tuple[jax.Array, ...]  # values, laid out like k
     index: jax.Array  # [] int32: the next slot to write; slots < index are filled
     pad: jax.Array  # [B] int32: slots < pad[b] are left padding
-    window: int | None = struct.field(pytree_node=False, default=None)  # slots read; None: all
 
     @classmethod
     def init(
@@ -89,17 +89,23 @@ class KVCache(struct.PyTreeNode):
         """S: slots per sequence."""
         return self.layer_shape[2]
 
-    @property
-    def attended(self) -> int:
-        """Slots a pass reads: the window, or the capacity when there is none."""
-        return self.capacity if self.window is None else min(self.window, self.capacity)
-
-    def _read(self, x: jax.Array) -> jax.Array:
-        return x if self.attended == self.capacity else x[..., : self.attended, :]
-
     def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, K, window, H] of layer i (a slice, i.e. a copy, when windowed)."""
-        return self._read(self.k[i]), self._read(self.v[i])
+        """Keys and values [B, K, S, H] of layer i."""
+        return self.k[i], self.v[i]
+
+    def resize(self, capacity: int) -> KVCache:
+        """The cache with ``capacity`` slots: its first slots kept, empty ones appended (a copy).
+        Callers keep the filled slots: ``index <= capacity``."""
+
+        def fit(x: jax.Array) -> jax.Array:
+            extra = capacity - x.shape[2]
+            return (
+                x[:, :, :capacity]
+                if extra <= 0
+                else jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
+            )
+
+        return self.replace(k=tuple(map(fit, self.k)), v=tuple(map(fit, self.v)))
 
     def attend(self, i: int) -> Attend:
         """Layer i's attention for new tokens at slots ``index + t``: to the cache's filled, unpadded
@@ -131,14 +137,9 @@ class KVCache(struct.PyTreeNode):
         """Raise ValueError unless ``new_tokens`` more slots fit; return the current index.
 
         Host-side (reads ``index``; call it before tracing): the write must end at or before both the
-        capacity and ``max_len``, the model's context (slot s holds a position <= s), and the filled
-        slots must lie inside the window.
+        capacity and ``max_len``, the model's context (slot s holds a position <= s).
         """
         index = int(self.index)
-        if index > self.attended:
-            raise InputError(
-                f"the cache window ({self.attended} slots) does not cover its {index} filled slots"
-            )
         end = index + new_tokens
         if end > self.capacity:
             raise InputError(

@@ -3,7 +3,7 @@
 ``generate(config, params, prompts, max_new_tokens, ...)``: validation and bucketing in Python
 (``jaxllm.batching``), then two compiled calls: the prefill (``jaxllm.serve``), and every decode step
 in one ``lax.while_loop`` that runs until each row has stopped or reached its limit (no host round-trip
-per token). The decode loop grows the attended window of the cache in powers of two (``windows``).
+per token). The decode loop grows the cache in powers of two (``windows``): a step reads every slot.
 Streams of requests that come and go are the serving engine's (``jaxllm.engine``).
 """
 
@@ -53,15 +53,15 @@ def _record(state: _LoopState, tokens: jax.Array, limits: jax.Array, stop: jax.A
     )
 
 
-MIN_WINDOW = 64  # below this many slots, slicing a window out costs more than it saves
+MIN_WINDOW = 64  # below this many slots, growing the cache costs more than it saves
 
 
 def windows(prompt_len: int, capacity: int) -> list[int]:
-    """The attended windows W of a generation, in order: a decode step at slot ``index`` reads slots
-    [0, W) for the first W >= index. Powers of two from max(T, S/8, MIN_WINDOW) rounded up, then S:
-    at most four compiled loop bodies, and each step reads under 2x its filled slots once they pass
-    S/8."""
-    out, w = [], bucket(max(prompt_len, capacity // 8, MIN_WINDOW))
+    """The cache sizes W of a generation's decode phases, in order: a decode step writing slot
+    ``index`` runs with the cache resized to the first W > index (a step reads all W slots). Powers of
+    two from max(T, S/8, MIN_WINDOW) rounded up, then S: at most four compiled loop bodies, and each
+    step reads under 2x its filled slots once they pass S/8."""
+    out, w = [], bucket(max(prompt_len + 1, capacity // 8, MIN_WINDOW))
     while w < capacity:
         out.append(w)
         w *= 2
@@ -79,11 +79,13 @@ def _decode_loop(
     limits: jax.Array,  # [B] int32, each in [1, S - T]
     stop: jax.Array,  # [n_stop] int32
 ) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
-    """Sample, then decode until every row is done: one ``lax.while_loop`` per attended window.
+    """Sample, then decode until every row is done: one ``lax.while_loop`` per cache size
+    (``windows``), the cache grown between them.
 
     Returns out [B, S - T] (column n: the n-th new token), length [B], decode steps run, cache.
     """
-    B, width = logits.shape[0], cache.capacity - prompt_len
+    B, capacity = logits.shape[0], cache.capacity
+    width = capacity - prompt_len
     key, sub = jax.random.split(key)
     state = _LoopState(
         cache=cache,
@@ -101,14 +103,14 @@ def _decode_loop(
         key, sub = jax.random.split(s.key)
         return _record(s.replace(cache=cache, key=key), sampler(step_logits, sub), limits, stop)
 
-    for window in windows(prompt_len, cache.capacity):
-        state = state.replace(cache=state.cache.replace(window=window))
+    for window in windows(prompt_len, capacity):
+        state = state.replace(cache=state.cache.resize(window))
 
         def cond(s: _LoopState, window: int = window) -> jax.Array:
-            return (s.n < width) & ~jnp.all(s.done) & (s.cache.index <= window)
+            return (s.n < width) & ~jnp.all(s.done) & (s.cache.index < window)
 
         state = jax.lax.while_loop(cond, body, state)
-    return state.out, state.length, state.n - 1, state.cache.replace(window=cache.window)
+    return state.out, state.length, state.n - 1, state.cache
 
 
 @functools.cache

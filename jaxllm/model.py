@@ -50,19 +50,29 @@ def _normal(std: float) -> nn.initializers.Initializer:
 
 
 class Einsum(nn.Module):
-    """One projection, ``einsum(eqn, x, kernel) (+ bias)``: FLOPs read off the equation."""
+    """One projection, ``einsum(eqn, x, kernel) (+ bias)``: FLOPs read off the equation.
+
+    ``merge_heads``: x [B, T, N, H] and the kernel [N, H, D] contract as [B, T, N·H] and [N·H, D],
+    one axis (the same product). Written with two contracted axes, XLA:CPU copied the whole kernel
+    into [H, N, D] order on every call (measured: gpt2's f32 decode step at B=1, 45 -> 30 ms).
+    """
 
     eqn: str
     shape: tuple[int, ...]  # kernel shape
     bias_shape: tuple[int, ...] | None
     config: ModelConfig
     std: float = 0.02
+    merge_heads: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kernel = self.param("kernel", _normal(self.std), self.shape, cfg.storage_dtype)
-        y = jnp.einsum(self.eqn, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        eqn = self.eqn
+        if self.merge_heads:
+            eqn = "BTE,ED->BTD"
+            x, kernel = x.reshape(*x.shape[:-2], -1), kernel.reshape(-1, kernel.shape[-1])
+        y = jnp.einsum(eqn, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
         if self.bias_shape is not None:
             bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.storage_dtype)
             y = y + bias.astype(cfg.compute_dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
@@ -259,7 +269,8 @@ class Attention(nn.Module):
             tie = ((flat[0] + flat[-1]) * 0).astype(k_new.dtype)
             k_new, v_new = k_new + tie, v_new + tie
         std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        y = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if bias else None, cfg, std, name="o")(out)
+        o = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if bias else None, cfg, std, True, name="o")
+        y = o(out)
         return y, (k_new, v_new)
 
 

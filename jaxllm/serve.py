@@ -6,7 +6,7 @@
   computes alone. The prompt attends to itself only (the empty cache is not read). The logits are those
   of each row's last position (the head runs there alone).
 - ``make_decode_step(config)(params, cache, tokens[B]) -> (logits[B, V], cache)``: one token per row,
-  written at slot ``cache.index``, attending to the cache's window.
+  written at slot ``cache.index``, attending to every slot of the cache.
 
 Both take the cache second and donate it. On a device mesh (``make_prefill(config, mesh)``) they are
 jitted with the shardings of ``jaxllm.mesh.ServeLayout``: weights as the partition rules say, the

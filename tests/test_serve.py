@@ -48,11 +48,15 @@ def _left_padded(cfg, key, B=2, T=5, extra=3):
     return tokens, pad, positions
 
 
-def _prefill_then_decode(cfg, params, tokens, pad, T, capacity, window=None):
-    cache = KVCache.init(cfg, tokens.shape[0], capacity).replace(window=window)
+def _prefill_then_decode(cfg, params, tokens, pad, T, capacity, grow_to=None):
+    """The prefill of T tokens, then one decode step per further token; the cache is resized to
+    ``grow_to`` slots after the first step."""
+    cache = KVCache.init(cfg, tokens.shape[0], capacity)
     last, cache = serve.make_prefill(cfg)(params, cache, tokens[:, :T], pad)
     steps = [last]
     for t in range(T, tokens.shape[1]):
+        if grow_to is not None and t == T + 1:
+            cache = cache.resize(grow_to)
         logits, cache = serve.make_decode_step(cfg)(params, cache, tokens[:, t])
         steps.append(logits)
     return jnp.stack(steps, axis=1), cache  # [B, 1 + extra, V]
@@ -69,13 +73,15 @@ def test_prefill_and_decode_equal_the_full_pass(family, n_kv_heads, key):
     assert int(cache.index) == 8
 
 
-def test_a_decode_window_gives_the_same_logits(key):
+def test_a_cache_grown_between_steps_gives_the_same_logits(key):
+    """6 slots, full after the first decode step, then grown to 16: the logits of the full pass."""
     cfg = tiny("llama", 2)
     params = params_of(cfg)
     tokens, pad, positions = _left_padded(cfg, key)
     full = full_logits(cfg, params, tokens, pad, positions)[:, 4:]
-    cached, _ = _prefill_then_decode(cfg, params, tokens, pad, 5, capacity=32, window=8)
+    cached, cache = _prefill_then_decode(cfg, params, tokens, pad, 5, capacity=6, grow_to=16)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * float(jnp.abs(full).max()))
+    assert cache.capacity == 16 and int(cache.index) == 8
 
 
 PROMPTS = [[5, 17, 99], [200, 3, 3, 41, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
@@ -254,15 +260,12 @@ def test_writing_past_the_cache_raises_and_leaves_it_intact():
         )
 
 
-def test_context_and_window_limits_raise():
+def test_context_limit_raises():
     cfg = tiny("gpt2")
     params = params_of(cfg)
     big = KVCache.init(cfg, 1, 80).replace(index=jnp.int32(cfg.max_len))
     with pytest.raises(ValueError, match=r"context overflow.*max_len\) is 64"):
         serve.make_decode_step(cfg)(params, big, jnp.ones((1,), jnp.int32))
-    narrow = KVCache.init(cfg, 1, 16).replace(index=jnp.int32(9), window=8)
-    with pytest.raises(ValueError, match="window"):
-        serve.make_decode_step(cfg)(params, narrow, jnp.ones((1,), jnp.int32))
 
 
 @pytest.mark.parametrize(
@@ -313,6 +316,7 @@ def test_buckets_bound_the_shapes():
     assert windows(8, 64) == [64]
     assert windows(8, 1024) == [128, 256, 512, 1024]
     assert windows(300, 1024) == [512, 1024]
+    assert windows(64, 1024) == [128, 256, 512, 1024]  # a step writing slot 64 needs 65 slots
 
 
 @pytest.mark.parametrize(
