@@ -13,6 +13,8 @@ DEPS := $(STAMP)
 PY := $(BIN)/python
 endif
 JAXLLM := $(PY) -m jaxllm
+# The experiments run under the allocator the `jaxllm` command preloads itself (jaxllm/launch.py).
+RUN = env $(shell $(PY) -m jaxllm.launch) $(PY)
 
 .PHONY: setup test test-all check fmt lint types clean bench
 
@@ -50,7 +52,7 @@ bench: $(DEPS)
 	$(JAXLLM) calibrate --refresh
 	$(JAXLLM) bench $(BENCH_FLAGS)
 	$(JAXLLM) serve-bench $(SERVE_BENCH)
-	$(PY) experiments/http_load.py
+	$(RUN) experiments/http_load.py
 
 # The engine's target (issue 14): 64 requests at once, 8 slots, prompts 16-128, outputs 16-256 on
 # `small` (its context widened to 512 to hold them): continuous >= 1.5x the tokens/s of static.
@@ -75,5 +77,5 @@ report: $(DEPS)
 	$(JAXLLM) train --out $(REPORT_RUN)
 	$(JAXLLM) generate --checkpoint $(REPORT_RUN) --prompts-file experiments/prompts.txt \
 		--max-new-tokens 160 --temperature 0.8 --top-k 40 --seed 0 --json > report/samples.json
-	for e in $(EXPERIMENTS); do echo "== experiment $$e"; $(PY) experiments/$$e.py || exit 1; done
+	for e in $(EXPERIMENTS); do echo "== experiment $$e"; $(RUN) experiments/$$e.py || exit 1; done
 	$(PY) experiments/report.py --run $(REPORT_RUN)

@@ -1,8 +1,11 @@
-"""jaxllm beside PyTorch on this machine: gpt2 train, prefill and decode, interleaved in one run.
+"""jaxllm beside PyTorch and llama.cpp on this machine: gpt2 train, prefill and decode, interleaved
+in one run.
 
 Each round times every jaxllm cell, then the PyTorch peer (``../shared/peers``: ``peer_train.py`` and
-``peer_generate.py`` run as subprocesses with the same shapes), so that load from other processes hits
-both alike. A cell's figure is the median over rounds of each round's median; the ratio is jaxllm's
+``peer_generate.py`` run as subprocesses with the same shapes), then llama.cpp where it is built
+(``../shared/peers/llamacpp/setup.sh``: ``llama-bench`` for the prefill, ``llama-batched-bench`` for
+decode steps, 2 threads, a random-weight gpt2 in GGUF f32 or bf16; its KV cache is f16, its own
+default), so that load from other processes hits them alike. A cell's figure is the median over rounds of each round's median; the ratio is jaxllm's
 speed over PyTorch's (> 1: jaxllm faster). Writes ``peers-cpu.csv`` and ``peers-cpu.md`` to --out.
 
 Shapes (the issue's table): train B=4 T=256 (f32, and bf16 compute with f32 master weights: torch
@@ -43,6 +46,8 @@ from jaxllm.model import init_params
 
 PEERS = Path(os.environ.get("PEERS_DIR", Path(__file__).resolve().parents[2] / "shared" / "peers"))
 PEER_PYTHON = os.environ.get("PEER_PYTHON", "/tmp/peerenv/bin/python")
+LLAMA_BIN = Path(os.environ.get("LLAMACPP_BIN", "/tmp/llamacpp/src/build/bin"))
+GGUF_DIR = Path(os.environ.get("GGUF_DIR", "/tmp/llamacpp/gguf"))
 GPT2 = ["--n-layer", "12", "--n-head", "12", "--d-model", "768", "--vocab", "50257"]
 DTYPES = ("float32", "bfloat16")
 # Mean context -> (prompt, new tokens) the peer runs, and the batch sizes timed there.
@@ -162,12 +167,49 @@ def peer_decode(dtype: str, context: int) -> dict[int, float]:
     return {r["config"]["batch"]: r["step_seconds"]["median"] for r in recs}
 
 
-Cell = tuple[str, Callable[[], Callable[[], float]], Callable[[], float]]
+def _llama(tool: str, dtype: str, *args: str) -> list[dict[str, Any]]:
+    """JSON records of a llama.cpp benchmark of gpt2 in ``dtype`` (2 threads)."""
+    model = GGUF_DIR / f"gpt2-{'f32' if dtype == 'float32' else 'bf16'}.gguf"
+    cmd = [str(LLAMA_BIN / tool), "-m", str(model), "-t", "2", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    text = done.stdout.strip()
+    return json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()]
+
+
+def llama_prefill(steps: int) -> float:
+    """Seconds of one 1024-token prompt (llama-bench's mean over ``steps`` repeats)."""
+    (rec,) = _llama(
+        "llama-bench", "float32", "-p", "1024", "-n", "0", "-r", str(steps), "-o", "json"
+    )
+    return 1024 / rec["avg_ts"]
+
+
+def llama_decode(dtype: str, context: int) -> dict[int, float]:
+    """Seconds per decode step by batch size: B sequences, each a (prompt, new) pair of CONTEXTS,
+    the step time being llama-batched-bench's generation time over its new tokens."""
+    (prompt, gen), batches = CONTEXTS[context]
+    size = max(batches) * (prompt + gen)
+    args = ["-c", str(size), "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen)]
+    args += ["-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+    recs = [r for r in _llama("llama-batched-bench", dtype, *args) if "t_tg" in r]
+    return {r["pl"]: r["t_tg"] / r["tg"] for r in recs}
+
+
+def _no_llama() -> float | None:
+    return None
+
+
+HAVE_LLAMA = (LLAMA_BIN / "llama-batched-bench").exists() and (GGUF_DIR / "gpt2-f32.gguf").exists()
+# (name, builder of the jaxllm timer, PyTorch timer, llama.cpp timer)
+Cell = tuple[
+    str, Callable[[], Callable[[], float]], Callable[[], float], Callable[[], float | None]
+]
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    """(name, builder of the jaxllm timer, PyTorch timer), in the order a round runs them. Builders
-    compile; cells decoding one dtype at one context share one peer process per round."""
+    """(name, builder of the jaxllm timer, PyTorch timer, llama.cpp timer), in the order a round
+    runs them. Builders compile; cells decoding one dtype at one context share one peer process (and
+    one llama.cpp process) per round. llama.cpp has no training; without its build, no column."""
     out: list[Cell] = []
     for dtype in DTYPES:
         out.append(
@@ -175,6 +217,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
                 f"train {dtype} B=4 T=256",
                 lambda d=dtype: jax_train(d, args.steps),
                 lambda d=dtype: peer_train(d, args.steps),
+                _no_llama,
             )
         )
     out.append(
@@ -182,17 +225,21 @@ def cells(args: argparse.Namespace) -> list[Cell]:
             "prefill float32 B=1 T=1024",
             lambda: jax_prefill(args.steps),
             lambda: peer_prefill(args.steps),
+            (lambda: llama_prefill(args.steps)) if HAVE_LLAMA else _no_llama,
         )
     )
     for dtype in DTYPES:
         for context, (_, batches) in CONTEXTS.items():
             peer = _shared(lambda d=dtype, c=context: peer_decode(d, c))
+            llama = _shared(lambda d=dtype, c=context: llama_decode(d, c))
             for b in batches:
+                theirs = (lambda q=llama, b=b: q()[b]) if HAVE_LLAMA else _no_llama
                 out.append(
                     (
                         f"decode {dtype} B={b} context {context}",
                         lambda d=dtype, b=b, c=context: jax_decode(d, b, c, args.decode_steps),
                         lambda p=peer, b=b: p()[b],
+                        theirs,
                     )
                 )
                 if context == 96 and b in args.generate_batches:
@@ -201,6 +248,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
                             f"generate {dtype} B={b} context 64-128",
                             lambda d=dtype, b=b: jax_generate(d, b),
                             lambda p=peer, b=b: p()[b],
+                            theirs,
                         )
                     )
     return out
@@ -221,9 +269,9 @@ def _shared(fn: Callable[[], dict[int, float]]) -> Callable[[], dict[int, float]
 _ROUND = [0]
 
 
-LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s$")
-# cell -> (jaxllm seconds, PyTorch seconds) by round
-Times = dict[str, tuple[list[float], list[float]]]
+LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s(?:, llama.cpp (\S+) s)?$")
+# cell -> (jaxllm seconds, PyTorch seconds, llama.cpp seconds or None) by round
+Times = dict[str, tuple[list[float], list[float], list[float | None]]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,46 +301,59 @@ def main(argv: list[str] | None = None) -> None:
         for log in args.from_log:
             for line in log.read_text().splitlines():
                 if m := LINE.match(line):
-                    mine, theirs = times.setdefault(m.group(2), ([], []))
+                    mine, torch, llama = times.setdefault(m.group(2), ([], [], []))
                     mine.append(float(m.group(3)))
-                    theirs.append(float(m.group(4)))
+                    torch.append(float(m.group(4)))
+                    llama.append(None if m.group(5) in (None, "-") else float(m.group(5)))
         names = ", ".join(log.name for log in args.from_log)
         _write(args, times, f"rebuilt from the logs of runs ({names})")
         return
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     todo = [
-        (name, build(), peer)
-        for name, build, peer in cells(args)
+        (name, build(), peer, llama)
+        for name, build, peer, llama in cells(args)
         if not args.only or any(word in name for word in args.only)
     ]
-    times = {}
+    times: Times = {}
     for r in range(args.rounds):
         _ROUND[0] = r
-        for name, mine, peer in todo:
-            j, p = mine(), peer()
-            times.setdefault(name, ([], []))[0].append(j)
-            times[name][1].append(p)
+        for name, mine, peer, llama in todo:
+            j, p, q = mine(), peer(), llama()
+            mine_s, torch_s, llama_s = times.setdefault(name, ([], [], []))
+            mine_s.append(j)
+            torch_s.append(p)
+            llama_s.append(q)
             print(
-                f"round {r} {name}: jaxllm {j:.6g} s, PyTorch {p:.6g} s",
+                f"round {r} {name}: jaxllm {j:.6g} s, PyTorch {p:.6g} s, llama.cpp "
+                f"{'-' if q is None else f'{q:.6g}'} s",
                 file=sys.stderr,
                 flush=True,
             )
             _write(args, times, f"run started {started}")  # a cut-off run leaves what it measured
 
 
+def _spread(xs: list[float]) -> str:
+    return f"{min(xs):.4g}-{max(xs):.4g}"
+
+
 def _write(args: argparse.Namespace, times: Times, when: str) -> None:
     rows = []
-    for name, (mine, theirs) in times.items():
-        j, p = statistics.median(mine), statistics.median(theirs)
+    for name, (mine, torch, llama) in times.items():
+        j, p = statistics.median(mine), statistics.median(torch)
+        q = [x for x in llama if x is not None]
+        ll = statistics.median(q) if q else None
         rows.append(
             {
                 "cell": name,
                 "jaxllm_s": j,
                 "pytorch_s": p,
                 "speed_ratio": p / j,
+                "llamacpp_s": ll,
+                "llamacpp_speed_ratio": None if ll is None else ll / j,
                 "rounds": len(mine),
-                "jaxllm_spread": f"{min(mine):.4g}-{max(mine):.4g}",
-                "pytorch_spread": f"{min(theirs):.4g}-{max(theirs):.4g}",
+                "jaxllm_spread": _spread(mine),
+                "pytorch_spread": _spread(torch),
+                "llamacpp_spread": _spread(q) if q else "",
             }
         )
     write_csv(args.out / "peers-cpu.csv", rows)
@@ -302,24 +363,27 @@ def _write(args: argparse.Namespace, times: Times, when: str) -> None:
 def _markdown(rows: list[dict[str, Any]], when: str) -> str:
     load = os.getloadavg()
     lines = [
-        "# jaxllm beside PyTorch on this CPU (generated by experiments/peers.py)",
+        "# jaxllm beside PyTorch and llama.cpp on this CPU (generated by experiments/peers.py)",
         "",
         f"{when.capitalize()}; {platform.processor() or platform.machine()}, {os.cpu_count()} "
         f"cores, jax {jax.__version__}; load average when written {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (the machine is shared: compare only ratios within this run). Seconds per "
         "train step, per prefill, per decode step; each the median over the rounds (column `rounds` "
-        "of the CSV) of each round's median, jaxllm and PyTorch timed one after the other per cell. "
-        "Ratio = jaxllm speed / PyTorch speed (> 1: jaxllm faster). `generate` rows: the on-device "
-        "loop's seconds per decode step "
-        "(contexts 64 to 128) beside the peer's step at context 96.",
+        "of the CSV) of each round's median, jaxllm, PyTorch and llama.cpp timed one after the other "
+        "per cell. Ratios = jaxllm's speed / the peer's (> 1: jaxllm faster). `generate` rows: the "
+        "on-device loop's seconds per decode step (contexts 64 to 128) beside the peers' step at "
+        "context 96. llama.cpp: 2 threads, its KV cache in f16; no training.",
         "",
-        "| cell | jaxllm (s) | PyTorch (s) | jaxllm / PyTorch speed | jaxllm range | PyTorch range |",
-        "|---|---|---|---|---|---|",
+        "| cell | jaxllm (s) | PyTorch (s) | jaxllm / PyTorch speed | llama.cpp (s) "
+        "| jaxllm / llama.cpp speed | jaxllm range | PyTorch range | llama.cpp range |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ll, lr = r["llamacpp_s"], r["llamacpp_speed_ratio"]
         lines.append(
             f"| {r['cell']} | {r['jaxllm_s']:.4g} | {r['pytorch_s']:.4g} | {r['speed_ratio']:.2f}× | "
-            f"{r['jaxllm_spread']} | {r['pytorch_spread']} |"
+            f"{'—' if ll is None else f'{ll:.4g}'} | {'—' if lr is None else f'{lr:.2f}×'} | "
+            f"{r['jaxllm_spread']} | {r['pytorch_spread']} | {r['llamacpp_spread'] or '—'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,5 @@
 import sys
 
-from jaxllm.cli import main
+from jaxllm.launch import main
 
 sys.exit(main())

@@ -1,0 +1,72 @@
+"""The ``jaxllm`` command's entry point: on Linux, it runs the CLI with a memory allocator that keeps
+freed pages (tcmalloc, else jemalloc told to keep them) preloaded, when one is installed.
+
+Why: XLA's CPU runtime allocates each step's temporaries and outputs afresh, and glibc's malloc hands
+large blocks back to the kernel when they are freed, so every step faults its pages in again. On the
+2-core development VM, writing a fresh 113 MB array cost 28k page faults and 60 ms (4 ms donated in
+place); a gpt2 f32 train step (B=4, T=256) took 11.3 s with glibc, 7.8 s with tcmalloc and 8.2 s with
+jemalloc; a bf16 decode step (B=1) 257 ms against 63 ms. The process re-executes itself once with
+``LD_PRELOAD`` set (the loader reads it only at start); PyTorch's CPU tuning guides give the same
+advice for the same reason.
+
+``JAXLLM_MALLOC``: unset (find one), ``system`` (never preload), or a library path or soname.
+Importing this module imports nothing heavy: it runs before JAX is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+PRELOADED = "JAXLLM_MALLOC_PRELOADED"  # set in the re-executed process: the library preloaded
+# Libraries tried in order, and what each needs in the environment to keep freed pages.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "tcmalloc_minimal": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
+    "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+}
+
+
+def preload_env(
+    environ: Mapping[str, str],
+    find: Callable[[str], str | None] = ctypes.util.find_library,
+    platform: str = sys.platform,
+) -> dict[str, str] | None:
+    """The environment to re-execute with, or None to run as is: on Linux only, once (the new
+    environment carries ``JAXLLM_MALLOC_PRELOADED``), unless ``JAXLLM_MALLOC`` is ``system``."""
+    choice = environ.get("JAXLLM_MALLOC", "")
+    if platform != "linux" or choice == "system" or PRELOADED in environ:
+        return None
+    if choice:
+        lib, extra = choice, next((v for k, v in ALLOCATORS.items() if k in choice), {})
+    else:
+        found = [(find(name), extra) for name, extra in ALLOCATORS.items()]
+        lib, extra = next(((f, e) for f, e in found if f), (None, {}))
+    if lib is None:
+        return None
+    preload = f"{lib} {environ.get('LD_PRELOAD', '')}".strip()
+    return {**environ, **extra, "LD_PRELOAD": preload, PRELOADED: lib}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Re-execute ``python -m jaxllm`` under a preloaded allocator if ``preload_env`` says so (the
+    process is replaced), else run the CLI here."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = preload_env(os.environ)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "jaxllm", *args], env)
+    from jaxllm.cli import main as cli_main
+
+    return cli_main(args)
+
+
+def env_assignments(environ: Mapping[str, str]) -> str:
+    """``K='v' ...`` for the variables ``preload_env`` adds or changes, for ``env`` in a shell (the
+    Makefile runs the experiments so); empty when there is nothing to preload."""
+    new = preload_env(environ) or {}
+    return " ".join(f"{k}='{v}'" for k, v in new.items() if environ.get(k) != v)
+
+
+if __name__ == "__main__":
+    print(env_assignments(os.environ))

@@ -1,0 +1,60 @@
+"""The command's allocator preload (jaxllm.launch): when it re-executes, with what, and that a
+re-executed command still runs."""
+
+import os
+import subprocess
+import sys
+
+from jaxllm.launch import PRELOADED, env_assignments, preload_env
+
+
+def _find(found: dict[str, str]):
+    return lambda name: found.get(name)
+
+
+def test_the_first_installed_allocator_is_preloaded_with_its_settings():
+    env = preload_env({"LD_PRELOAD": "libx.so"}, _find({"jemalloc": "libjemalloc.so.2"}), "linux")
+    assert env is not None
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2 libx.so"
+    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert env[PRELOADED] == "libjemalloc.so.2"
+    both = {"jemalloc": "libjemalloc.so.2", "tcmalloc_minimal": "libtcmalloc_minimal.so.4"}
+    env = preload_env({}, _find(both), "linux")
+    assert env is not None and env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+
+
+def test_no_preload_off_linux_when_asked_once_done_or_when_none_is_installed():
+    found = _find({"tcmalloc_minimal": "libtcmalloc_minimal.so.4"})
+    assert preload_env({}, found, "darwin") is None
+    assert preload_env({"JAXLLM_MALLOC": "system"}, found, "linux") is None
+    assert preload_env({PRELOADED: "libtcmalloc_minimal.so.4"}, found, "linux") is None
+    assert preload_env({}, _find({}), "linux") is None
+
+
+def test_a_named_library_is_preloaded_as_given():
+    env = preload_env({"JAXLLM_MALLOC": "/opt/libtcmalloc_minimal.so"}, _find({}), "linux")
+    assert env is not None and env["LD_PRELOAD"] == "/opt/libtcmalloc_minimal.so"
+    assert "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" in env
+
+
+def test_the_command_runs_after_re_executing_itself(tmp_path):
+    """libc itself stands in for an allocator: the command re-executes once and exits 0."""
+    env = {**os.environ, "JAXLLM_MALLOC": "libc.so.6"}
+    env.pop(PRELOADED, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxllm", "info", "--preset", "tiny", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"total"' in done.stdout
+
+
+def test_the_makefile_gets_the_same_variables_as_shell_words():
+    words = env_assignments({"JAXLLM_MALLOC": "/x/libjemalloc.so.2", "HOME": "/root"})
+    assert "LD_PRELOAD='/x/libjemalloc.so.2'" in words.split()
+    assert "MALLOC_CONF='dirty_decay_ms:-1,muzzy_decay_ms:-1'" in words.split()
+    assert "HOME" not in words
+    assert env_assignments({"JAXLLM_MALLOC": "system"}) == ""
