@@ -173,7 +173,9 @@ def _llama(tool: str, dtype: str, *args: str) -> list[dict[str, Any]]:
     cmd = [str(LLAMA_BIN / tool), "-m", str(model), "-t", "2", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     text = done.stdout.strip()
-    return json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()]
+    if text.startswith("["):
+        return json.loads(text)
+    return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
 
 
 def llama_prefill(steps: int) -> float:
