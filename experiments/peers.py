@@ -5,7 +5,8 @@ Each round times every jaxllm cell, then the PyTorch peer (``../shared/peers``: 
 ``peer_generate.py`` run as subprocesses with the same shapes), then llama.cpp where it is built
 (``../shared/peers/llamacpp/setup.sh``: ``llama-bench`` for the prefill, ``llama-batched-bench`` for
 decode steps, 2 threads, a random-weight gpt2 in GGUF f32 or bf16; its KV cache is f16, its own
-default), so that load from other processes hits them alike. A cell's figure is the median over rounds of each round's median; the ratio is jaxllm's
+default), so that load from other processes hits them alike. The script re-executes itself under the
+allocator the ``jaxllm`` command preloads (``jaxllm.launch``), and the peers, its children, inherit it. A cell's figure is the median over rounds of each round's median; the ratio is jaxllm's
 speed over PyTorch's (> 1: jaxllm faster). Writes ``peers-cpu.csv`` and ``peers-cpu.md`` to --out.
 
 Shapes (the issue's table): train B=4 T=256 (f32, and bf16 compute with f32 master weights: torch
@@ -37,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm import serve, train
+from jaxllm import launch, serve, train
 from jaxllm.cache import KVCache
 from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.experiment import write_csv
@@ -277,6 +278,8 @@ Times = dict[str, tuple[list[float], list[float], list[float | None]]]
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The allocator the jaxllm command runs under, inherited by the PyTorch peer and llama.cpp.
+    launch.preloaded([__file__, *(sys.argv[1:] if argv is None else argv)])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

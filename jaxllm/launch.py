@@ -49,21 +49,26 @@ def preload_env(
     return {**environ, **extra, "LD_PRELOAD": preload, PRELOADED: lib}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Re-execute ``python -m jaxllm`` under a preloaded allocator if ``preload_env`` says so (the
-    process is replaced), else run the CLI here."""
-    args = list(sys.argv[1:] if argv is None else argv)
+def preloaded(command: Sequence[str]) -> None:
+    """Replace this process by ``python *command`` under the allocator ``preload_env`` picks, if it
+    picks one; return otherwise. Scripts call it first (``preloaded([__file__, *sys.argv[1:]])``)."""
     env = preload_env(os.environ)
     if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "jaxllm", *args], env)
+        os.execve(sys.executable, [sys.executable, *command], env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``jaxllm`` command: re-executed under the allocator (``preloaded``), then the CLI."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    preloaded(["-m", "jaxllm", *args])
     from jaxllm.cli import main as cli_main
 
     return cli_main(args)
 
 
 def env_assignments(environ: Mapping[str, str]) -> str:
-    """``K='v' ...`` for the variables ``preload_env`` adds or changes, for ``env`` in a shell (the
-    Makefile runs the experiments so); empty when there is nothing to preload."""
+    """``K='v' ...`` for the variables ``preload_env`` adds or changes, for ``env`` in a Makefile
+    recipe (the experiments run so); empty when there is nothing to preload."""
     new = preload_env(environ) or {}
     return " ".join(f"{k}='{v}'" for k, v in new.items() if environ.get(k) != v)
 

@@ -2,11 +2,16 @@
 runs them as TF32 otherwise). A test marked ``standard_promotion`` runs under standard dtype promotion:
 for bf16 gradients through ``jax.nn.dot_product_attention``, whose backward pass (JAX's, traced when
 the step is lowered) mixes float32 cotangents with bfloat16 operands. On a GPU each xdist worker allocates what it uses instead of
-preallocating 75% of the card, so several workers share one device."""
+preallocating 75% of the card, so several workers share one device, and XLA's GPU kernels are
+deterministic: the scatter-add of the embedding gradient uses atomics otherwise, and the bit-exact
+resume tests compare two runs."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true"
 
 import jax
 import pytest
