@@ -377,7 +377,8 @@ def _markdown(rows: list[dict[str, Any]], when: str) -> str:
         "of the CSV) of each round's median, jaxllm, PyTorch and llama.cpp timed one after the other "
         "per cell. Ratios = jaxllm's speed / the peer's (> 1: jaxllm faster). `generate` rows: the "
         "on-device loop's seconds per decode step (contexts 64 to 128) beside the peers' step at "
-        "context 96. llama.cpp: 2 threads, its KV cache in f16; no training.",
+        "context 96. llama.cpp: 2 threads, its KV cache in f16; no training. Allocator preloaded "
+        f"for all three (`jaxllm.launch`): {os.environ.get(launch.PRELOADED, 'none (glibc)')}.",
         "",
         "| cell | jaxllm (s) | PyTorch (s) | jaxllm / PyTorch speed | llama.cpp (s) "
         "| jaxllm / llama.cpp speed | jaxllm range | PyTorch range | llama.cpp range |",
