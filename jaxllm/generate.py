@@ -59,7 +59,7 @@ MIN_WINDOW = 64  # below this many slots, growing the cache costs more than it s
 def windows(prompt_len: int, capacity: int) -> list[int]:
     """The cache sizes W of a generation's decode phases, in order: a decode step writing slot
     ``index`` runs with the cache resized to the first W > index (a step reads all W slots). Powers of
-    two from max(T, S/8, MIN_WINDOW) rounded up, then S: at most four compiled loop bodies, and each
+    two from max(T + 1, S/8, MIN_WINDOW) rounded up, then S: at most four compiled loop bodies, and each
     step reads under 2x its filled slots once they pass S/8."""
     out, w = [], bucket(max(prompt_len + 1, capacity // 8, MIN_WINDOW))
     while w < capacity:
