@@ -14,7 +14,7 @@ PY := $(BIN)/python
 endif
 JAXLLM := $(PY) -m jaxllm
 # The experiments run under the allocator the `jaxllm` command preloads itself (jaxllm/launch.py).
-RUN = env $(shell $(PY) -m jaxllm.launch) $(PY)
+RUN := $(PY) -m jaxllm.launch
 
 .PHONY: setup test test-all check fmt lint types clean bench
 

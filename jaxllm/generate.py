@@ -72,8 +72,9 @@ def _decode_loop(
     config: ModelConfig,
     sampler: Sampler,
     prompt_len: int,
+    capacity: int,
     params: Params,
-    cache: KVCache,
+    cache: KVCache,  # the first phase's size, windows(prompt_len, capacity)[0] slots, prefilled
     logits: jax.Array,  # [B, V] from prefill
     key: jax.Array,
     limits: jax.Array,  # [B] int32, each in [1, S - T]
@@ -82,10 +83,10 @@ def _decode_loop(
     """Sample, then decode until every row is done: one ``lax.while_loop`` per cache size
     (``windows``), the cache grown between them.
 
-    Returns out [B, S - T] (column n: the n-th new token), length [B], decode steps run, cache.
+    Returns out [B, S - T] (column n: the n-th new token), length [B], decode steps run, and the
+    cache, grown to S = ``capacity`` slots.
     """
-    B, capacity = logits.shape[0], cache.capacity
-    width = capacity - prompt_len
+    B, width = logits.shape[0], capacity - prompt_len
     key, sub = jax.random.split(key)
     state = _LoopState(
         cache=cache,
@@ -115,19 +116,22 @@ def _decode_loop(
 
 @functools.cache
 def make_decode_loop(
-    config: ModelConfig, sampler: Sampler, prompt_len: int, mesh: Mesh | None = None
+    config: ModelConfig, sampler: Sampler, prompt_len: int, capacity: int, mesh: Mesh | None = None
 ) -> Any:
-    """``fn(params, cache, logits, key, limits, stop) -> (out, length, steps, cache)``, jitted, the
-    cache donated: sampling and every decode step after a ``prompt_len``-token prefill, on device;
-    on a ``mesh``, laid out as ``jaxllm.mesh.ServeLayout`` says ([B, ...] arrays split like B), the
-    weights gathered over fsdp once, before the loop (as ``jaxllm.serve``'s phases gather them)."""
-    fn = functools.partial(_decode_loop, config, sampler, prompt_len)
+    """``fn(params, cache, logits, key, limits, stop) -> (out, length, steps, cache)``, jitted:
+    sampling and every decode step after a ``prompt_len``-token prefill into a cache of the first
+    phase's size, growing it to ``capacity`` slots, on device. The cache is donated when it has one
+    phase (in and out the same size; a grown cache cannot reuse the smaller buffer). On a ``mesh``,
+    laid out as ``jaxllm.mesh.ServeLayout`` says ([B, ...] arrays split like B), the weights
+    gathered over fsdp once, before the loop (as ``jaxllm.serve``'s phases gather them)."""
+    fn = functools.partial(_decode_loop, config, sampler, prompt_len, capacity)
+    donate = (1,) if len(windows(prompt_len, capacity)) == 1 else ()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=1)
+        return jax.jit(fn, donate_argnums=donate)
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         meshes.with_gathered_weights(fn, mesh),
-        donate_argnums=1,
+        donate_argnums=donate,
         in_shardings=(at.params, at.cache, at.rows, at.replicated, at.rows, at.replicated),
         out_shardings=(at.rows, at.rows, at.replicated, at.cache),
     )
@@ -169,21 +173,26 @@ def _prefill_batch(
     return logits, cache, time.perf_counter() - start
 
 
+def first_slots(batch: Batch) -> int:
+    """Slots of the cache a batch is prefilled into: the first decode phase's (``windows``)."""
+    return windows(batch.tokens.shape[1], batch.capacity)[0]
+
+
 def _compile_prefill(config: ModelConfig, params: Params, batch: Batch, mesh: Mesh | None) -> Any:
     """Prefill compiled ahead for this batch's shapes, so that its timing excludes compilation.
 
     Call the returned executable itself: a later call of the jitted function compiles again (its
     concrete arguments carry shardings the abstract ones lack)."""
-    cache = jax.eval_shape(lambda: KVCache.init(config, batch.tokens.shape[0], batch.capacity))
+    cache = jax.eval_shape(lambda: KVCache.init(config, batch.tokens.shape[0], first_slots(batch)))
     return make_prefill(config, mesh).lower(params, cache, batch.tokens, batch.pad).compile()
 
 
 def _place(
     config: ModelConfig, params: Params, batch: Batch, mesh: Mesh | None
 ) -> tuple[Params, KVCache]:
-    """The parameters and an empty cache for ``batch``, laid out on ``mesh`` (None: one device):
-    the cache is created in place, never whole on one device."""
-    rows, capacity = batch.tokens.shape[0], batch.capacity
+    """The parameters and an empty cache for ``batch`` (``first_slots``), laid out on ``mesh``
+    (None: one device): the cache is created in place, never whole on one device."""
+    rows, capacity = batch.tokens.shape[0], first_slots(batch)
     if mesh is None:
         return params, KVCache.init(config, rows, capacity)
     meshes.check_divides(mesh, config, rows)
@@ -213,7 +222,7 @@ def generate(
     stop = check_tokens(config, np.asarray(stop_tokens, np.int32).reshape(-1), "stop token")
     key = jax.random.key(0) if key is None else key
     params, cache = _place(config, params, batch, mesh)
-    loop = make_decode_loop(config, sampler, batch.tokens.shape[1], mesh)
+    loop = make_decode_loop(config, sampler, batch.tokens.shape[1], batch.capacity, mesh)
     start = time.perf_counter()
     prefill = _compile_prefill(config, params, batch, mesh)
     logits = jax.ShapeDtypeStruct((batch.tokens.shape[0], config.vocab_size), jnp.float32)

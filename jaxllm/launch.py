@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import runpy
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -66,12 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(args)
 
 
-def env_assignments(environ: Mapping[str, str]) -> str:
-    """``K='v' ...`` for the variables ``preload_env`` adds or changes, for ``env`` in a Makefile
-    recipe (the experiments run so); empty when there is nothing to preload."""
-    new = preload_env(environ) or {}
-    return " ".join(f"{k}='{v}'" for k, v in new.items() if environ.get(k) != v)
+def run_script(argv: Sequence[str]) -> None:
+    """``python -m jaxllm.launch SCRIPT [ARGS]``: the script under the allocator (re-executed as
+    ``python SCRIPT ARGS``), or here as ``__main__`` when there is none to preload. The Makefile runs
+    the experiments so."""
+    preloaded(argv)
+    sys.argv = list(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    runpy.run_path(argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":
-    print(env_assignments(os.environ))
+    run_script(sys.argv[1:])

@@ -69,7 +69,7 @@ def _programs(config: ModelConfig, params, mesh) -> dict:
     rows = batch.tokens.shape[0]
     params, cache = gen._place(served, params, batch, mesh)
     prefill = gen._compile_prefill(served, params, batch, mesh)
-    loop = gen.make_decode_loop(served, GREEDY, batch.tokens.shape[1], mesh)
+    loop = gen.make_decode_loop(served, GREEDY, batch.tokens.shape[1], batch.capacity, mesh)
     logits = jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32)
     stop = np.zeros((0,), np.int32)
     decode = loop.lower(params, cache, logits, jax.random.key(0), batch.limits, stop).compile()

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from jaxllm.launch import PRELOADED, env_assignments, preload_env
+from jaxllm.launch import PRELOADED, preload_env
 
 
 def _find(found: dict[str, str]):
@@ -52,9 +52,20 @@ def test_the_command_runs_after_re_executing_itself(tmp_path):
     assert '"total"' in done.stdout
 
 
-def test_the_makefile_gets_the_same_variables_as_shell_words():
-    words = env_assignments({"JAXLLM_MALLOC": "/x/libjemalloc.so.2", "HOME": "/root"})
-    assert "LD_PRELOAD='/x/libjemalloc.so.2'" in words.split()
-    assert "MALLOC_CONF='dirty_decay_ms:-1,muzzy_decay_ms:-1'" in words.split()
-    assert "HOME" not in words
-    assert env_assignments({"JAXLLM_MALLOC": "system"}) == ""
+def test_a_script_runs_as_main_with_its_arguments(tmp_path):
+    """``python -m jaxllm.launch SCRIPT ARGS`` (the Makefile's experiments), with and without an
+    allocator to preload (libc stands in for one)."""
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nprint(__name__, sys.argv[1:])\n")
+    for choice in ("system", "libc.so.6"):
+        env = {**os.environ, "JAXLLM_MALLOC": choice}
+        env.pop(PRELOADED, None)
+        done = subprocess.run(
+            [sys.executable, "-m", "jaxllm.launch", str(script), "a", "--b"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "__main__ ['a', '--b']"

@@ -226,7 +226,7 @@ def test_decode_step_updates_the_cache_in_place(family):
 def test_generation_is_one_program_with_on_device_loops():
     cfg = tiny("gpt2")
     params, cache = _abstract(cfg, 3, 16)
-    loop = make_decode_loop(cfg, GREEDY, 8)
+    loop = make_decode_loop(cfg, GREEDY, 8, 16)
     args = (
         jax.ShapeDtypeStruct((3, cfg.vocab_size), jnp.float32),
         jax.random.key(0),
