@@ -7,9 +7,10 @@ FLOP convention: matmuls only (2 FLOPs per multiply-add), the way XLA counts a d
 (norms, GELU/SiLU, softmax, biases, the AdamW update) is left out: it is O(1/D) of the total and XLA
 counts it as well, so XLA's figure sits slightly above these (under 3% for D >= 256, H >= 64).
 Attention is given two ways:
-- ``"xla"``: what the program computes — every query against every key slot it is handed: the full
-  T × T score matrix without a cache, and T × (S + T) with a cache of S slots (the model scores the
-  whole allocated cache, filled or not, plus the new tokens' own keys);
+- ``"xla"``: what the program computes — every query against every key slot it is handed: without a
+  cache, each query block against the keys up to its end (``jaxllm.attention.causal_blocks``: T × T
+  for T <= 64, about 9/16 of it at T = 1024), and T × (S + T) with a cache of S slots (the model
+  scores the whole allocated cache, filled or not, plus the new tokens' own keys);
 - ``"causal"``: useful work — query t sees t + 1 new keys plus the filled slots before it.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jaxllm.attention import causal_blocks
 from jaxllm.config import ModelConfig
 
 Attention = Literal["xla", "causal"]
@@ -97,6 +99,11 @@ def attention_flops(config: ModelConfig, batch: int, queries: int, keys: int) ->
     return 4 * batch * config.n_layers * config.d_model * queries * keys
 
 
+def blocked_pairs(seq: int) -> int:
+    """(query, key) pairs the blocked causal pass over ``seq`` tokens scores (``causal_blocks``)."""
+    return sum((b - a) * b for a, b in causal_blocks(seq))
+
+
 def _causal_pairs(new: int, filled: int) -> int:
     """(query, key) pairs a causal pass needs: query t sees ``filled`` old keys and t + 1 new ones."""
     return new * filled + new * (new + 1) // 2
@@ -114,8 +121,8 @@ def weight_flops(
 
 def forward_flops(config: ModelConfig, batch: int, seq: int, attention: Attention = "xla") -> int:
     """A full forward pass over tokens[B, T] with no cache (the train-step forward): the weights at
-    every position, and attention over T × T pairs ("xla") or T(T + 1)/2 ("causal")."""
-    pairs = seq * seq if attention == "xla" else _causal_pairs(seq, 0)
+    every position, and attention over the blocked pass's pairs ("xla") or T(T + 1)/2 ("causal")."""
+    pairs = blocked_pairs(seq) if attention == "xla" else _causal_pairs(seq, 0)
     return weight_flops(config, batch, seq) + attention_flops(config, batch, pairs, 1)
 
 
@@ -163,9 +170,11 @@ def prefill_flops(
     positions whose logits are discarded, measured in tests/test_analytic.py; 1 for
     ``jaxllm.serve``'s prefill, which runs the head at the last position only). Attention: the new
     tokens against the S read slots (empty, masked) and against each other, so "xla" counts
-    T × (S + T) pairs and "causal" T(T + 1)/2.
+    T × (S + T) pairs (with S = 0: the blocked causal pass, ``blocked_pairs``) and "causal"
+    T(T + 1)/2.
     """
-    pairs = seq * (slots + seq) if attention == "xla" else _causal_pairs(seq, 0)
+    xla = seq * (slots + seq) if slots else blocked_pairs(seq)
+    pairs = xla if attention == "xla" else _causal_pairs(seq, 0)
     return weight_flops(config, batch, seq, head_positions) + attention_flops(
         config, batch, pairs, 1
     )
@@ -221,45 +230,48 @@ def saved_per_layer(config: ModelConfig, seq: int) -> dict[str, int]:
 
     Counted from what a train step saves (``jax.ad_checkpoint.saved_residuals`` of the loss, unrolled
     layers; checked in tests/test_analytic.py). Per token: each of the 2 norms keeps 4 width-D tensors
-    (x², x - mean, normalized, scaled) and 2 scalars; attention keeps the scaled queries (D), keys and
-    values (K·H each), its output before ``o`` (D) and 2 softmax row statistics per query head; rotary
-    keeps sin and cos for q and k (4 × H/2); the MLP keeps 6 width-F tensors (GELU: pre-activation and
-    the tanh approximation's intermediates; SwiGLU: gate, up, silu's 3, the product). Per (query, key)
-    pair and query head: the masked scores, exp(scores), the probabilities (``values``) and the mask
-    (1 byte, ``mask_bytes``). Under nn.scan the mask and masked scores are hoisted out of the loop
-    and shared by the layers, so this count is an upper bound there.
+    (x², x - mean, normalized, scaled) and 2 scalars; attention (``jaxllm.attention``'s blocked causal
+    pass) keeps the scaled queries (D), keys and values (K·H each), its output before and after the
+    softmax normalisation (D each) and 2 row statistics per query head; rotary keeps sin and cos for q
+    and k (4 × H/2); the MLP keeps 6 width-F tensors (GELU: pre-activation and the tanh
+    approximation's intermediates; SwiGLU: gate, up, silu's 3, the product). Each query block but the
+    last keeps the prefix of keys and values it read (``key_slices``). Per scored (query, key) pair and
+    query head (``causal_blocks``): exp(scores) in float32, and its cast to a narrower compute dtype
+    (``score_bytes``).
     Remat "full" keeps only the layer input (D per token); "dots" keeps the matmul outputs q, k, v,
-    o, scores, probs·v, up (and gate) and down; "dots_no_batch" the same without the two attention
-    matmuls (their outputs have batch dimensions).
+    o, the float32 scores and probs·v, up (and gate) and down; "dots_no_batch" the same without the
+    two attention matmuls (their outputs have batch dimensions).
 
     ``head_values`` is the part of ``values`` that belongs to one query or key/value head or one MLP
     column, which tensor parallelism splits (``jaxllm.mesh``: q, k, v, up and gate column-parallel):
-    queries, keys, values, the attention output before ``o``, the softmax statistics, the per-pair
-    tensors and the MLP's width-F tensors. The rest — the norms' [B, T, D] tensors, rotary's sin and
-    cos, the layer input, and the outputs of ``o`` and ``down`` (row-parallel: each device holds a
-    full-width partial sum) — is replicated. The mask is per head: split too.
+    queries, keys, values, the attention outputs, the softmax statistics and the MLP's width-F
+    tensors; ``score_bytes`` are per head too. The rest — the norms' [B, T, D] tensors, rotary's sin
+    and cos, the layer input, and the outputs of ``o`` and ``down`` (row-parallel: each device holds a
+    full-width partial sum) — is replicated.
     """
     D, F, KH = config.d_model, config.d_ff, config.n_kv_heads * config.head_dim
     N, H = config.n_heads, config.head_dim
     n_up = _mlp_matrices(config) - 1
+    blocks = causal_blocks(seq)
+    pairs = N * blocked_pairs(seq)
     if config.remat == "full":
-        return {"values": seq * D, "head_values": 0, "mask_bytes": 0}
+        return {"values": seq * D, "head_values": 0, "score_bytes": 0}
     if config.remat in ("dots", "dots_no_batch"):
         attention = config.remat == "dots"
-        scores = N * seq * seq if attention else 0
-        per_head = D + 2 * KH + n_up * F + (D if attention else 0)  # q, k, v, up (gate), probs·v
+        per_head = D + 2 * KH + n_up * F  # q, k, v, up (gate)
         return {
-            "values": seq * (per_head + 2 * D) + scores,  # + the outputs of o and down
-            "head_values": seq * per_head + scores,
-            "mask_bytes": 0,
+            "values": seq * (per_head + 2 * D),  # + the outputs of o and down
+            "head_values": seq * per_head,
+            "score_bytes": (pairs + seq * D) * 4 if attention else 0,  # scores, probs·v: float32
         }
+    itemsize = _bytes(config.compute_dtype)
     rotary = 2 * H if config.positions == "rotary" else 0
-    per_head = 2 * D + 2 * KH + 2 * N + 6 * F
-    pairs = 3 * N * seq * seq
+    key_slices = 2 * KH * sum(b for _, b in blocks[:-1])
+    per_head = 3 * D + 2 * KH + 2 * N + 6 * F
     return {
-        "values": seq * (2 * (4 * D + 2) + rotary + per_head) + pairs,
-        "head_values": seq * per_head + pairs,
-        "mask_bytes": N * seq * seq,
+        "values": seq * (2 * (4 * D + 2) + rotary + per_head) + key_slices,
+        "head_values": seq * per_head + key_slices,
+        "score_bytes": pairs * (4 + (itemsize if itemsize != 4 else 0)),
     }
 
 
@@ -267,15 +279,16 @@ def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1)
     """Activations a train step holds between forward and backward, bytes, on one device when heads
     and MLP columns are split ``tensor`` ways (1: the whole step).
 
-    L layers' saved values (``saved_per_layer``, at the compute dtype; its ``head_values`` and mask
-    divided by ``tensor``) + the final norm's (4·D + 2 per token) + the loss's float32 exp(logits)
-    [B, T, V] and per-token normaliser; a tied head also keeps the transposed embedding [D, V]. The
-    final norm, logits and head are replicated on tensor (the head's rule splits only D, on fsdp).
+    L layers' saved values (``saved_per_layer``, at the compute dtype; its ``head_values`` and
+    ``score_bytes`` divided by ``tensor``) + the final norm's (4·D + 2 per token) + the loss's float32
+    exp(logits) [B, T, V] and per-token normaliser; a tied head also keeps the transposed embedding
+    [D, V]. The final norm, logits and head are replicated on tensor (the head's rule splits only D,
+    on fsdp).
     """
     saved = saved_per_layer(config, seq)
     itemsize = _bytes(config.compute_dtype)
     values = saved["values"] - saved["head_values"] + saved["head_values"] // tensor
-    layer = values * itemsize + saved["mask_bytes"] // tensor
+    layer = values * itemsize + saved["score_bytes"] // tensor
     final = seq * (4 * config.d_model + 2) * itemsize + seq * (config.vocab_size + 1) * 4
     table = config.d_model * config.vocab_size * itemsize if config.tie_embeddings else 0
     return batch * (config.n_layers * layer + final) + table

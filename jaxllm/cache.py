@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxllm.attention import cached_attention
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.model import Attend, cached_attention
+from jaxllm.model import Attend
 
 
 def cache_dtype(config: ModelConfig) -> jnp.dtype:
@@ -109,7 +110,7 @@ class KVCache(struct.PyTreeNode):
 
     def attend(self, i: int) -> Attend:
         """Layer i's attention for new tokens at slots ``index + t``: to the cache's filled, unpadded
-        slots and causally to each other (``model.cached_attention``)."""
+        slots and causally to each other (``attention.cached_attention``)."""
         return functools.partial(
             cached_attention, kv=self.layer(i), pad=self.pad, offset=self.index
         )

@@ -19,20 +19,19 @@ loop (``block_0`` ... ``block_{L-1}``); ``stack_layers``/``unstack_layers`` conv
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.attention import LayerKV, causal_attention
 from jaxllm.config import ModelConfig
 
 Params = dict[str, Any]
-LayerKV = tuple[jax.Array, jax.Array]  # ([B, K, S, H], [B, K, S, H]) keys and values of one layer
 # attend(q [B, T, N, H], k_new [B, K, T, H], v_new [B, K, T, H]) -> [B, T, N, H]: a layer's attention
 # supplied by the caller (a KV cache); LayerAttend maps a layer index to it.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -140,95 +139,6 @@ def rope(x: jax.Array, positions: jax.Array, freq: np.ndarray) -> jax.Array:
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]  # [B, T, 1, H/2]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def attention_mask(pad: jax.Array, offset: jax.Array | int, t: int, s: int, new: bool) -> jax.Array:
-    """Which keys each query may attend to: bool [B, 1, 1, T, S].
-
-    Row b's query t sits in slot ``offset + t`` (``offset``: one int, or [B] per row). New keys
-    (``new=True``) sit in slots ``offset + s``; cached keys in slots ``s`` < ``offset``. A key is
-    visible if its slot is at or after ``pad[b]`` and not after the query's slot.
-    """
-    off = jnp.broadcast_to(jnp.asarray(offset), pad.shape)[:, None, None]  # [B, 1, 1]
-    q_slot = off + jnp.arange(t)[None, :, None]  # [B, T, 1]
-    k_slot = (off if new else 0) + jnp.arange(s)[None, None, :]  # [B or 1, 1, S]
-    visible = k_slot <= q_slot if new else jnp.broadcast_to(k_slot < off, (pad.shape[0], t, s))
-    unpadded = k_slot >= pad[:, None, None]  # [B, 1, S]
-    return (visible & unpadded)[:, None, None, :, :]
-
-
-_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def attention_implementation(dtype: jnp.dtype, head_dim: int) -> Literal["cudnn", "xla"]:
-    """``jax.nn.dot_product_attention``'s implementation for this device, dtype and head dim H.
-
-    "cudnn" (the fused flash kernel: no [T, S] scores in memory, the causal half skipped) on an NVIDIA
-    GPU for bf16/fp16 with H a multiple of 8 up to 128; "xla" (scores materialised) elsewhere. The
-    default (None) is XLA's in jax 0.10, even on a GPU, so the choice is made here.
-    """
-    on_cuda = jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version
-    fits = jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if on_cuda and fits else "xla"
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pad: jax.Array | None) -> jax.Array:
-    """Causal self-attention of a whole sequence, through ``jax.nn.dot_product_attention``.
-
-    q [B, T, N, H], k and v [B, T, K, H] (N a multiple of K: grouped queries share a key head) ->
-    [B, T, N, H]. Scores scaled by 1/sqrt(H); softmax in float32. Keys in columns below ``pad[b]``
-    (left padding, None: none) are hidden; a query with no visible key (a padding row) gets uniform
-    weights, not NaN.
-    """
-    T = q.shape[1]
-    mask = None
-    if pad is not None:
-        mask = jnp.broadcast_to(
-            jnp.arange(T)[None, None, None, :] >= pad[:, None, None, None], (pad.shape[0], 1, T, T)
-        )
-    attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=True)
-    # jax.nn's attention mixes bf16 inputs with f32 logits inside: standard promotion, as for norms.
-    with jax.numpy_dtype_promotion("standard"):
-        try:
-            return attend(implementation=attention_implementation(q.dtype, q.shape[-1]))
-        except (NotImplementedError, RuntimeError):  # cuDNN missing, or this shape unsupported
-            return attend(implementation="xla")
-
-
-def cached_attention(
-    q: jax.Array,  # [B, T, N, H]
-    k_new: jax.Array,  # [B, K, T, H]
-    v_new: jax.Array,  # [B, K, T, H]
-    kv: LayerKV,  # ([B, K, S, H], [B, K, S, H]) read only
-    pad: jax.Array,  # [B]
-    offset: jax.Array | int,  # one int, or [B] per row
-) -> jax.Array:
-    """Attention of T new queries (slots ``offset + t``) to the S cached slots and to each other:
-    [B, T, N, H], computed in the cache's dtype (``jaxllm.cache.cache_dtype``). Scores are computed
-    block by block (cache, new) so the cache is never concatenated (a copy); the softmax runs in
-    float32 over both blocks."""
-    B, T, N, H = q.shape
-    K = k_new.shape[1]
-    k_old, v_old = kv
-    dtype = k_old.dtype
-    q = q.astype(dtype).reshape(B, T, K, N // K, H) * jnp.asarray(1.0 / math.sqrt(H), dtype)
-    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
-    scores = [
-        jnp.einsum("BTKGH,BKSH->BKGTS", q, k_old),
-        jnp.einsum("BTKGH,BKSH->BKGTS", q, k_new),
-    ]
-    masks = [
-        attention_mask(pad, offset, T, k_old.shape[2], new=False),
-        attention_mask(pad, offset, T, T, new=True),
-    ]
-    logits = jnp.concatenate(scores, axis=-1).astype(jnp.float32)
-    # A fully masked row (a padding query) gets uniform weights rather than NaN.
-    logits = jnp.where(jnp.concatenate(masks, axis=-1), logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    S = k_old.shape[2]
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S], v_old)
-    out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., S:], v_new)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 class Attention(nn.Module):

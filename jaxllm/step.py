@@ -29,9 +29,10 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxllm import mesh as meshes
+from jaxllm.attention import cached_attention, causal_attention
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.model import Attend, Params, Transformer, cached_attention, causal_attention
+from jaxllm.model import Attend, Params, Transformer
 from jaxllm.slots import SlotCache
 
 Array = Any  # numpy arrays when the host builds them, jax.Array inside the program

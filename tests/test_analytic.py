@@ -76,6 +76,14 @@ def test_prefill_and_decode_flops_match_xla(name):
     assert decode.flops == pytest.approx(want, rel=0.03)
 
 
+def test_past_one_block_xla_counts_the_blocked_pairs():
+    """T = 256 in 4 blocks of 64 queries against 64, 128, 192, 256 keys: 5/8 of T × T pairs."""
+    config, seq = CONFIGS["gelu-gqa-scanned"].replace(max_len=256), 256
+    assert analytic.blocked_pairs(seq) == 64 * (64 + 128 + 192 + 256) == seq * seq * 5 // 8
+    cost = analyze(train_step(config), *train_args(config, 1, seq))
+    assert cost.flops == pytest.approx(analytic.train_flops(config, 1, seq), rel=0.03)
+
+
 def test_causal_attention_is_about_half_of_what_xla_computes():
     config = CONFIGS["gelu-gqa-scanned"]
     full = analytic.forward_flops(config, B, T) - analytic.weight_flops(config, B, T)
@@ -83,19 +91,21 @@ def test_causal_attention_is_about_half_of_what_xla_computes():
     assert causal == pytest.approx(full / 2 * (T + 1) / T)
 
 
+@pytest.mark.parametrize("seq", [T, 200])  # one query block; four, the last partial
 @pytest.mark.parametrize(
     "config",
     [CONFIGS["gelu-gqa-scanned"].replace(scan_layers=False), CONFIGS["swiglu-rotary-unrolled"]],
 )
-def test_activation_count_is_what_the_step_saves(config):
-    saved = saved_residuals(loss_fn(config), param_shapes(config), train_args(config, B, T)[1])
+def test_activation_count_is_what_the_step_saves(config, seq):
+    config = config.replace(max_len=seq)
+    saved = saved_residuals(loss_fn(config), param_shapes(config), train_args(config, B, seq)[1])
     measured = sum(
         aval.size * aval.dtype.itemsize  # pyright: ignore[reportAttributeAccessIssue]
         for aval, why in saved
         if "argument" not in why and "literal" not in why
     )
     # Only small integer index tensors of the embedding and loss are left out of the formula.
-    assert analytic.activation_bytes(config, B, T) == pytest.approx(measured, rel=0.01)
+    assert analytic.activation_bytes(config, B, seq) == pytest.approx(measured, rel=0.01)
 
 
 def test_train_footprint_is_params_grads_adam_and_activations():

@@ -11,7 +11,6 @@ from jaxllm.cache import KVCache
 from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.model import (
     Transformer,
-    attention_implementation,
     count_params,
     stack_layers,
     unstack_layers,
@@ -181,12 +180,3 @@ def test_mixed_precision_keeps_f32_params_and_bf16_compute(key):
     tokens = jnp.zeros((1, 4), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p: forward(cfg, p, tokens))(params)
     assert "bf16" in str(jaxpr)
-
-
-def test_attention_implementation_follows_device_dtype_and_head_dim():
-    """cuDNN's fused kernel only where it applies (an NVIDIA GPU, bf16/fp16, H % 8 == 0, H <= 128)."""
-    cuda = jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version
-    assert attention_implementation(jnp.dtype(jnp.float32), 64) == "xla"
-    assert attention_implementation(jnp.dtype(jnp.bfloat16), 64) == ("cudnn" if cuda else "xla")
-    assert attention_implementation(jnp.dtype(jnp.bfloat16), 60) == "xla"
-    assert attention_implementation(jnp.dtype(jnp.float16), 256) == "xla"
