@@ -5,9 +5,10 @@ bandwidth and capacity, each with its source. ``calibrate()`` measures what this
 
 - matmul FLOP/s with bf16 inputs accumulated in f32, in full-precision f32, and on a GPU in TF32
   (what an f32 matmul at JAX's default precision runs as there), at sizes that reach the peak
-  (8192³ bf16 on an accelerator);
-- the read bandwidth of a streaming reduction (``jnp.sum`` over ≥ 1 GiB), the memory roof: a decode
-  step mostly reads, and nothing that runs on the device reads faster;
+  (8192³ bf16 on an accelerator; on a CPU the side climbs until the rate stops rising);
+- the read bandwidth of a streaming read (the faster of ``jnp.sum`` and a matrix-vector product
+  over ≥ 1 GiB), the memory roof: a decode step mostly reads, and nothing that runs on the device
+  reads faster;
 - the bandwidth of a donated in-place ``x + 1`` (read + write), shown beside it.
 
 Each figure is the best of several timed repeats after a warm-up: a roof is what the device can do. On a known accelerator a
@@ -33,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-FORMAT = 2  # bumped when the calibration's fields change; older caches are measured afresh
+FORMAT = 3  # bumped when the calibration's fields change; older caches are measured afresh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,21 +157,29 @@ def published(kind: str | None = None) -> Published | None:
 class Sizes:
     """What one calibration runs: matmul sides, bytes streamed, calls per timed repeat."""
 
-    matmul_n: int  # bf16 and TF32 products are [n, n] @ [n, n]
-    f32_n: int  # full-precision f32 product (slow on tensor-core GPUs)
+    matmul_n: tuple[int, ...]  # bf16 and TF32 products [n, n] @ [n, n], sides climbed in order
+    f32_n: tuple[int, ...]  # full-precision f32 products (slow on tensor-core GPUs)
     read_bytes: int
     copy_bytes: int
     calls: int  # back-to-back calls per timed repeat (amortises dispatch on an accelerator)
     repeats: int
 
 
+CLIMB = 1.1  # the matmul side climbs while each side runs 10% faster than the one before
+
+
 def sizes(platform: str, quick: bool) -> Sizes:
-    """Peak-reaching sizes per platform; ``quick`` is for tests (about a second anywhere)."""
+    """Peak-reaching sizes per platform; ``quick`` is for tests (about a second anywhere).
+
+    On a CPU the matmul side climbs 1024 -> 2048 -> 4096 and stops at the first side not ``CLIMB``
+    faster than the one before: where the rate peaks differs by machine (measured: 2048³ f32 156 GFLOP/s and 4096³
+    118 on a 2-core AVX2 host, 126 and 245 on a 2-core AMX one), and 4096³ costs seconds a call.
+    """
     if quick:
-        return Sizes(512, 512, 64 << 20, 64 << 20, 1, 3)
-    if platform == "cpu":  # under 10 s on 2 cores; 4096³ reaches XLA:CPU's GEMM peak
-        return Sizes(4096, 4096, 1 << 30, 256 << 20, 1, 2)
-    return Sizes(8192, 4096, 2 << 30, 1 << 30, 10, 5)
+        return Sizes((512,), (512,), 64 << 20, 64 << 20, 1, 3)
+    if platform == "cpu":
+        return Sizes((1024, 2048, 4096), (1024, 2048, 4096), 1 << 30, 256 << 20, 1, 3)
+    return Sizes((8192,), (4096,), 2 << 30, 1 << 30, 10, 5)
 
 
 def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> float:
@@ -186,19 +195,33 @@ def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> float
     return min(times)
 
 
-def _matmul_flops_per_s(n: int, dtype: Any, precision: str, size: Sizes) -> float:
-    """Achieved FLOP/s of an [n, n] @ [n, n] product in ``dtype`` accumulated in f32."""
+def _matmul_flops_per_s(sides: tuple[int, ...], dtype: Any, precision: str, size: Sizes) -> float:
+    """The best achieved FLOP/s of [n, n] @ [n, n] products in ``dtype`` accumulated in f32, n
+    climbing through ``sides`` while each side is ``CLIMB`` faster than the one before."""
     dot = jax.jit(
         lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
     )
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    return 2 * n**3 / _seconds_per_call(dot, (a, a), size)
+    best = 0.0
+    for n in sides:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        rate = 2 * n**3 / _seconds_per_call(dot, (a, a), size)
+        if rate < best * CLIMB:
+            return max(rate, best)
+        best = rate
+    return best
 
 
 def _read_bytes_per_s(size: Sizes) -> float:
-    """Achieved bytes/s of a jitted ``jnp.sum`` over ``size.read_bytes`` of f32: read once."""
+    """Achieved bytes/s reading ``size.read_bytes`` of f32 once: the faster of a jitted ``jnp.sum``
+    and a product of the array (as [n, 4096] rows) with a vector, which XLA:CPU spreads over every
+    core where it runs the sum on one (measured on 2 cores: 29 and 34 GB/s)."""
     x = jnp.ones((size.read_bytes // 4,), jnp.float32)
-    return size.read_bytes / _seconds_per_call(jax.jit(jnp.sum), (x,), size)
+    rows, ones = x.reshape(-1, 4096), jnp.ones((4096,), jnp.float32)
+    fastest = min(
+        _seconds_per_call(jax.jit(jnp.sum), (x,), size),
+        _seconds_per_call(jax.jit(jnp.matmul), (rows, ones), size),
+    )
+    return size.read_bytes / fastest
 
 
 def _copy_bytes_per_s(size: Sizes) -> float:
@@ -253,13 +276,18 @@ def suspect(calibration: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _json(value: Any) -> Any:
+    """A value as JSON gives it back (tuples as lists), so a cached calibration equals a fresh one."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def measure(quick: bool = False) -> dict[str, Any]:
     """Calibrates this device now (about a second quick; under 10 s on a CPU, seconds on a GPU)."""
     device = jax.devices()[0]
     size = sizes(device.platform, quick)
     out: dict[str, Any] = {"device_kind": device.device_kind, "platform": device.platform}
     out |= _measure_peaks(device.platform, size)
-    out |= {f"size_{k}": v for k, v in dataclasses.asdict(size).items()}
+    out |= {f"size_{k}": _json(v) for k, v in dataclasses.asdict(size).items()}
     out |= {
         "quick": quick,
         "format": FORMAT,

@@ -98,3 +98,25 @@ def test_calibrations_off_the_data_sheet_are_suspect():
     low = {**H100, "bf16_flops_per_s": 114e12, "read_bytes_per_s": 4e12}  # 12%, and 119%
     lines = hardware.suspect(low)
     assert len(lines) == 2 and "bf16_flops_per_s" in lines[0] and "read_bytes_per_s" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "tried", "best"),
+    [
+        # side 1024: 2 GFLOP/s; 2048: 8% faster -> the climb stops before 4096
+        ((2 * 1024**3 / 2e9, 2 * 2048**3 / 2.16e9), [1024, 2048], 2.16e9),
+        # 2048 twice as fast, 4096 slower again: the best side's rate
+        ((2 * 1024**3 / 2e9, 2 * 2048**3 / 4e9, 2 * 4096**3 / 3e9), [1024, 2048, 4096], 4e9),
+    ],
+)
+def test_the_matmul_side_climbs_while_the_rate_rises(monkeypatch, seconds, tried, best):
+    sides = []
+
+    def timed(fn, args, size):
+        sides.append(args[0].shape[0])
+        return seconds[len(sides) - 1]
+
+    monkeypatch.setattr(hardware, "_seconds_per_call", timed)
+    size = hardware.sizes("cpu", quick=False)
+    rate = hardware._matmul_flops_per_s(size.f32_n, jax.numpy.float32, "highest", size)
+    assert sides == tried and rate == pytest.approx(best)
