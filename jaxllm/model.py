@@ -6,8 +6,8 @@ Dimension letters, used in einsum equations, shape comments and docstrings acros
   H head dim, L layers, V vocabulary.
 
 ``logits, (k, v) = Transformer(cfg).apply({"params": p}, tokens, positions, pad=None, attend=None)``:
-- by default, a full forward pass over tokens[B, T]: causal, with keys in columns below ``pad[b]``
-  masked (left padding);
+- by default, a full forward pass over tokens[B, T]: causal (``jaxllm.attention.causal_attention``),
+  with keys in columns below ``pad[b]`` masked (left padding);
 - with ``attend`` (a function of the layer index), each layer's attention is the caller's: a KV cache
   (``jaxllm.cache.KVCache.attend``, ``jaxllm.step``) attends the new tokens to what it holds.
 Either way the new tokens' keys and values come back ([L, B, K, T, H] each) for a cache to store: the
