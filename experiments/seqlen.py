@@ -2,8 +2,9 @@
 
     python experiments/seqlen.py [--preset small] [--quick]
 
-Prefill pushes T tokens through every weight and scores T × T attention pairs: its FLOPs grow
-linearly in T from the weights plus quadratically from attention. A decode step pushes one token and
+Prefill pushes T tokens through every weight and scores about T²/2 attention pairs (the blocked
+causal pass: T × T up to 64 tokens, 9/16 of it at 1024): its FLOPs grow linearly in T from the
+weights plus quadratically from attention. A decode step pushes one token and
 reads a cache of T tokens: its FLOPs and bytes grow linearly in T on top of the fixed weights. Both
 are measured at B = 1 against T, three ways (analytic, XLA, clock); the fitted log–log slopes say
 how each scales over the sweep.

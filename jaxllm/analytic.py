@@ -281,9 +281,13 @@ def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1)
 
     L layers' saved values (``saved_per_layer``, at the compute dtype; its ``head_values`` and
     ``score_bytes`` divided by ``tensor``) + the final norm's (4·D + 2 per token) + the loss's float32
-    exp(logits) [B, T, V] and per-token normaliser; a tied head also keeps the transposed embedding
-    [D, V]. The final norm, logits and head are replicated on tensor (the head's rule splits only D,
-    on fsdp).
+    exp(logits) [B, T, V] and per-token normaliser; with a tied head, one more [V, D] table in the
+    compute dtype: XLA's footprint holds it (tests/test_mesh.py; without it the closed form fell 17%
+    under XLA's footprint at tensor=8), while in float32 ``saved_residuals`` lists only the
+    embedding itself, an argument. The final norm, logits and head are replicated on tensor (the head's
+    rule splits only D, on fsdp). Casts of the other weights to a narrower compute dtype are not
+    counted (bf16 training with f32 weights holds about 30% more than this count, measured with
+    ``saved_residuals`` on the test models).
     """
     saved = saved_per_layer(config, seq)
     itemsize = _bytes(config.compute_dtype)

@@ -189,7 +189,8 @@ def analytic_view(program: Program) -> analytic.AnalyticView:
         flops=flops["xla"],
         flops_causal=flops["causal"],
         flops_convention="matmuls only; 'flops' attends over every slot the program scores "
-        "(full T×T, or T×(S+T) with a cache); 'flops_causal' counts only useful causal pairs",
+        "(the blocked causal pass's pairs, or T×(S+T) with a cache); 'flops_causal' counts "
+        "only useful causal pairs",
         bytes=nbytes,
         memory=memory,
         params=analytic.param_counts(cfg)["total"],
