@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +165,7 @@ class Sizes:
     repeats: int
 
 
+SPREAD_LIMIT = 1.25  # repeats of one figure further apart than this: the device was busy
 CLIMB = 1.1  # the matmul side climbs while each side runs 10% faster than the one before
 
 
@@ -182,7 +183,14 @@ def sizes(platform: str, quick: bool) -> Sizes:
     return Sizes((8192,), (4096,), 2 << 30, 1 << 30, 10, 5)
 
 
-def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> float:
+class Timing(NamedTuple):
+    """Seconds per call: the fastest repeat, and the slowest repeat over the fastest (>= 1)."""
+
+    seconds: float
+    spread: float
+
+
+def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> Timing:
     """Seconds per call: the fastest of ``size.repeats`` timings of ``size.calls`` back-to-back
     calls (a roof is the best the device does; slower repeats measure interference)."""
     jax.block_until_ready(fn(*args))  # warm-up (compiled on first call)
@@ -192,40 +200,45 @@ def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> float
         out = [fn(*args) for _ in range(size.calls)]
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / size.calls)
-    return min(times)
+    return Timing(min(times), max(times) / min(times))
 
 
-def _matmul_flops_per_s(sides: tuple[int, ...], dtype: Any, precision: str, size: Sizes) -> float:
+def _matmul_flops_per_s(
+    sides: tuple[int, ...], dtype: Any, precision: str, size: Sizes
+) -> tuple[float, float]:
     """The best achieved FLOP/s of [n, n] @ [n, n] products in ``dtype`` accumulated in f32, n
-    climbing through ``sides`` while each side is ``CLIMB`` faster than the one before."""
+    climbing through ``sides`` while each side is ``CLIMB`` faster than the one before; and the
+    spread of that side's repeats."""
     dot = jax.jit(
         lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
     )
-    best = 0.0
+    best = (0.0, 1.0)
     for n in sides:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-        rate = 2 * n**3 / _seconds_per_call(dot, (a, a), size)
-        if rate < best * CLIMB:
+        timing = _seconds_per_call(dot, (a, a), size)
+        rate = (2 * n**3 / timing.seconds, timing.spread)
+        if rate[0] < best[0] * CLIMB:
             return max(rate, best)
         best = rate
     return best
 
 
-def _read_bytes_per_s(size: Sizes) -> float:
+def _read_bytes_per_s(size: Sizes) -> tuple[float, float]:
     """Achieved bytes/s reading ``size.read_bytes`` of f32 once: the faster of a jitted ``jnp.sum``
     and a product of the array (as [n, 4096] rows) with a vector, which XLA:CPU spreads over every
-    core where it runs the sum on one (measured on 2 cores: 29 and 34 GB/s)."""
+    core where it runs the sum on one (measured on 2 cores: 29 and 34 GB/s); and its spread."""
     x = jnp.ones((size.read_bytes // 4,), jnp.float32)
     rows, ones = x.reshape(-1, 4096), jnp.ones((4096,), jnp.float32)
     fastest = min(
         _seconds_per_call(jax.jit(jnp.sum), (x,), size),
         _seconds_per_call(jax.jit(jnp.matmul), (rows, ones), size),
     )
-    return size.read_bytes / fastest
+    return size.read_bytes / fastest.seconds, fastest.spread
 
 
-def _copy_bytes_per_s(size: Sizes) -> float:
-    """Achieved bytes/s of y = x + 1 on a donated f32 array: each byte read and written once."""
+def _copy_bytes_per_s(size: Sizes) -> tuple[float, float]:
+    """Achieved bytes/s of y = x + 1 on a donated f32 array (each byte read and written once), and
+    the spread of its repeats."""
     step = jax.jit(lambda x: x + 1.0, donate_argnums=0)
     x = jnp.zeros((size.copy_bytes // 4,), jnp.float32)
     x = step(x)  # compile and warm up
@@ -237,38 +250,49 @@ def _copy_bytes_per_s(size: Sizes) -> float:
             x = step(x)
         jax.block_until_ready(x)
         times.append((time.perf_counter() - start) / size.calls)
-    return 2 * size.copy_bytes / min(times)
+    return 2 * size.copy_bytes / min(times), max(times) / min(times)
 
 
-def _measure_peaks(platform: str, size: Sizes) -> dict[str, float | None]:
-    bf16 = _matmul_flops_per_s(size.matmul_n, jnp.bfloat16, "default", size)
-    f32 = _matmul_flops_per_s(size.f32_n, jnp.float32, "highest", size)
-    tf32 = (
-        None
-        if platform == "cpu"
-        else _matmul_flops_per_s(size.matmul_n, jnp.float32, "default", size)
-    )
-    return {
-        "bf16_flops_per_s": bf16,
-        "f32_flops_per_s": f32,
-        "tf32_flops_per_s": tf32,
+def _measure_peaks(platform: str, size: Sizes) -> dict[str, Any]:
+    """The five figures, and ``spread``: for each, its slowest timed repeat over its fastest."""
+    figures = {
+        "bf16_flops_per_s": _matmul_flops_per_s(size.matmul_n, jnp.bfloat16, "default", size),
+        "f32_flops_per_s": _matmul_flops_per_s(size.f32_n, jnp.float32, "highest", size),
+        "tf32_flops_per_s": (
+            None
+            if platform == "cpu"
+            else _matmul_flops_per_s(size.matmul_n, jnp.float32, "default", size)
+        ),
         "read_bytes_per_s": _read_bytes_per_s(size),
         "copy_bytes_per_s": _copy_bytes_per_s(size),
     }
+    out: dict[str, Any] = {k: None if v is None else v[0] for k, v in figures.items()}
+    out["spread"] = {k: v[1] for k, v in figures.items() if v is not None}
+    return out
+
+
+def _busy(calibration: dict[str, Any]) -> list[str]:
+    """One line per figure whose timed repeats disagree by more than ``SPREAD_LIMIT``."""
+    return [
+        f"{key}: its timed repeats differ by {spread - 1:.0%} (the device was busy; remeasure)"
+        for key, spread in calibration.get("spread", {}).items()
+        if spread > SPREAD_LIMIT
+    ]
 
 
 def suspect(calibration: dict[str, Any]) -> list[str]:
-    """One line per calibrated peak outside [60%, 105%] of the device's data sheet ([] if none)."""
+    """One line per calibrated peak outside [60%, 105%] of the device's data sheet, and one per
+    figure whose repeats disagree by more than ``SPREAD_LIMIT`` ([] if none)."""
+    lines = _busy(calibration)
     sheet = published(calibration["device_kind"])
     if sheet is None or calibration["platform"] == "cpu":
-        return []
+        return lines
     pairs = [
         ("bf16_flops_per_s", sheet.bf16_flops_per_s),
         ("tf32_flops_per_s", sheet.tf32_flops_per_s),
         ("f32_flops_per_s", sheet.f32_flops_per_s),
         ("read_bytes_per_s", sheet.bandwidth_bytes_per_s),
     ]
-    lines = []
     for key, ref in pairs:
         value = calibration.get(key)
         if value and ref and not SUSPECT_BELOW <= value / ref <= SUSPECT_ABOVE:

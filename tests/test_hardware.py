@@ -35,12 +35,14 @@ def test_quick_calibration_is_measured_cached_and_is_the_cpu_roofline(tmp_path, 
     first = hardware.calibrate(quick=True)
     for key in ("f32_flops_per_s", "bf16_flops_per_s", "read_bytes_per_s", "copy_bytes_per_s"):
         assert first[key] > 1e8  # any device does > 0.1 GFLOP/s and > 0.1 GB/s
+        assert first["spread"][key] >= 1.0  # slowest repeat over fastest
     saved = json.loads(hardware.cache_path().read_text())
     assert saved == first and saved["date"] and saved["jax"]
     assert hardware.calibrate(quick=True) == first  # read back, not re-measured
     if first["platform"] != "cpu":
         return  # an accelerator's roofline is the data sheet's (test_accelerator_roofline_...)
-    assert first["tf32_flops_per_s"] is None and first["suspect"] == []  # no TF32, no sheet
+    assert first["tf32_flops_per_s"] is None  # no TF32, and no sheet: only a busy CPU is suspect
+    assert all("timed repeats differ" in line for line in first["suspect"])
     peaks = hardware.roofline_peaks(first, "float32")
     assert peaks.flops_per_s == first["f32_flops_per_s"]
     assert peaks.bandwidth_bytes_per_s == first["read_bytes_per_s"]  # the memory roof: reads
@@ -114,9 +116,17 @@ def test_the_matmul_side_climbs_while_the_rate_rises(monkeypatch, seconds, tried
 
     def timed(fn, args, size):
         sides.append(args[0].shape[0])
-        return seconds[len(sides) - 1]
+        return hardware.Timing(seconds[len(sides) - 1], 1.0)
 
     monkeypatch.setattr(hardware, "_seconds_per_call", timed)
     size = hardware.sizes("cpu", quick=False)
-    rate = hardware._matmul_flops_per_s(size.f32_n, jax.numpy.float32, "highest", size)
-    assert sides == tried and rate == pytest.approx(best)
+    rate, spread = hardware._matmul_flops_per_s(size.f32_n, jax.numpy.float32, "highest", size)
+    assert sides == tried and rate == pytest.approx(best) and spread == 1.0
+
+
+def test_repeats_that_disagree_are_suspect_on_any_device():
+    calibration = {"device_kind": "cpu", "platform": "cpu"}
+    spread = {"read_bytes_per_s": 1.6, "f32_flops_per_s": 1.1}
+    (line,) = hardware.suspect({**calibration, "spread": spread})
+    assert line.startswith("read_bytes_per_s") and "60%" in line
+    assert hardware.suspect(calibration) == []  # a cache from before the spread was kept
