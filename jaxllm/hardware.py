@@ -173,8 +173,9 @@ def sizes(platform: str, quick: bool) -> Sizes:
     """Peak-reaching sizes per platform; ``quick`` is for tests (about a second anywhere).
 
     On a CPU the matmul side climbs 1024 -> 2048 -> 4096 and stops at the first side not ``CLIMB``
-    faster than the one before: where the rate peaks differs by machine (measured: 2048³ f32 156 GFLOP/s and 4096³
-    118 on a 2-core AVX2 host, 126 and 245 on a 2-core AMX one), and 4096³ costs seconds a call.
+    faster than the one before: where the rate peaks differs by machine (measured: 2048³ f32 156
+    GFLOP/s and 4096³ 118 on a 2-core AVX2 host, 126 and 245 on a 2-core AMX one), and 4096³ costs
+    seconds a call.
     """
     if quick:
         return Sizes((512,), (512,), 64 << 20, 64 << 20, 1, 3)
@@ -189,6 +190,17 @@ class Timing(NamedTuple):
     seconds: float
     spread: float
 
+    @classmethod
+    def of(cls, times: list[float]) -> Timing:
+        return cls(min(times), max(times) / min(times))
+
+
+class Figure(NamedTuple):
+    """A calibrated rate (FLOP/s or bytes/s) and the spread of the timing it came from."""
+
+    value: float
+    spread: float
+
 
 def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> Timing:
     """Seconds per call: the fastest of ``size.repeats`` timings of ``size.calls`` back-to-back
@@ -200,30 +212,28 @@ def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> Timin
         out = [fn(*args) for _ in range(size.calls)]
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / size.calls)
-    return Timing(min(times), max(times) / min(times))
+    return Timing.of(times)
 
 
-def _matmul_flops_per_s(
-    sides: tuple[int, ...], dtype: Any, precision: str, size: Sizes
-) -> tuple[float, float]:
+def _matmul_flops_per_s(sides: tuple[int, ...], dtype: Any, precision: str, size: Sizes) -> Figure:
     """The best achieved FLOP/s of [n, n] @ [n, n] products in ``dtype`` accumulated in f32, n
     climbing through ``sides`` while each side is ``CLIMB`` faster than the one before; and the
     spread of that side's repeats."""
     dot = jax.jit(
         lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
     )
-    best = (0.0, 1.0)
+    best = Figure(0.0, 1.0)
     for n in sides:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
         timing = _seconds_per_call(dot, (a, a), size)
-        rate = (2 * n**3 / timing.seconds, timing.spread)
-        if rate[0] < best[0] * CLIMB:
-            return max(rate, best)
+        rate = Figure(2 * n**3 / timing.seconds, timing.spread)
+        if rate.value < best.value * CLIMB:
+            return max(rate, best, key=lambda f: f.value)
         best = rate
     return best
 
 
-def _read_bytes_per_s(size: Sizes) -> tuple[float, float]:
+def _read_bytes_per_s(size: Sizes) -> Figure:
     """Achieved bytes/s reading ``size.read_bytes`` of f32 once: the faster of a jitted ``jnp.sum``
     and a product of the array (as [n, 4096] rows) with a vector, which XLA:CPU spreads over every
     core where it runs the sum on one (measured on 2 cores: 29 and 34 GB/s); and its spread."""
@@ -233,10 +243,10 @@ def _read_bytes_per_s(size: Sizes) -> tuple[float, float]:
         _seconds_per_call(jax.jit(jnp.sum), (x,), size),
         _seconds_per_call(jax.jit(jnp.matmul), (rows, ones), size),
     )
-    return size.read_bytes / fastest.seconds, fastest.spread
+    return Figure(size.read_bytes / fastest.seconds, fastest.spread)
 
 
-def _copy_bytes_per_s(size: Sizes) -> tuple[float, float]:
+def _copy_bytes_per_s(size: Sizes) -> Figure:
     """Achieved bytes/s of y = x + 1 on a donated f32 array (each byte read and written once), and
     the spread of its repeats."""
     step = jax.jit(lambda x: x + 1.0, donate_argnums=0)
@@ -250,7 +260,8 @@ def _copy_bytes_per_s(size: Sizes) -> tuple[float, float]:
             x = step(x)
         jax.block_until_ready(x)
         times.append((time.perf_counter() - start) / size.calls)
-    return 2 * size.copy_bytes / min(times), max(times) / min(times)
+    timing = Timing.of(times)
+    return Figure(2 * size.copy_bytes / timing.seconds, timing.spread)
 
 
 def _measure_peaks(platform: str, size: Sizes) -> dict[str, Any]:
@@ -266,8 +277,8 @@ def _measure_peaks(platform: str, size: Sizes) -> dict[str, Any]:
         "read_bytes_per_s": _read_bytes_per_s(size),
         "copy_bytes_per_s": _copy_bytes_per_s(size),
     }
-    out: dict[str, Any] = {k: None if v is None else v[0] for k, v in figures.items()}
-    out["spread"] = {k: v[1] for k, v in figures.items() if v is not None}
+    out: dict[str, Any] = {k: None if v is None else v.value for k, v in figures.items()}
+    out["spread"] = {k: v.spread for k, v in figures.items() if v is not None}
     return out
 
 
