@@ -27,6 +27,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 #   none: everything (no recomputation); full: only the layer input (recompute the whole layer);
 #   dots: matmul outputs; dots_no_batch: matmul outputs without batch dimensions (not attention).
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
+# Axis order of the projection kernels: in_out stores [in..., out...] (x @ W, as trained); out_in
+# stores [out..., in...] (W @ x, output-major, as torch's nn.Linear and ggml do): the CPU's serving
+# layout (``jaxllm.serve.serving_config``).
+KernelOrder = Literal["in_out", "out_in"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,7 @@ class ModelConfig:
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights when training)
     scan_layers: bool = True  # layers under nn.scan (one compiled layer) vs a Python loop
     remat: Remat = "none"
+    kernel_order: KernelOrder = "in_out"
 
     def __post_init__(self) -> None:
         for name in (
@@ -147,6 +152,7 @@ LATER_FIELDS = (
     "rope_high_freq_factor",
     "rope_original_len",
     "qkv_bias",
+    "kernel_order",
 )
 
 

@@ -153,7 +153,7 @@ class Engine:
         _check_engine_args(config, slots, capacity, policy, chunk)
         if mesh is not None:
             meshes.check_engine_mesh(mesh, config)
-        self.config, self.params = serve.for_serving(config, params)
+        self.config, self.params = serve.for_serving(config, params, mesh)
         self.slots, self.capacity, self.policy, self.chunk = slots, capacity, policy, chunk
         self.clock, self.mesh = clock, mesh
         empty = functools.partial(SlotCache.init, self.config, slots, capacity)

@@ -217,7 +217,7 @@ def generate(
     calls: prefill, then the decode loop (one ``lax.while_loop``). ``key`` defaults to key 0. On a
     ``mesh`` both run sharded (``jaxllm.mesh.ServeLayout``); data x fsdp must divide the prompts.
     """
-    config, params = for_serving(config, params)
+    config, params = for_serving(config, params, mesh)
     batch = make_batch(config, prompts, max_new_tokens)
     stop = check_tokens(config, np.asarray(stop_tokens, np.int32).reshape(-1), "stop token")
     key = jax.random.key(0) if key is None else key

@@ -240,6 +240,8 @@ class ServeLayout:
     @classmethod
     @functools.cache  # param_shapes traces the model's init: once per (mesh, config)
     def of(cls, mesh: Mesh, config: ModelConfig) -> ServeLayout:
+        if config.kernel_order != "in_out":  # the rules name in_out kernels' axes
+            raise ValueError(f"a mesh serves in_out kernels, not {config.kernel_order!r}")
         named = functools.partial(shardings, mesh)
         cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1))
         return cls(

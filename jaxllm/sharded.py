@@ -175,7 +175,7 @@ def analyze_serve(
     ``analyze_train`` does the train step; served as ``jaxllm.generate`` serves (unrolled layers,
     weights in the compute dtype), the cache of a decode step sized as ``phases.cache_capacity``."""
     meshes.check_divides(mesh, config, batch)
-    config, sizes = serve.serving_config(config), dict(mesh.shape)
+    config, sizes = serve.serving_config(config, mesh), dict(mesh.shape)
     capacity = phases.cache_capacity(config, phase, seq)
     make = serve.make_prefill if phase == "prefill" else serve.make_decode_step
     args = _serve_args(config, phase, batch, seq, capacity)

@@ -54,9 +54,9 @@ def _gathered(hlo_text: str) -> list[tuple[int, ...]]:
     return [tuple(int(d) for d in dims.split(",") if d) for _, dims in _GATHER.findall(hlo_text)]
 
 
-def _whole(shapes: list[tuple[int, ...]], config: ModelConfig, rows: int) -> dict:
+def _whole(shapes: list[tuple[int, ...]], config: ModelConfig, rows: int, mesh) -> dict:
     """How many gathered shapes are a whole cache layer (B and K both whole) or a whole parameter."""
-    served = serve.serving_config(config)
+    served = serve.serving_config(config, mesh)
     params = {tuple(x.shape) for x in jax.tree.leaves(init_params(served, jax.random.key(0)))}
     cache = [s for s in shapes if len(s) == 4 and s[:2] == (rows, config.n_kv_heads)]
     return {"cache": len(cache), "params": sum(s in params for s in shapes), "all": len(shapes)}
@@ -64,7 +64,7 @@ def _whole(shapes: list[tuple[int, ...]], config: ModelConfig, rows: int) -> dic
 
 def _programs(config: ModelConfig, params, mesh) -> dict:
     """The all-gathers of the compiled prefill and decode loop of PROMPTS on ``mesh``."""
-    served, params = serve.for_serving(config, params)
+    served, params = serve.for_serving(config, params, mesh)
     batch = make_batch(served, PROMPTS, NEW)
     rows = batch.tokens.shape[0]
     params, cache = gen._place(served, params, batch, mesh)
@@ -74,8 +74,8 @@ def _programs(config: ModelConfig, params, mesh) -> dict:
     stop = np.zeros((0,), np.int32)
     decode = loop.lower(params, cache, logits, jax.random.key(0), batch.limits, stop).compile()
     return {
-        "prefill": _whole(_gathered(prefill.as_text()), config, rows),
-        "decode": _whole(_gathered(decode.as_text()), config, rows),
+        "prefill": _whole(_gathered(prefill.as_text()), config, rows, mesh),
+        "decode": _whole(_gathered(decode.as_text()), config, rows, mesh),
     }
 
 
@@ -93,7 +93,7 @@ def generate_diffs(spec: str, samplers: list[str]) -> dict:
         many = gen.generate(CONFIG, params, PROMPTS, NEW, sampler, jax.random.key(3), mesh=mesh)
         out[name] = one.tokens == many.tokens
         out[f"{name}_tokens"] = sum(map(len, many.tokens))
-    served, placed = serve.for_serving(CONFIG, params)
+    served, placed = serve.for_serving(CONFIG, params, mesh)  # the same program on both
     batch = make_batch(served, PROMPTS, NEW)
     logits = []
     for m in (None, mesh):
@@ -134,7 +134,7 @@ def analysis(spec: str, phases: list[str]) -> dict:
     """Per phase: the compiled sharded program's collectives and arguments beside the closed form."""
     calibration = hardware.calibrate(quick=True)  # the prediction's peaks; not checked here
     mesh = meshes.make_mesh(meshes.parse_mesh(spec))
-    served = serve.serving_config(CONFIG)
+    served = serve.serving_config(CONFIG, mesh)
     out = {}
     for phase in phases:
         row = sharded.analyze_serve(CONFIG, mesh, phase, 8, 16, calibration)

@@ -12,7 +12,9 @@ from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.model import (
     Transformer,
     count_params,
+    output_major,
     project,
+    project_out_in,
     stack_layers,
     unstack_layers,
 )
@@ -195,3 +197,28 @@ def test_a_single_bf16_row_is_projected_without_widening_the_weight():
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
     if jax.default_backend() == "cpu":
         assert "f32[64,256]" not in str(jax.jit(fn).lower(x, w).compile().as_text())
+
+
+@pytest.mark.parametrize(("family", "n_kv_heads"), [("gpt2", 4), ("llama", 2)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 64)], ids=["1 row", "15 rows", "320 rows"])
+def test_output_major_kernels_give_the_same_logits(family, n_kv_heads, shape, key):
+    """The serving layout (kernel_order="out_in", every kernel's input axes moved last) computes the
+    in_out model's logits: one row (matrix-vector), weight-major (2..WEIGHT_MAJOR_ROWS rows) and
+    row-major (more), tied and untied heads, grouped-query attention."""
+    cfg = tiny(family, n_kv_heads, scan_layers=False)
+    params = unstack_layers(init_params(cfg, key), cfg.n_layers)
+    tokens = jax.random.randint(key, shape, 0, cfg.vocab_size)
+    out_in = cfg.replace(kernel_order="out_in")
+    moved = output_major(params)
+    o_kernel = moved["block_0"]["attn"]["o"]["kernel"]
+    assert o_kernel.shape == (cfg.d_model, cfg.n_heads, cfg.head_dim)  # [N, H, D] -> [D, N, H]
+    chex.assert_trees_all_equal_shapes(moved, _cached_init(out_in.replace(scan_layers=False)))
+    chex.assert_trees_all_close(
+        forward(cfg, params, tokens), forward(out_in, moved, tokens), atol=2e-5, rtol=2e-5
+    )
+
+
+def test_an_output_major_kernel_must_take_the_inputs():
+    """A kernel whose trailing axes are not x's contracted ones is refused, naming both shapes."""
+    with pytest.raises(ValueError, match=r"kernel \(8, 4\) does not take inputs \(2, 3, 8\)"):
+        project_out_in(jnp.ones((2, 3, 8)), jnp.ones((8, 4)), 1, jnp.float32)

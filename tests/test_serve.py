@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from conftest import tiny as conftest_tiny
 
+from jaxllm import mesh as meshes
 from jaxllm import serve
 from jaxllm.batching import buckets
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
 from jaxllm.generate import generate, make_decode_loop, windows
 from jaxllm.model import Transformer, init_params, stack_layers
 from jaxllm.sampling import GREEDY, Sampler
@@ -341,3 +343,23 @@ def test_a_negative_cache_index_is_refused():
 def test_the_phases_refuse_scanned_layers():
     with pytest.raises(ValueError, match="serving runs unrolled layers"):
         serve.make_prefill(tiny("gpt2").replace(scan_layers=True))
+
+
+def test_serving_kernels_are_output_major_on_one_cpu_device_in_f32():
+    """serving_config's layout choice: out_in kernels on one CPU device in float32, where XLA:CPU's
+    few-row products run faster weight-major; in_out in bf16, on a mesh (its partition rules name
+    in_out axes), on an accelerator. Served out_in parameters are not re-served on a mesh."""
+    cfg = conftest_tiny("gpt2")
+    one = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), meshes.AXES)
+    on_cpu = jax.default_backend() == "cpu"
+    assert serve.serving_config(cfg).kernel_order == ("out_in" if on_cpu else "in_out")
+    assert serve.serving_config(cfg.replace(dtype="bfloat16")).kernel_order == "in_out"
+    assert serve.serving_config(cfg, one).kernel_order == "in_out"
+    served, params = serve.for_serving(cfg, init_params(cfg, jax.random.key(0)))
+    up = params["block_0"]["mlp"]["up"]["kernel"]
+    assert up.shape == ((cfg.d_ff, cfg.d_model) if on_cpu else (cfg.d_model, cfg.d_ff))
+    if on_cpu:
+        with pytest.raises(InputError, match="kernel_order='out_in' cannot be served on a mesh"):
+            serve.for_serving(served, params, one)
+        with pytest.raises(ValueError, match="a mesh serves in_out kernels"):
+            meshes.ServeLayout.of(one, served)
