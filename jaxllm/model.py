@@ -57,8 +57,7 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     path. So one row is computed as two (measured, gpt2 bf16 decode B=1: 48.9 -> 38.7 ms). The f32
     accumulation itself took gpt2's bf16 decode step at B=8 from 83 to 63 ms there.
     """
-    narrow = jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
-    single = narrow and x.shape[:2] == (1, 1)
+    single = _widens_single_rows(dtype) and x.shape[:2] == (1, 1)
     if single:
         x = jnp.concatenate([x, x])
     y = jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
@@ -76,19 +75,22 @@ EQUATIONS = {
     "down": "BTF,FD->BTD",
     "head": "BTD,DV->BTV",
 }
-# Rows (B·T) up to which an output-major product runs weight-major: see project_out_in.
-WEIGHT_MAJOR_ROWS = 256
+# Rows (B·T) for which an output-major product runs weight-major, by the compute dtype's width in
+# bytes: see project_out_in.
+WEIGHT_MAJOR_ROWS = {4: range(2, 257), 2: range(32, 257)}
 
 
 def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> jax.Array:
     """x [..., *in] against an output-major kernel [*out, *in] -> [..., *out], in ``dtype``,
     accumulated in float32 (``kernel_order="out_in"``: the CPU's serving layout).
 
-    The kernel is applied weight-major, [O, I] x [R, I] -> [O, R] then transposed, for 2 to
-    ``WEIGHT_MAJOR_ROWS`` rows R: XLA:CPU's products of a few rows against a weight run up to twice
-    as fast so (measured, twelve gpt2 MLPs in f32: 8 rows 21.4 -> 10.2 ms, 32 rows 43.7 -> 25.8 ms;
-    even from 256 rows on). The optimization barrier keeps XLA from folding the transpose back into
-    the product. One row is a matrix-vector product either way (6.8 ms against 9.5 ms in_out).
+    For the row counts R of ``WEIGHT_MAJOR_ROWS`` the kernel is applied weight-major, [O, I] x
+    [R, I] -> [O, R], then transposed (the optimization barrier keeps XLA from folding the transpose
+    back into the product); other counts run row-major, [R, I] x [O, I] -> [R, O], one narrow row
+    on a CPU as two (see ``project``). Measured on twelve gpt2 MLPs, against the in_out product:
+    f32 1 row 9.5 -> 6.8 ms (row-major), 8 rows 21.4 -> 10.2 ms, 32 rows 43.7 -> 25.8 ms
+    (weight-major; even from 256 rows on); bf16 1 row 15.5 -> 10.7 ms, 8 rows 24.9 -> 18.4 ms
+    (row-major; weight-major 28.3), 32 rows 52.9 -> 42.8 ms (weight-major).
     """
     lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
     out = kernel.shape[: kernel.ndim - n_in]
@@ -98,11 +100,15 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
     x2 = x.reshape(rows, -1).astype(dtype)  # [R, I]
     w = kernel.reshape(math.prod(out), -1).astype(dtype)  # [O, I]
     contract = (((1,), (1,)), ((), ()))
-    if 1 < rows <= WEIGHT_MAJOR_ROWS:
+    if rows in WEIGHT_MAJOR_ROWS.get(jnp.dtype(dtype).itemsize, ()):
         y = jax.lax.dot_general(w, x2, contract, preferred_element_type=jnp.float32)  # [O, R]
         y = jax.lax.optimization_barrier(y).T
     else:
+        single = rows == 1 and _widens_single_rows(dtype)
+        if single:
+            x2 = jnp.concatenate([x2, x2])
         y = jax.lax.dot_general(x2, w, contract, preferred_element_type=jnp.float32)  # [R, O]
+        y = y[:1] if single else y
     return y.astype(dtype).reshape(*lead, *out)
 
 
@@ -149,6 +155,11 @@ def input_axes(eqn: str) -> int:
     """How many leading axes of an in_out kernel an equation contracts: "BTNH,NHD->BTD" -> 2."""
     x, kernel = eqn.split("->")[0].split(",")
     return sum(axis in x for axis in kernel)
+
+
+def _widens_single_rows(dtype: jnp.dtype) -> bool:
+    """Whether XLA widens a whole narrow weight to float32 for a product with one row (XLA:CPU)."""
+    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
 
 
 class _StandardPromotion(nn.Module):

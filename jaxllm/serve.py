@@ -197,20 +197,19 @@ def make_decode_step(config: ModelConfig, mesh: Mesh | None = None) -> Phase:
 def serving_config(config: ModelConfig, mesh: Mesh | None = None) -> ModelConfig:
     """The config served: layers unrolled (``scan_layers=False``), parameters stored in the compute
     dtype (``param_dtype=dtype``), no rematerialisation (it only matters to a backward pass), and
-    on one CPU device in float32, kernels output-major (``kernel_order="out_in"``).
+    on one CPU device, kernels output-major (``kernel_order="out_in"``).
 
     On CPU, XLA materialises each layer's slice of stacked [L, ...] weights (and cache) as a copy, so a
     decode step over scanned layers copies every weight once per step. Decoding reads every weight
     once per step, so bf16 serving stores them in bf16: half the bytes, and no per-step conversion.
     Training keeps float32 master weights (``param_dtype``) whatever the compute dtype.
 
-    Output-major kernels let XLA:CPU's products of a few rows run weight-major
-    (``model.project_out_in``): gpt2's f32 decode step ran 1.5-2x as fast at 8 and 32 rows. Not in
-    bf16 (XLA:CPU's bf16 products gained at 32 rows and lost at 2), not on a mesh (the partition
-    rules are written for in_out kernels), not on an accelerator (not measured there).
+    Output-major kernels let XLA:CPU's products of a few rows run weight-major or against a
+    row-major [out, in] weight, whichever is faster (``model.project_out_in``): gpt2's f32 decode
+    step ran 1.5-2x as fast at 8 and 32 rows. Not on a mesh (the partition rules are written for
+    in_out kernels), not on an accelerator (not measured there).
     """
-    cpu_f32 = jax.default_backend() == "cpu" and config.compute_dtype == jnp.float32
-    order = "out_in" if cpu_f32 and mesh is None else "in_out"
+    order = "out_in" if jax.default_backend() == "cpu" and mesh is None else "in_out"
     return config.replace(
         scan_layers=False, param_dtype=config.dtype, remat="none", kernel_order=order
     )

@@ -185,18 +185,26 @@ def test_mixed_precision_keeps_f32_params_and_bf16_compute(key):
     assert "bf16" in str(jaxpr)
 
 
-def test_a_single_bf16_row_is_projected_without_widening_the_weight():
-    """One row (a decode step of one sequence) in bf16: the f32-accumulated product, rounded to
-    bf16; on a CPU, XLA's program never holds the weight converted to float32."""
+@pytest.mark.parametrize("order", ["in_out", "out_in"])
+def test_a_single_bf16_row_is_projected_without_widening_the_weight(order):
+    """One row (a decode step of one sequence) in bf16, against either kernel order: the
+    f32-accumulated product, rounded to bf16; on a CPU, XLA's program never holds the weight
+    converted to float32."""
     x = jax.random.normal(jax.random.key(0), (1, 1, 64)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (64, 256)).astype(jnp.bfloat16)
-    fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
+    if order == "in_out":
+        fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
+    else:
+        w = w.T  # [F, D]
+        fn = functools.partial(project_out_in, n_in=1, dtype=jnp.bfloat16)
     y = fn(x, w)
-    want = jnp.einsum("BTD,DF->BTF", x.astype(jnp.float32), w.astype(jnp.float32))
+    eqn = "BTD,DF->BTF" if order == "in_out" else "BTD,FD->BTF"
+    want = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
     assert y.dtype == jnp.bfloat16 and y.shape == (1, 1, 256)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
     if jax.default_backend() == "cpu":
-        assert "f32[64,256]" not in str(jax.jit(fn).lower(x, w).compile().as_text())
+        hlo = str(jax.jit(fn).lower(x, w).compile().as_text())
+        assert "f32[64,256]" not in hlo and "f32[256,64]" not in hlo
 
 
 @pytest.mark.parametrize(("family", "n_kv_heads"), [("gpt2", 4), ("llama", 2)])
