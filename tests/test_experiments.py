@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace as Namespace
 
 import jax
 import pytest
@@ -83,6 +84,28 @@ def test_roofline_shapes_cover_every_phase_within_the_context():
     shapes = load("roofline").shapes(quick=False, max_len=128)
     assert {phase for phase, _, _ in shapes} == {"train", "prefill", "decode"}
     assert max(seq for _, _, seq in shapes) == 128
+
+
+def test_roofline_names_points_above_their_roof_and_a_second_calibration():
+    """A point measured faster than its roof is listed (the calibration is suspect); the summary says
+    when a first calibration put points above the roof and was taken again."""
+    mod = load("roofline")
+
+    def point(phase, seq, efficiency):
+        xla = Namespace(
+            efficiency=efficiency, intensity=2.0, bound="memory", predicted_seconds=1e-3, ridge=3.0
+        )
+        return Namespace(phase=phase, batch=1, seq=seq, seconds=1e-3, roofline=Namespace(xla=xla))
+
+    results = [point("prefill", 256, 1.15), point("decode", 64, 0.4)]
+    assert mod.above_roof(results) == ["prefill B=1 T/S=256 115%"]
+    cal = {"bf16_flops_per_s": 1e11, "f32_flops_per_s": 1e11, "read_bytes_per_s": 3e10}
+    cal["copy_bytes_per_s"] = 4e10
+    text = "\n".join(mod.summary(results, cal, "small", "float32", ["train B=8 T/S=256 106%"]))
+    assert "A first calibration put 1 points above their roof (train B=8 T/S=256 106%)" in text
+    assert "**Above the roof, so the calibration is suspect:** prefill B=1 T/S=256 115%." in text
+    clean = "\n".join(mod.summary(results[1:], cal, "small", "float32", []))
+    assert "above their roof" not in clean and "suspect" not in clean
 
 
 def test_decode_batch_knees_on_a_made_up_roofline():
