@@ -9,7 +9,8 @@ jemalloc; a bf16 decode step (B=1) 257 ms against 63 ms. The process re-executes
 ``LD_PRELOAD`` set (the loader reads it only at start); PyTorch's CPU tuning guides give the same
 advice for the same reason.
 
-``JAXLLM_MALLOC``: unset (find one), ``system`` (never preload), or a library path or soname.
+``JAXLLM_MALLOC``: unset (find one), ``system`` (never preload), or a library path or soname; a
+path that is no file is refused (exit status 2: the loader would only warn and run without it).
 Importing this module imports nothing heavy: it runs before JAX is loaded.
 """
 
@@ -20,6 +21,8 @@ import os
 import runpy
 import sys
 from collections.abc import Callable, Mapping, Sequence
+
+from jaxllm.errors import InputError
 
 PRELOADED = "JAXLLM_MALLOC_PRELOADED"  # set in the re-executed process: the library preloaded
 # Libraries tried in order, and what each needs in the environment to keep freed pages.
@@ -40,6 +43,11 @@ def preload_env(
     if platform != "linux" or choice == "system" or PRELOADED in environ:
         return None
     if choice:
+        if os.sep in choice and not os.path.isfile(choice):
+            raise InputError(
+                f"JAXLLM_MALLOC={choice}: no such file (give a library's path or soname, or "
+                "'system' for no preload)"
+            )
         lib, extra = choice, next((v for k, v in ALLOCATORS.items() if k in choice), {})
     else:
         found = [(find(name), extra) for name, extra in ALLOCATORS.items()]
@@ -52,8 +60,13 @@ def preload_env(
 
 def preloaded(command: Sequence[str]) -> None:
     """Replace this process by ``python *command`` under the allocator ``preload_env`` picks, if it
-    picks one; return otherwise. Scripts call it first (``preloaded([__file__, *sys.argv[1:]])``)."""
-    env = preload_env(os.environ)
+    picks one; return otherwise; exit with status 2 and one line when ``JAXLLM_MALLOC`` names no
+    file. Scripts call it first (``preloaded([__file__, *sys.argv[1:]])``)."""
+    try:
+        env = preload_env(os.environ)
+    except InputError as err:
+        print(f"jaxllm: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if env is not None:
         os.execve(sys.executable, [sys.executable, *command], env)
 

@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from jaxllm.errors import InputError
 from jaxllm.launch import PRELOADED, preload_env
 
 
@@ -31,10 +34,34 @@ def test_no_preload_off_linux_when_asked_once_done_or_when_none_is_installed():
     assert preload_env({}, _find({}), "linux") is None
 
 
-def test_a_named_library_is_preloaded_as_given():
-    env = preload_env({"JAXLLM_MALLOC": "/opt/libtcmalloc_minimal.so"}, _find({}), "linux")
-    assert env is not None and env["LD_PRELOAD"] == "/opt/libtcmalloc_minimal.so"
+def test_a_named_library_is_preloaded_as_given(tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so"
+    lib.write_bytes(b"")
+    env = preload_env({"JAXLLM_MALLOC": str(lib)}, _find({}), "linux")
+    assert env is not None and env["LD_PRELOAD"] == str(lib)
     assert "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" in env
+    soname = preload_env({"JAXLLM_MALLOC": "libjemalloc.so.2"}, _find({}), "linux")
+    assert soname is not None and soname["LD_PRELOAD"] == "libjemalloc.so.2"
+
+
+def test_a_library_path_that_is_no_file_is_refused_in_one_line(tmp_path):
+    """The loader would print a warning and run without the allocator: refused, exit status 2."""
+    missing = str(tmp_path / "libmissing.so")
+    with pytest.raises(InputError, match=f"JAXLLM_MALLOC={missing}: no such file"):
+        preload_env({"JAXLLM_MALLOC": missing}, _find({}), "linux")
+    env = {**os.environ, "JAXLLM_MALLOC": missing}
+    env.pop(PRELOADED, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxllm", "info", "--preset", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"jaxllm: error: JAXLLM_MALLOC={missing}: no such file " + (
+        "(give a library's path or soname, or 'system' for no preload)\n"
+    )
 
 
 def test_the_command_runs_after_re_executing_itself(tmp_path):
