@@ -126,25 +126,20 @@ def summary(
     """The calibrated peaks, then one table row per point: intensity, bound, predicted and measured
     time (XLA's counts on the roofline). ``redone``: the points above their roof under a first
     calibration, which was then taken again."""
-    beaten = above_roof(results)
     lines = [
         f"Calibrated peaks: {peaks_line(calibration)}; "
         f"ridge {results[0].roofline.xla.ridge:.1f} FLOP/byte ({preset} computes in {dtype}).",
         "",
-        *(
-            [
-                f"A first calibration put {len(redone)} points above their roof "
-                f"({', '.join(redone)}): the device was calibrated and measured again.",
-                "",
-            ]
-            if redone
-            else []
-        ),
-        *(
-            [f"**Above the roof, so the calibration is suspect:** {', '.join(beaten)}.", ""]
-            if beaten
-            else []
-        ),
+    ]
+    if redone:
+        lines += [
+            f"A first calibration put {len(redone)} points above their roof "
+            f"({', '.join(redone)}): the device was calibrated and measured again.",
+            "",
+        ]
+    if beaten := above_roof(results):
+        lines += [f"**Above the roof, so the calibration is suspect:** {', '.join(beaten)}.", ""]
+    lines += [
         "| phase | B | T or S | intensity (FLOP/B) | bound | predicted | measured | measured / roof |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.model import param_shapes
+from jaxllm.model import param_shapes, path_names
 from jaxllm.slots import SlotCache
 
 AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -110,13 +110,6 @@ def check_divides(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> 
     for axis, size, name, value in checks:
         if value % size:
             raise InputError(f"mesh axis {axis}={size} does not divide {name}={value}")
-
-
-def path_names(path: tuple[Any, ...]) -> str:
-    """``a/b/c`` from a pytree key path: its dict keys and attribute names (sequence indices,
-    such as the position of a state in an optax chain, are left out)."""
-    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-    return "/".join(n for n in names if n)
 
 
 def param_spec(path: str, ndim: int) -> PartitionSpec | None:

@@ -430,11 +430,18 @@ def count_params(config: ModelConfig) -> dict[str, int]:
     """
     counts = dict.fromkeys(["embedding", "positions", "attention", "mlp", "norms", "head"], 0)
     for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(config)):
-        names = [str(getattr(p, "key", p)) for p in path]
+        names = path_names(path).split("/")
         component = next((_COMPONENTS[n] for n in names if n in _COMPONENTS), "norms")
         counts[component] += math.prod(leaf.shape)
     counts["total"] = sum(counts.values())
     return counts
+
+
+def path_names(path: tuple[Any, ...]) -> str:
+    """``a/b/c`` from a pytree key path: its dict keys and attribute names (sequence indices,
+    such as the position of a state in an optax chain, are left out)."""
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    return "/".join(n for n in names if n)
 
 
 def output_major(params: Params) -> Params:
@@ -442,7 +449,7 @@ def output_major(params: Params) -> Params:
     last ([D, N, H] -> [N, H, D], [N, H, D] -> [D, N, H]); embeddings, norms and biases unchanged."""
 
     def move(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
-        names = [str(getattr(p, "key", p)) for p in path]
+        names = path_names(path).split("/")
         if names[-1] != "kernel":
             return leaf
         n_in = input_axes(EQUATIONS[names[-2]])
