@@ -10,7 +10,8 @@ allocator the ``jaxllm`` command preloads (``jaxllm.launch``), and the peers, it
 speed over PyTorch's (> 1: jaxllm faster). Writes ``peers-cpu.csv`` and ``peers-cpu.md`` to --out.
 
 Shapes (the issue's table): train B=4 T=256 (f32, and bf16 compute with f32 master weights: torch
-bf16 autocast); prefill B=1 T=1024 f32; decode B = 1, 8, 32 at a mean context of 96 (64-token prompt,
+bf16 autocast; jaxllm's layers compiled as ``jaxllm train`` compiles them here,
+``jaxllm.train.training_config``); prefill B=1 T=1024 f32; decode B = 1, 8, 32 at a mean context of 96 (64-token prompt,
 64 new) and B = 1, 32 at 1008 (1000-token prompt, 16 new), f32 and bf16 (bf16 weights on both sides;
 PyTorch keeps its KV cache in bf16, jaxllm on a CPU in float32: ``jaxllm.cache.cache_dtype``). A
 jaxllm decode step runs at the mean context in the cache ``jaxllm.generate`` would hold then (its
@@ -72,7 +73,7 @@ def _gpt2(dtype: str) -> ModelConfig:
 
 
 def jax_train(dtype: str, steps: int) -> Callable[[], float]:
-    config = _gpt2(dtype)
+    config = train.training_config(_gpt2(dtype))
     optimizer = train.make_optimizer()
     step = train.make_train_step(config, optimizer)
     state = train.init_state(config, optimizer, jax.random.key(0))
@@ -377,7 +378,8 @@ def _markdown(rows: list[dict[str, Any]], when: str) -> str:
         "of the CSV) of each round's median, jaxllm, PyTorch and llama.cpp timed one after the other "
         "per cell. Ratios = jaxllm's speed / the peer's (> 1: jaxllm faster). `generate` rows: the "
         "on-device loop's seconds per decode step (contexts 64 to 128) beside the peers' step at "
-        "context 96. llama.cpp: 2 threads, its KV cache in f16; no training. Allocator preloaded "
+        "context 96. jaxllm trains as `jaxllm train` compiles here (`jaxllm.train.training_config`). "
+        "llama.cpp: 2 threads, its KV cache in f16; no training. Allocator preloaded "
         f"for all three (`jaxllm.launch`): {os.environ.get(launch.PRELOADED, 'none (glibc)')}.",
         "",
         "| cell | jaxllm (s) | PyTorch (s) | jaxllm / PyTorch speed | llama.cpp (s) "

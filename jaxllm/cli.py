@@ -186,7 +186,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="train a model on a text corpus (default: `small` on the built-in corpus)",
         description="Train with AdamW; checkpoints, metrics.jsonl and summary.json go to --out. "
         "With --hf-dir, fine-tune that checkpoint: its weights, its tokenizer.json (copied into "
-        "--out) and config; --override may change only dtype, param_dtype, scan_layers, remat. "
+        "--out) and config; --override may change only dtype, param_dtype, scan_layers, scan_unroll, remat. "
         "With --resume, settings not given are taken from the checkpoint and those given must "
         "match it (except the evaluation, checkpoint, logging and --data options; the mesh "
         "may differ too).",

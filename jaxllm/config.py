@@ -67,6 +67,9 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights when training)
     scan_layers: bool = True  # layers under nn.scan (one compiled layer) vs a Python loop
+    # Scanned layers per loop iteration (nn.scan's unroll); n_layers compiles the L layers straight
+    # (no loop, stacked parameters kept): XLA:CPU runs them faster (jaxllm.train.backend_config).
+    scan_unroll: int = 1
     remat: Remat = "none"
     kernel_order: KernelOrder = "in_out"
 
@@ -82,6 +85,11 @@ class ModelConfig:
             "rope_original_len",
         ):
             positive_int(name, getattr(self, name), MAX_SIZE)
+        positive_int(
+            f"scan_unroll (layers per scan step, of n_layers={self.n_layers})",
+            self.scan_unroll,
+            self.n_layers,
+        )
         for name in (
             "norm_eps",
             "rope_base",
@@ -153,6 +161,7 @@ LATER_FIELDS = (
     "rope_original_len",
     "qkv_bias",
     "kernel_order",
+    "scan_unroll",
 )
 
 

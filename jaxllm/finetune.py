@@ -30,7 +30,7 @@ from jaxllm.model import Params
 from jaxllm.tokenizer import TOKENIZER, HFTokenizer, load_hf_tokenizer
 
 # Overrides that leave the function the checkpoint computes unchanged (up to rounding).
-TRAINABLE_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat")
+TRAINABLE_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "scan_unroll", "remat")
 # Files of a checkpoint's tokenizer copied into the run (tokenizer.json is required).
 TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json")
 

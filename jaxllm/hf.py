@@ -55,7 +55,7 @@ def load(
 
 def load_config(hf_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
     """Map ``hf_dir/config.json`` to a ModelConfig; overrides may change numerics or layout
-    (dtype, param_dtype, scan_layers, remat, max_len for rotary models), while a changed shape is
+    (dtype, param_dtype, scan_layers, scan_unroll, remat, max_len for rotary models), while a changed shape is
     refused when the tensors are read."""
     path = Path(hf_dir) / CONFIG
     raw = read_json(path)

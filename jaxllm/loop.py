@@ -48,6 +48,7 @@ from jaxllm.train import (
     make_train_step,
     state_from_params,
     state_shardings,
+    training_config,
 )
 
 DEFAULT_PRESET = "small"
@@ -212,10 +213,10 @@ def _resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[s
                 "pass --resume to continue it or choose another --out"
             )
         if hf_dir is not None:
-            config = finetune.load_config(hf_dir, overrides)
+            config = training_config(finetune.load_config(hf_dir, overrides), overrides)
             return Plan(config, TrainSettings(**requested), None, finetune.Origin.read(hf_dir))
         config = apply_overrides(get_preset(preset or DEFAULT_PRESET), overrides)
-        return Plan(config, TrainSettings(**requested), None, None)
+        return Plan(training_config(config, overrides), TrainSettings(**requested), None, None)
     meta = checkpoint.load_meta(run_dir)
     origin = finetune.Origin.from_meta(meta)
     _check_origin(run_dir, origin, hf_dir)

@@ -315,9 +315,10 @@ class Block(nn.Module):
 def _block_class(config: ModelConfig) -> Any:
     if config.remat == "none":
         return Block
-    # Inside nn.scan the CSE barrier is unnecessary (and costs speed); unrolled, it keeps XLA from
-    # merging the recomputation back into the forward pass.
-    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+    # Inside a rolled nn.scan the CSE barrier is unnecessary (and costs speed); unrolled, it keeps XLA
+    # from merging the recomputation back into the forward pass.
+    rolled = config.scan_layers and config.scan_unroll == 1
+    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=not rolled)
 
 
 class Transformer(nn.Module):
@@ -389,6 +390,7 @@ class Transformer(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]
                 length=cfg.n_layers,
+                unroll=cfg.scan_unroll,
             )
             return stack(cfg, name="blocks")(x, positions, pad)
         new_k, new_v = [], []

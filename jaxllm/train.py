@@ -46,6 +46,25 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax.OptState  # float32: clipping state, AdamW moments m and v, schedule count
 
 
+def training_config(
+    config: ModelConfig, overrides: tuple[str, ...] | list[str] = ()
+) -> ModelConfig:
+    """The config a fresh run trains on this backend: on a CPU, scanned layers fully unrolled
+    (``scan_unroll=n_layers``) unless ``overrides`` (``FIELD=VALUE``) set ``scan_unroll``;
+    elsewhere ``config`` as given.
+
+    The parameters stay stacked [L, ...] (checkpoints are unchanged); XLA:CPU compiles the layers as
+    straight-line code, with no per-iteration slices of the stacked weights and activations, and
+    runs independent products of different layers side by side. gpt2's f32 step (B=4, T=256,
+    tcmalloc, 2-core VM) took 5.6 s unrolled against 6.4 s rolled; compiling took 9 s against 5.5 s.
+    Accelerators keep the rolled loop (not measured there).
+    """
+    named = {text.split("=", 1)[0].strip() for text in overrides}
+    if jax.default_backend() != "cpu" or not config.scan_layers or "scan_unroll" in named:
+        return config
+    return config.replace(scan_unroll=config.n_layers)
+
+
 def decay_mask(params: Params) -> Params:
     """A bool tree: True where weight decay applies (``DECAYED`` leaves)."""
 

@@ -57,6 +57,8 @@ def test_qwen_preset_has_biases_on_q_k_v_only():
         ({"rope_scaling": "yarn"}, ["rope_scaling", "linear", "llama3", "'yarn'"]),
         ({"rope_factor": 0.0}, ["rope_factor", "positive"]),
         ({"rope_original_len": 0}, ["rope_original_len", "positive"]),
+        ({"n_layers": 4, "scan_unroll": 5}, ["scan_unroll", "n_layers=4", "<= 4", "got 5"]),
+        ({"scan_unroll": 0}, ["scan_unroll", "positive", "got 0"]),
         (
             {"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0},
             ["rope_high_freq_factor=4.0", "rope_low_freq_factor=4.0"],

@@ -102,7 +102,7 @@ def _copy_with_tokenizer(tmp_path: Path, name: str) -> Path:
     ("hf_dir", "extra", "word"),
     [
         ("gpt2", ["--override", "n_layers=3"], "--override n_layers=3 would change the architecture"),
-        ("gpt2", ["--override", "max_len=32"], "overrides of dtype, param_dtype, scan_layers, remat"),
+        ("gpt2", ["--override", "max_len=32"], "overrides of dtype, param_dtype, scan_layers, scan_unroll, remat"),
         ("gpt2", ["--seq", "65"], "seq 65 exceeds the model's context max_len=64"),
         ("gpt2", ["--data", "SHORT"], "fewer than seq_len + 1 = 33"),
         ("gpt2", ["--data", "BINARY"], "is not UTF-8 text (byte 1)"),

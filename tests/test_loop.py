@@ -85,7 +85,8 @@ def test_resume_is_bit_exact_and_compiles_once(tmp_path, corpus, spy, capsys):
     assert checkpoint.latest_step(tmp_path / "b") == 4
     resumed = loop.train(tmp_path / "b", resume=True, data=corpus)
     assert resumed["step"] == 8
-    _, params_a = checkpoint.load_params(tmp_path / "a")
+    config_a, params_a = checkpoint.load_params(tmp_path / "a")
+    assert config_a == PRESETS["tiny"].replace(scan_unroll=2)  # a CPU run's layers unrolled
     _, params_b = checkpoint.load_params(tmp_path / "b")
     chex.assert_trees_all_equal(params_a, params_b)
     losses = [(r["step"], r["loss"]) for r in _train_records(tmp_path / "a")]
@@ -93,6 +94,14 @@ def test_resume_is_bit_exact_and_compiles_once(tmp_path, corpus, spy, capsys):
     # One compiled step served the fresh, the stopped and the resumed run, and compiled once.
     assert len({id(step) for step in spy.made}) == 1 and spy.made[0]._cache_size() == 1
     assert "validation loss" in capsys.readouterr().err
+
+
+def test_a_fresh_run_on_a_cpu_unrolls_its_scanned_layers_unless_told(tmp_path, corpus):
+    settings = {k: v for k, v in RUN.items() if k != "preset"} | {"data": corpus}
+    plan = loop.resolve(tmp_path / "a", False, loop.ModelRequest("tiny"), settings)
+    assert plan.config == PRESETS["tiny"].replace(scan_unroll=2)
+    told = loop.ModelRequest("tiny", overrides=("scan_unroll=1",))
+    assert loop.resolve(tmp_path / "b", False, told, settings).config == PRESETS["tiny"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, spy):

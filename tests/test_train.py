@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm import train
+from jaxllm import cost, train
 from jaxllm.config import PRESETS
 from jaxllm.model import Transformer
 
@@ -177,3 +177,29 @@ def test_mixed_precision_keeps_storage_dtype_and_f32_optimizer_state():
 def test_bad_optimizer_settings_are_named(kwargs, word):
     with pytest.raises(ValueError, match=word):
         train.make_optimizer(**kwargs)
+
+
+def test_unrolled_scan_is_the_rolled_step_without_its_loop():
+    cfg = CFG.replace(n_layers=3, remat="full")  # remat: unrolled, its CSE barrier is back
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+    start, batch = train.init_state(cfg, sgd, jax.random.key(0)), _batch(2)
+    rolled, unrolled = (
+        train.make_train_step(c, sgd).lower(start, batch).compile()
+        for c in (cfg, cfg.replace(scan_unroll=3))
+    )
+    # XLA's own counts: the rolled loop's body counted 3 times (loop-corrected) is the unrolled step.
+    cost_a, cost_b = (cost.analyze_compiled(c, 0.0) for c in (rolled, unrolled))
+    assert 3 in cost_a.loops and 3 not in cost_b.loops
+    assert cost_b.flops == pytest.approx(cost_a.flops, rel=0.01)
+    a, m_a = rolled(_copy(start), batch)
+    b, m_b = unrolled(_copy(start), batch)
+    assert float(m_b["loss"]) == pytest.approx(float(m_a["loss"]), rel=1e-6)
+    chex.assert_trees_all_close(b.params, a.params, rtol=1e-5, atol=1e-7)
+
+
+def test_training_config_unrolls_scanned_layers_on_a_cpu_unless_overridden():
+    assert jax.default_backend() == "cpu"
+    assert train.training_config(CFG).scan_unroll == CFG.n_layers
+    assert train.training_config(CFG, ["scan_unroll = 1"]).scan_unroll == 1
+    unrolled = CFG.replace(scan_layers=False)
+    assert train.training_config(unrolled) == unrolled
