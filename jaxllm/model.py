@@ -86,11 +86,15 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
 
     For the row counts R of ``WEIGHT_MAJOR_ROWS`` the kernel is applied weight-major, [O, I] x
     [R, I] -> [O, R], then transposed (the optimization barrier keeps XLA from folding the transpose
-    back into the product); other counts run row-major, [R, I] x [O, I] -> [R, O], one narrow row
-    on a CPU as two (see ``project``). Measured on twelve gpt2 MLPs, against the in_out product:
-    f32 1 row 9.5 -> 6.8 ms (row-major), 8 rows 21.4 -> 10.2 ms, 32 rows 43.7 -> 25.8 ms
-    (weight-major; even from 256 rows on); bf16 1 row 15.5 -> 10.7 ms, 8 rows 24.9 -> 18.4 ms
-    (row-major; weight-major 28.3), 32 rows 52.9 -> 42.8 ms (weight-major).
+    back into the product); other counts run row-major, [R, I] x [O, I] -> [R, O], except one
+    narrow (bf16) row on a CPU: [1, I] x transpose([O, I]), which XLA:CPU compiles to a loop over
+    the weight's rows that reads it in bf16 (its library product converts the whole weight to
+    float32 first). Measured on twelve gpt2 MLPs, against the in_out product: f32 1 row 9.5 -> 6.8
+    ms (row-major), 8 rows 21.4 -> 10.2 ms, 32 rows 43.7 -> 25.8 ms (weight-major; even from 256
+    rows on); bf16 8 rows 24.9 -> 18.4 ms (row-major; weight-major 28.3), 32 rows 52.9 -> 42.8 ms
+    (weight-major). bf16 one row, against the row-major product of two rows: twelve [3072, 768]
+    kernels 5.2 -> 2.7 ms, twelve [768, 3072] 4.0 -> 2.6 ms, gpt2's tied head 6.6 -> 3.0 ms
+    (about 20 GB/s, 2-core VM).
     """
     lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
     out = kernel.shape[: kernel.ndim - n_in]
@@ -103,12 +107,12 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
     if rows in WEIGHT_MAJOR_ROWS.get(jnp.dtype(dtype).itemsize, ()):
         y = jax.lax.dot_general(w, x2, contract, preferred_element_type=jnp.float32)  # [O, R]
         y = jax.lax.optimization_barrier(y).T
+    elif rows == 1 and _widens_single_rows(dtype):
+        # [1, I] x transpose([O, I]): XLA:CPU fuses a vector-matrix product with its operand's
+        # transpose into one loop over the weight's rows, reading the narrow weight as it is.
+        y = jnp.matmul(x2, w.T, preferred_element_type=jnp.float32)  # [1, O]
     else:
-        single = rows == 1 and _widens_single_rows(dtype)
-        if single:
-            x2 = jnp.concatenate([x2, x2])
         y = jax.lax.dot_general(x2, w, contract, preferred_element_type=jnp.float32)  # [R, O]
-        y = y[:1] if single else y
     return y.astype(dtype).reshape(*lead, *out)
 
 

@@ -203,9 +203,10 @@ def test_a_single_bf16_row_is_projected_without_widening_the_weight(order):
     want = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
     assert y.dtype == jnp.bfloat16 and y.shape == (1, 1, 256)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
-    if jax.default_backend() == "cpu":
-        hlo = str(jax.jit(fn).lower(x, w).compile().as_text())
-        assert "f32[64,256]" not in hlo and "f32[256,64]" not in hlo
+    if jax.default_backend() == "cpu":  # XLA's temporaries: less than a float32 copy of w
+        memory = jax.jit(fn).lower(x, w).compile().memory_analysis()
+        assert memory is not None
+        assert memory.temp_size_in_bytes < w.size * 4
 
 
 @pytest.mark.parametrize(("family", "n_kv_heads"), [("gpt2", 4), ("llama", 2)])
