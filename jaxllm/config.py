@@ -68,7 +68,7 @@ class ModelConfig:
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights when training)
     scan_layers: bool = True  # layers under nn.scan (one compiled layer) vs a Python loop
     # Scanned layers per loop iteration (nn.scan's unroll); n_layers compiles the L layers straight
-    # (no loop, stacked parameters kept): XLA:CPU runs them faster (jaxllm.train.backend_config).
+    # (no loop, stacked parameters kept): XLA:CPU runs them faster (jaxllm.train.training_config).
     scan_unroll: int = 1
     remat: Remat = "none"
     kernel_order: KernelOrder = "in_out"
