@@ -100,7 +100,10 @@ def _decode_loop(
     state = _record(state, sampler(logits, sub), limits, stop)
 
     def body(s: _LoopState) -> _LoopState:
-        step_logits, cache = decode_step(config, params, s.cache, s.tokens)
+        # Tied to the step count, the weights are no loop invariants to XLA: it cannot hoist a
+        # converted (float32) copy of each out of the loop, to be read at twice the bytes per step.
+        weights, _ = jax.lax.optimization_barrier((params, s.n))
+        step_logits, cache = decode_step(config, weights, s.cache, s.tokens)
         key, sub = jax.random.split(s.key)
         return _record(s.replace(cache=cache, key=key), sampler(step_logits, sub), limits, stop)
 

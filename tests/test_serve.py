@@ -243,6 +243,20 @@ def test_generation_is_one_program_with_on_device_loops():
     assert compiled.memory_analysis().alias_size_in_bytes >= cache.nbytes()
 
 
+def test_the_decode_loop_holds_no_converted_copy_of_the_bf16_weights():
+    """Weights are loop invariants of generate's while loop: XLA would hoist a float32 copy of each
+    out of it (and read those on every step) unless the loop ties them to its step count."""
+    served, cast = serve.for_serving(
+        tiny("gpt2").replace(dtype="bfloat16"), params_of(tiny("gpt2"))
+    )
+    cache = jax.eval_shape(lambda: KVCache.init(served, 1, 16))
+    loop = make_decode_loop(served, GREEDY, 8, 16)
+    logits = jax.ShapeDtypeStruct((1, served.vocab_size), jnp.float32)
+    args = (logits, jax.random.key(0), jnp.array([6], jnp.int32), jnp.array([], jnp.int32))
+    memory = loop.lower(cast, cache, *args).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < sum(x.nbytes for x in jax.tree.leaves(cast))
+
+
 def test_writing_past_the_cache_raises_and_leaves_it_intact():
     cfg = tiny("gpt2")
     params = params_of(cfg)
