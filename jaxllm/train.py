@@ -25,7 +25,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxllm import mesh as meshes
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, parse_override
 from jaxllm.errors import InputError, positive_int
 from jaxllm.model import Params, Transformer, init_params, param_shapes
 
@@ -61,7 +61,7 @@ def training_config(
     unrolled step's op times sum to 1.15x its wall time (ops run side by side on the two cores;
     rolled: 0.99x). Accelerators keep the rolled loop (not measured there).
     """
-    named = {text.split("=", 1)[0].strip() for text in overrides}
+    named = {parse_override(text)[0] for text in overrides}
     if jax.default_backend() != "cpu" or not config.scan_layers or "scan_unroll" in named:
         return config
     return config.replace(scan_unroll=config.n_layers)
