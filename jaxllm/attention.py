@@ -97,41 +97,33 @@ def chunked_causal_attention(
 ) -> jax.Array:
     """``causal_attention`` block by block (``causal_blocks``), with XLA's dots: [B, T, N, H].
 
-    Each block's products are batched over B and the K key heads, with the G query heads of a
-    group and the block's queries merged into one row axis (one [G·(b - a), H] x [H, b] product
-    per key head: no size-1 group axis for XLA to copy around, and grouped queries make taller
-    products; B and K stay apart, so heads sharded over a mesh's tensor axis stay sharded).
-    Scores are float32; the softmax is normalised after the product with the
-    values (one division of [.., H] instead of [.., b])."""
+    Each block's scores [B, K, G, b - a, b] are float32; the softmax is normalised after the
+    product with the values (one division of [.., H] instead of [.., b])."""
     B, T, N, H = q.shape
     K = k.shape[2]
-    G = N // K
     dtype = q.dtype
     scale = jnp.asarray(1.0 / math.sqrt(H), dtype)
-    q = (q * scale).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    q = (q * scale).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
     first = jnp.zeros((B,), jnp.int32) if pad is None else pad
     outs = []
     for a, b in causal_blocks(T):
-        rows = G * (b - a)
-        block = q[:, :, :, a:b].reshape(B, K, rows, H)
         scores = jnp.einsum(
-            "BKRH,BKSH->BKRS", block, k[:, :, :b], preferred_element_type=jnp.float32
+            "BKGTH,BKSH->BKGTS", q[:, :, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32
         )
         # Hidden keys by an additive bias (a where() would keep a per-head mask for the backward).
         visible = attention_mask(first, 0, b, b, new=True)[:, :, :, a:]  # [B, 1, 1, b - a, b]
-        bias = jnp.broadcast_to(jnp.where(visible, 0.0, _HIDDEN), (B, K, G, b - a, b))
-        scores = scores + bias.reshape(B, K, rows, b)
+        scores = scores + jnp.where(visible, 0.0, _HIDDEN)
         top = jnp.max(jax.lax.stop_gradient(scores), axis=-1, keepdims=True)
         weights = jnp.exp(scores - top)
         total = jnp.sum(weights, axis=-1, keepdims=True)
         out = jnp.einsum(
-            "BKRS,BKSH->BKRH",
+            "BKGTS,BKSH->BKGTH",
             weights.astype(dtype),
             v[:, :, :b],
             preferred_element_type=jnp.float32,
         )
-        outs.append((out / total).astype(dtype).reshape(B, K, G, b - a, H))
+        outs.append((out / total).astype(dtype))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
