@@ -9,19 +9,23 @@ counts it as well, so XLA's figure sits slightly above these (under 3% for D >= 
 Attention is given two ways:
 - ``"xla"``: what the program computes — every query against every key slot it is handed: without a
   cache, each query block against the keys up to its end (``jaxllm.attention.causal_blocks``: T × T
-  for T <= 64, about 9/16 of it at T = 1024), and T × (S + T) with a cache of S slots (the model
-  scores the whole allocated cache, filled or not, plus the new tokens' own keys);
+  for T <= 64, about 9/16 of it at T = 1024), or T(T + 1)/2 where cuDNN's fused causal kernel runs
+  (``fused``: a GPU in bf16; its backward runs 5 products to XLA's 4, recomputing q·kᵀ), and
+  T × (S + T) with a cache of S slots (the model scores the whole allocated cache, filled or not,
+  plus the new tokens' own keys);
 - ``"causal"``: useful work — query t sees t + 1 new keys plus the filled slots before it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 
-from jaxllm.attention import causal_blocks
+from jaxllm.attention import attention_implementation, causal_blocks
 from jaxllm.config import ModelConfig
 
 Attention = Literal["xla", "causal"]
@@ -104,6 +108,17 @@ def blocked_pairs(seq: int) -> int:
     return sum((b - a) * b for a, b in causal_blocks(seq))
 
 
+def fused(config: ModelConfig) -> bool:
+    """Whether this device runs ``config``'s whole-sequence attention as cuDNN's fused kernel."""
+    return attention_implementation(config.compute_dtype, config.head_dim) == "cudnn"
+
+
+def _sequence_pairs(config: ModelConfig, seq: int) -> int:
+    """(query, key) pairs the whole-sequence causal pass scores: the fused kernel's causal ones,
+    else the blocked pass's."""
+    return _causal_pairs(seq, 0) if fused(config) else blocked_pairs(seq)
+
+
 def _causal_pairs(new: int, filled: int) -> int:
     """(query, key) pairs a causal pass needs: query t sees ``filled`` old keys and t + 1 new ones."""
     return new * filled + new * (new + 1) // 2
@@ -121,8 +136,8 @@ def weight_flops(
 
 def forward_flops(config: ModelConfig, batch: int, seq: int, attention: Attention = "xla") -> int:
     """A full forward pass over tokens[B, T] with no cache (the train-step forward): the weights at
-    every position, and attention over the blocked pass's pairs ("xla") or T(T + 1)/2 ("causal")."""
-    pairs = blocked_pairs(seq) if attention == "xla" else _causal_pairs(seq, 0)
+    every position, and attention over the pairs the pass scores ("xla") or T(T + 1)/2 ("causal")."""
+    pairs = _sequence_pairs(config, seq) if attention == "xla" else _causal_pairs(seq, 0)
     return weight_flops(config, batch, seq) + attention_flops(config, batch, pairs, 1)
 
 
@@ -132,25 +147,28 @@ def _recompute_flops(config: ModelConfig, batch: int, seq: int, attention: Atten
     none: nothing; full: the layer forward except its two last matmuls, ``o`` and ``down``, whose
     outputs the backward does not need (their gradients need only their inputs and dy); dots: nothing
     (matmul outputs are saved); dots_no_batch: the attention matmuls (batch dimensions: not saved).
+    Fused attention is no dot, so "dots" recomputes it too.
     """
     D = config.d_model
     forward = forward_flops(config, batch, seq, attention)
     attn = forward - weight_flops(config, batch, seq)
     unneeded = 2 * D * (D + config.d_ff) * config.n_layers + 2 * D * config.vocab_size
     layers = forward - batch * seq * unneeded
-    return {"none": 0, "full": layers, "dots": 0, "dots_no_batch": attn}[config.remat]
+    dots = attn if fused(config) else 0
+    return {"none": 0, "full": layers, "dots": dots, "dots_no_batch": attn}[config.remat]
 
 
 def train_flops(config: ModelConfig, batch: int, seq: int, attention: Attention = "xla") -> int:
     """One AdamW train step on tokens[B, T] (the batch is [B, T + 1]: inputs and shifted targets).
 
     Backward = 2 × forward: each matmul y = x·w needs dx = dy·wᵀ and dw = xᵀ·dy, and every layer needs
-    its input gradient (the embedding is trained). Total ≈ 6·N_matmul per token + 3 × attention, plus
-    the forward work recomputed under remat. Gradient accumulation splits B without changing this.
+    its input gradient (the embedding is trained). Total ≈ 6·N_matmul per token + 3 × attention
+    (3.5 × with fused attention, whose backward recomputes q·kᵀ), plus the forward work recomputed
+    under remat. Gradient accumulation splits B without changing this.
     """
-    return 3 * forward_flops(config, batch, seq, attention) + _recompute_flops(
-        config, batch, seq, attention
-    )
+    forward = forward_flops(config, batch, seq, attention)
+    extra = (forward - weight_flops(config, batch, seq)) // 2 if fused(config) else 0
+    return 3 * forward + extra + _recompute_flops(config, batch, seq, attention)
 
 
 def prefill_flops(
@@ -170,10 +188,10 @@ def prefill_flops(
     positions whose logits are discarded, measured in tests/test_analytic.py; 1 for
     ``jaxllm.serve``'s prefill, which runs the head at the last position only). Attention: the new
     tokens against the S read slots (empty, masked) and against each other, so "xla" counts
-    T × (S + T) pairs (with S = 0: the blocked causal pass, ``blocked_pairs``) and "causal"
+    T × (S + T) pairs (with S = 0: the causal pass's, ``_sequence_pairs``) and "causal"
     T(T + 1)/2.
     """
-    xla = seq * (slots + seq) if slots else blocked_pairs(seq)
+    xla = seq * (slots + seq) if slots else _sequence_pairs(config, seq)
     pairs = xla if attention == "xla" else _causal_pairs(seq, 0)
     return weight_flops(config, batch, seq, head_positions) + attention_flops(
         config, batch, pairs, 1
@@ -234,13 +252,16 @@ def saved_per_layer(config: ModelConfig, seq: int) -> dict[str, int]:
     pass) keeps the scaled queries (D), keys and values (K·H each), its output before and after the
     softmax normalisation (D each) and 2 row statistics per query head; rotary keeps sin and cos for q
     and k (4 × H/2); the MLP keeps 6 width-F tensors (GELU: pre-activation and the tanh
-    approximation's intermediates; SwiGLU: gate, up, silu's 3, the product). Each query block but the
+    approximation's intermediates, one fewer from jax 0.11 on: ``_mlp_saved``; SwiGLU: gate, up,
+    silu's 3, the product). Each query block but the
     last keeps the prefix of keys and values it read (``key_slices``). Per scored (query, key) pair and
     query head (``causal_blocks``): exp(scores) in float32, and its cast to a narrower compute dtype
     (``score_bytes``).
     Remat "full" keeps only the layer input (D per token); "dots" keeps the matmul outputs q, k, v,
     o, the float32 scores and probs·v, up (and gate) and down; "dots_no_batch" the same without the
-    two attention matmuls (their outputs have batch dimensions).
+    two attention matmuls (their outputs have batch dimensions). Fused attention (``fused``) keeps
+    no scores and reads no key prefixes; the rest is counted as for the blocked pass (not yet checked
+    against ``saved_residuals`` on a GPU).
 
     ``head_values`` is the part of ``values`` that belongs to one query or key/value head or one MLP
     column, which tensor parallelism splits (``jaxllm.mesh``: q, k, v, up and gate column-parallel):
@@ -252,8 +273,8 @@ def saved_per_layer(config: ModelConfig, seq: int) -> dict[str, int]:
     D, F, KH = config.d_model, config.d_ff, config.n_kv_heads * config.head_dim
     N, H = config.n_heads, config.head_dim
     n_up = _mlp_matrices(config) - 1
-    blocks = causal_blocks(seq)
-    pairs = N * blocked_pairs(seq)
+    blocks = [] if fused(config) else causal_blocks(seq)
+    pairs = 0 if fused(config) else N * blocked_pairs(seq)
     if config.remat == "full":
         return {"values": seq * D, "head_values": 0, "score_bytes": 0}
     if config.remat in ("dots", "dots_no_batch"):
@@ -267,12 +288,27 @@ def saved_per_layer(config: ModelConfig, seq: int) -> dict[str, int]:
     itemsize = _bytes(config.compute_dtype)
     rotary = 2 * H if config.positions == "rotary" else 0
     key_slices = 2 * KH * sum(b for _, b in blocks[:-1])
-    per_head = 3 * D + 2 * KH + 2 * N + 6 * F
+    per_head = 3 * D + 2 * KH + 2 * N + _mlp_saved(config) * F
     return {
         "values": seq * (2 * (4 * D + 2) + rotary + per_head) + key_slices,
         "head_values": seq * per_head + key_slices,
         "score_bytes": pairs * (4 + (itemsize if itemsize != 4 else 0)),
     }
+
+
+@functools.cache
+def _gelu_saved() -> int:
+    """Tensors of its input's shape that JAX keeps for the backward of the tanh-approximated GELU:
+    5 in jax 0.10 (tanh and 1 - tanh among them), 4 in jax 0.11 (whose tanh keeps 1 - tanh² alone;
+    seen on the H200's jax 0.11.2), read off ``jax.vjp``'s residuals."""
+    _, backward = jax.vjp(lambda h: jax.nn.gelu(h, approximate=True), jnp.ones(3))
+    return sum(1 for leaf in jax.tree.leaves(backward) if jnp.shape(leaf) == (3,))
+
+
+def _mlp_saved(config: ModelConfig) -> int:
+    """Width-F tensors a layer's MLP keeps per token: the activation's residuals and the input of
+    ``down`` (GELU), or 6 (SwiGLU)."""
+    return _gelu_saved() + 1 if config.mlp == "gelu" else 6
 
 
 def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1) -> int:

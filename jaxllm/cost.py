@@ -4,10 +4,15 @@
 function was built with, so ``alias_bytes`` and ``temp_bytes`` are those of the real program) and
 returns an ``XlaCost``.
 
+Every figure is XLA's own cost model applied to the optimized HLO, the same way on every backend
+(``jaxllm.xla_hlo``: XLA's generic model, which gives a CPU program's ``cost_analysis()`` exactly,
+with a GPU's cuBLAS GEMMs costed as the dots they compute and cuDNN's fused attention counted from
+its shapes; a GPU's own ``cost_analysis()`` leaves both out). Two corrections:
+
 XLA's cost analysis counts the body of a while loop ONCE (a 10-step scan reports one step; the
 gradient of 10 scanned layers reports 3 layer-forwards). The optimized HLO marks static loops with
-``known_trip_count`` in the while op's backend_config, so each loop body is costed by the backend's
-own cost model as a computation of its own (``jaxllm.xla_hlo``) and scaled by its trip count:
+``known_trip_count`` in the while op's backend_config, so each loop body is costed as a computation
+of its own and scaled by its trip count:
 
     corrected(c) = raw(c) + sum over the while ops w in c of
                    n_w * corrected(body_w) - raw(body_w) + n_w * raw(cond_w)
@@ -17,7 +22,8 @@ own cost model as a computation of its own (``jaxllm.xla_hlo``) and scaled by it
 (the condition runs n + 1 times and is counted once; a conditional is charged its costliest branch,
 as XLA does). The same code runs on every backend. A loop without a known trip count (a generation
 loop that stops on end-of-text), or bodies this jaxlib cannot cost, leave the figures as XLA counted
-them, with ``loop_corrected`` False and ``loop_note`` saying why.
+them, with ``loop_corrected`` False and ``loop_note`` saying why; a program this jaxlib cannot
+cost at all keeps XLA's own ``cost_analysis()``, flagged the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from jaxllm.xla_hlo import HloCostError, computation_costs
+from jaxllm.xla_hlo import (
+    HloCostError,
+    computation_costs,
+    custom_call_targets,
+    fused_attention_flops,
+)
 
 COST_KEYS = ("flops", "transcendentals", "bytes accessed")
 Costs = dict[str, float]
@@ -51,7 +62,8 @@ class XlaCost:
     loop_corrected: bool  # False: a loop's trip count is unknown, its body is counted once
     loop_note: str  # why the figures are not loop-corrected ("" when they are)
     loops: tuple[int | None, ...]  # trip count of each while loop in the program (None: unknown)
-    raw_flops: float  # as XLA reported them, each loop body counted once
+    raw_flops: float  # as the backend's cost_analysis() reported them (each loop body once; a GPU's
+    # leaves out cuBLAS and cuDNN calls, and reports -1 for a program of them alone)
     raw_bytes_accessed: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,18 +124,25 @@ def _site(line: str) -> _Site | None:
 def call_graph(hlo_text: str) -> tuple[str, dict[str, list[_Site]]]:
     """The entry computation's name and the call sites (other than fusions) of every computation
     of an HLO module text."""
-    entry, current, sites = "", "", {}
+    entry, sites, _ = _parse(hlo_text)
+    return entry, sites
+
+
+def _parse(hlo_text: str) -> tuple[str, dict[str, list[_Site]], dict[str, int]]:
+    """``call_graph``, and the FLOPs of the fused-attention calls in each computation's own body."""
+    entry, current, sites, attention = "", "", {}, {}
     for line in hlo_text.splitlines():
         header = _HEADER.match(line)
         if header:
             current = header.group(2)
             entry = current if header.group(1) else entry
-            sites[current] = []
+            sites[current], attention[current] = [], 0
         elif current and line.startswith("  "):
             site = _site(line)
             if site is not None:
                 sites[current].append(site)
-    return entry, sites
+            attention[current] += fused_attention_flops(line)
+    return entry, sites, attention
 
 
 class _LoopCorrector:
@@ -131,10 +150,10 @@ class _LoopCorrector:
     bodies by their trip counts, wherever in the call graph the loops sit (the entry, inside other
     loops, or inside called computations such as a conditional's branches or a GPU command buffer)."""
 
-    def __init__(self, hlo_text: str, raw_entry: Costs) -> None:
+    def __init__(self, hlo_text: str) -> None:
         self.text = hlo_text
-        self.entry, self.sites = call_graph(self.text)
-        self._raw: dict[str, Costs] = {self.entry: raw_entry}
+        self.entry, self.sites, self._own_attention = _parse(self.text)
+        self._raw: dict[str, Costs] = {}
         self._loops: dict[str, bool] = {}
         self.unknown = 0  # while ops without a trip count met on the way
 
@@ -152,10 +171,25 @@ class _LoopCorrector:
         return self._loops[computation]
 
     def raw(self, computation: str) -> Costs:
+        """Costs of ``computation`` as XLA's model counts them: each loop body once."""
         if computation not in self._raw:
-            costs = computation_costs(self.text, computation)
-            self._raw[computation] = normalize_costs(costs)
+            try:
+                costs = normalize_costs(computation_costs(self.text, computation))
+            except ValueError as err:
+                targets = ", ".join(custom_call_targets(self.text)) or "none"
+                raise ValueError(f"{err} (custom calls in the program: {targets})") from err
+            costs["flops"] += self.attention(computation)
+            self._raw[computation] = costs
         return self._raw[computation]
+
+    def attention(self, computation: str) -> float:
+        """Fused-attention FLOPs of ``computation`` and what it calls, each called computation
+        counted once and a conditional's costliest branch, as XLA's model counts the rest."""
+        total = float(self._own_attention.get(computation, 0))
+        for site in self.sites.get(computation, []):
+            parts = [self.attention(c) for c in site.callees]
+            total += max(parts) if site.opcode == "conditional" else sum(parts)
+        return total
 
     def corrected(self, computation: str) -> Costs:
         """Loop-corrected costs of ``computation``: its raw costs plus, for each call site holding a
@@ -187,24 +221,24 @@ class _LoopCorrector:
 
 
 def loop_corrected_costs(compiled: Any) -> tuple[Costs, Costs, str, tuple[int | None, ...]]:
-    """(corrected, raw, note, trip counts) for a ``jax.stages.Compiled``; ``note`` is "" when every
-    loop was corrected, else why not (the figures then stay as XLA counted them)."""
-    raw = normalize_costs(compiled.cost_analysis())
+    """(corrected, raw, note, trip counts) for a ``jax.stages.Compiled``: ``raw`` is the backend's
+    own ``cost_analysis()`` as it reports it (-1: uncounted); ``note`` is "" when every loop was
+    corrected, else why not."""
+    costs = compiled.cost_analysis()  # a GPU's reports -1 for a program of custom calls only
+    raw = {key: float(costs.get(key, 0.0)) for key in COST_KEYS}
     corrected, note, loops = correct_loops(compiled.as_text(), raw)
     return corrected, raw, note, loops
 
 
 def correct_loops(hlo_text: str, raw: Costs) -> tuple[Costs, str, tuple[int | None, ...]]:
-    """(corrected costs, note, trip counts) of an optimized HLO module whose whole-program costs
-    XLA reported as ``raw``; the same on every backend."""
-    corrector = _LoopCorrector(hlo_text, raw)
+    """(corrected costs, note, trip counts) of an optimized HLO module, costed the same way on
+    every backend; ``raw`` (the backend's own figures) is returned, flagged, if it cannot be."""
+    corrector = _LoopCorrector(hlo_text)
     loops = tuple(w.trip_count for w in corrector.whiles())
-    if not loops:
-        return raw, "", loops
     try:
         corrected = corrector.corrected(corrector.entry)
     except (ValueError, HloCostError) as err:  # flagged, never under-counted
-        return raw, f"loop bodies could not be costed: {err}", loops
+        return raw, f"the program could not be costed, XLA's own figures kept: {err}", loops
     if corrector.unknown:
         return (
             corrected,
@@ -212,6 +246,22 @@ def correct_loops(hlo_text: str, raw: Costs) -> tuple[Costs, str, tuple[int | No
             loops,
         )
     return corrected, "", loops
+
+
+_WORKSPACE = re.compile(r"custom-call\(.*custom_call_target=\"__cu(?:blas|dnn)")
+_BYTES = re.compile(r"\b[su]8\[(\d+)\]")
+
+
+def library_workspace_bytes(hlo_text: str) -> int:
+    """The largest scratch buffer a cuBLAS or cuDNN call of the program asks for (its last, byte
+    typed output; 0 on a CPU): part of XLA's temporaries on a GPU (32 MiB for a cuBLASLt GEMM on an
+    H200), held for the libraries rather than for any value of the model."""
+    sizes = [
+        int(found[-1])
+        for line in hlo_text.splitlines()
+        if _WORKSPACE.search(line) and (found := _BYTES.findall(line.split(" custom-call(")[0]))
+    ]
+    return max(sizes, default=0)
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:

@@ -4,12 +4,13 @@ formula, the tensors a train step saves, and XLA's (loop-corrected) count of com
 import functools
 
 import pytest
+from conftest import FLOP_TOLERANCE
 from jax._src.ad_checkpoint import saved_residuals  # no public API: print_saved_residuals prints
 from reference_phases import cache_args, cache_pass, loss_fn, train_args, train_step
 
 from jaxllm import analytic
 from jaxllm.config import PRESETS, ModelConfig
-from jaxllm.cost import analyze
+from jaxllm.cost import analyze, analyze_compiled, compile_timed, library_workspace_bytes
 from jaxllm.model import count_params, param_shapes
 
 # Widths where matmuls dominate: the element-wise work analytic leaves out stays under 3%.
@@ -32,9 +33,17 @@ B, T = 4, 64
 
 
 @functools.cache
-def _train_cost(name: str):
+def _train_compiled(name: str):
     config = CONFIGS[name]
-    return analyze(train_step(config), *train_args(config, B, T))
+    return compile_timed(train_step(config), *train_args(config, B, T))
+
+
+def _train_cost(name: str):
+    return analyze_compiled(*_train_compiled(name))
+
+
+def _train_workspace(name: str) -> int:
+    return library_workspace_bytes(_train_compiled(name)[0].as_text())
 
 
 @pytest.mark.parametrize("name", ["tiny", "gpt2", "llama2-7b", "llama3-8b", "llama3.2-1b"])
@@ -81,7 +90,7 @@ def test_past_one_block_xla_counts_the_blocked_pairs():
     config, seq = CONFIGS["gelu-gqa-scanned"].replace(max_len=256), 256
     assert analytic.blocked_pairs(seq) == 64 * (64 + 128 + 192 + 256) == seq * seq * 5 // 8
     cost = analyze(train_step(config), *train_args(config, 1, seq))
-    assert cost.flops == pytest.approx(analytic.train_flops(config, 1, seq), rel=0.03)
+    assert cost.flops == pytest.approx(analytic.train_flops(config, 1, seq), rel=FLOP_TOLERANCE)
 
 
 def test_causal_attention_is_about_half_of_what_xla_computes():
@@ -113,12 +122,13 @@ def test_activation_count_is_what_the_step_saves(config, seq):
 
 def test_train_footprint_is_params_grads_adam_and_activations():
     config, cost = CONFIGS["gelu-gqa-scanned"], _train_cost("gelu-gqa-scanned")
+    scratch = _train_workspace("gelu-gqa-scanned")  # a GPU's cuBLAS scratch, 0 on a CPU
     memory = analytic.train_memory(config, B, T)
     assert cost.alias_bytes >= memory["params"] + memory["adam"]  # the state is donated
     # Measured here: footprint 53.7 MB vs 48.0 MB analytic (+12%). XLA's temp minus the gradients is
     # 27.9 MB against 22.2 MB of counted activations: the backward pass's workspace (score and logit
     # gradients, transposed copies) is live at the peak, and no closed form counts it.
-    assert cost.footprint_bytes == pytest.approx(memory["total"], rel=0.15)
+    assert cost.footprint_bytes - scratch == pytest.approx(memory["total"], rel=0.15)
 
 
 def test_decode_bytes_allocated_vs_filled():

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import FLOP_TOLERANCE
 
 from jaxllm import analytic, measure, memory
 from jaxllm.cli import main
@@ -62,8 +63,10 @@ def test_the_record_prints_the_documented_json_and_flattens_it():
     result = measure.analyze_phase(PRESETS["tiny"], "decode", 2, 16, True, True, "tiny")
     out = json.loads(json.dumps(result.to_json()))
     assert set(out) == {"preset", "phase", "batch", "seq", "device", *DOCUMENTED} - {"peaks"}
-    for section in ("analytic", "xla", "measured", "roofline"):
+    for section in ("analytic", "xla", "measured"):
         assert set(out[section]) == DOCUMENTED[section], section
+    beside = {"calibrated"} if result.calibrated is not None else set()  # on an accelerator
+    assert set(out["roofline"]) == DOCUMENTED["roofline"] | beside
     assert set(out["roofline"]["peaks"]) == DOCUMENTED["peaks"]
     assert set(out["roofline"]["xla"]) == DOCUMENTED["roofline"] - {"xla", "peaks"}
     flat = result.flat()
@@ -96,7 +99,7 @@ def test_real_phases_match_the_analytic_count(phase, extra, capsys):
     assert main([*argv, "--json", "--quick"]) == 0
     out = _json(capsys)
     assert out["xla"]["loop_corrected"]
-    assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
+    assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=FLOP_TOLERANCE)
 
 
 def test_analyze_measure_tiny_train_and_table(capsys):
@@ -142,7 +145,7 @@ def test_llama3_8b_analysed_from_shapes(capsys):
     assert main([*argv, "--json", "--quick"]) == 0
     out = _json(capsys)
     assert out["analytic"]["params"] == analytic.param_counts(PRESETS["llama3-8b"])["total"]
-    assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=0.03)
+    assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=FLOP_TOLERANCE)
 
 
 @pytest.mark.slow
