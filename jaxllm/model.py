@@ -52,11 +52,22 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     """``einsum(eqn, x, kernel)`` in ``dtype``, accumulated in float32; x's two leading axes are
     B and T.
 
-    On XLA:CPU a narrow (bf16) product of a single row (B = T = 1: a decode step of one sequence)
-    takes a path that converts the whole weight to float32 on every call; two rows take the GEMM
-    path. So one row is computed as two (measured, gpt2 bf16 decode B=1: 48.9 -> 38.7 ms). The f32
-    accumulation itself took gpt2's bf16 decode step at B=8 from 83 to 63 ms there.
+    On a CPU the product asks XLA for a float32 result, rounded after: the f32 accumulation took
+    gpt2's bf16 decode step at B=8 from 83 to 63 ms there. And a narrow (bf16) product of a single
+    row (B = T = 1: a decode step of one sequence) takes a path that converts the whole weight to
+    float32 on every call; two rows take the GEMM path. So one row is computed as two (measured,
+    gpt2 bf16 decode B=1: 48.9 -> 38.7 ms).
+
+    A GPU's GEMMs accumulate in float32 whatever the result type, so there a product of several
+    rows is asked in ``dtype``: a float32 result would make its gradient float32 too (the transpose
+    of the rounding), and the backward products run on float32 operands. On an H200, gpt2-medium's
+    bf16 train step (B=8, T=1024) ran its backward products as TF32 GEMMs and spent 9 ms of 109
+    converting; asked in bf16, the step took 70 ms (jax 0.11.2). A single row stays float32: XLA
+    computes it as a multiply and a reduction, which in bf16 missed the float32-accumulated product
+    by 3% (tests/test_model.py, on the H200).
     """
+    if jax.default_backend() != "cpu" and x.shape[0] * x.shape[1] > 1:
+        return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
     single = _widens_single_rows(dtype) and x.shape[:2] == (1, 1)
     if single:
         x = jnp.concatenate([x, x])
