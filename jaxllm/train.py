@@ -47,22 +47,25 @@ class TrainState(struct.PyTreeNode):
 
 
 def training_config(
-    config: ModelConfig, overrides: tuple[str, ...] | list[str] = ()
+    config: ModelConfig, overrides: tuple[str, ...] | list[str] = (), backend: str | None = None
 ) -> ModelConfig:
-    """The config a fresh run trains on this backend: on a CPU, scanned layers fully unrolled
-    (``scan_unroll=n_layers``) unless ``overrides`` (``FIELD=VALUE``) set ``scan_unroll``;
-    elsewhere ``config`` as given.
+    """The config a fresh run trains on ``backend`` (default: JAX's): on a CPU or a GPU, scanned
+    layers fully unrolled (``scan_unroll=n_layers``) unless ``overrides`` (``FIELD=VALUE``) set
+    ``scan_unroll``; elsewhere ``config`` as given.
 
-    The parameters stay stacked [L, ...] (checkpoints are unchanged); XLA:CPU compiles the layers as
+    The parameters stay stacked [L, ...] (checkpoints are unchanged); XLA compiles the layers as
     straight-line code. gpt2's f32 step (B=4, T=256, tcmalloc, 2-core VM) took 5.6 s unrolled
     against 6.4 s rolled; compiling took 9 s against 5.5 s. In its profiles, the loop's dynamic
     slices and updates of the stacked weights, gradients and saved activations and the zeroed
     buffers they fill (0.9 s of op time) became static slices and concatenations (0.25 s), and the
     unrolled step's op times sum to 1.15x its wall time (ops run side by side on the two cores;
-    rolled: 0.99x). Accelerators keep the rolled loop (not measured there).
+    rolled: 0.99x). On an H200, gpt2-medium's bf16 step (B=8, T=1024) took 57.0 ms unrolled against
+    69.6 ms rolled (compiled in 10.0 and 10.4 s); the rolled loop's copies and dynamic updates took
+    about 10 ms of it (jax 0.11.2). Other backends keep the loop (not measured).
     """
     named = {parse_override(text)[0] for text in overrides}
-    if jax.default_backend() != "cpu" or not config.scan_layers or "scan_unroll" in named:
+    backend = backend or jax.default_backend()
+    if backend not in ("cpu", "gpu") or not config.scan_layers or "scan_unroll" in named:
         return config
     return config.replace(scan_unroll=config.n_layers)
 

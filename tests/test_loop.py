@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import analytic, checkpoint, data, loop, memory, progress, runlock
+from jaxllm import analytic, checkpoint, data, loop, memory, progress, runlock, train
 from jaxllm.config import PRESETS
 
 # Tiny runs: 2 layers, 32 wide; batches [4, 17].
@@ -86,7 +86,7 @@ def test_resume_is_bit_exact_and_compiles_once(tmp_path, corpus, spy, capsys):
     resumed = loop.train(tmp_path / "b", resume=True, data=corpus)
     assert resumed["step"] == 8
     config_a, params_a = checkpoint.load_params(tmp_path / "a")
-    assert config_a == PRESETS["tiny"].replace(scan_unroll=2)  # a CPU run's layers unrolled
+    assert config_a == train.training_config(PRESETS["tiny"])  # unrolled on a CPU or GPU
     _, params_b = checkpoint.load_params(tmp_path / "b")
     chex.assert_trees_all_equal(params_a, params_b)
     losses = [(r["step"], r["loss"]) for r in _train_records(tmp_path / "a")]
@@ -96,10 +96,12 @@ def test_resume_is_bit_exact_and_compiles_once(tmp_path, corpus, spy, capsys):
     assert "validation loss" in capsys.readouterr().err
 
 
-def test_a_fresh_run_on_a_cpu_unrolls_its_scanned_layers_unless_told(tmp_path, corpus):
+def test_a_fresh_run_trains_its_backends_config_unless_told(tmp_path, corpus):
     settings = {k: v for k, v in RUN.items() if k != "preset"} | {"data": corpus}
     plan = loop.resolve(tmp_path / "a", False, loop.ModelRequest("tiny"), settings)
-    assert plan.config == PRESETS["tiny"].replace(scan_unroll=2)
+    assert plan.config == train.training_config(PRESETS["tiny"])
+    if jax.default_backend() in ("cpu", "gpu"):
+        assert plan.config.scan_unroll == 2  # layers unrolled
     told = loop.ModelRequest("tiny", overrides=("scan_unroll=1",))
     assert loop.resolve(tmp_path / "b", False, told, settings).config == PRESETS["tiny"]
 

@@ -197,9 +197,10 @@ def test_unrolled_scan_is_the_rolled_step_without_its_loop():
     chex.assert_trees_all_close(b.params, a.params, rtol=1e-5, atol=1e-7)
 
 
-def test_training_config_unrolls_scanned_layers_on_a_cpu_unless_overridden():
-    assert jax.default_backend() == "cpu"
-    assert train.training_config(CFG).scan_unroll == CFG.n_layers
-    assert train.training_config(CFG, ["scan_unroll = 1"]).scan_unroll == 1
+def test_training_config_unrolls_scanned_layers_on_a_cpu_or_gpu_unless_overridden():
+    assert train.training_config(CFG, backend="cpu").scan_unroll == CFG.n_layers
+    assert train.training_config(CFG, ["scan_unroll = 1"], backend="cpu").scan_unroll == 1
+    assert train.training_config(CFG, backend="gpu").scan_unroll == CFG.n_layers
+    assert train.training_config(CFG, backend="tpu") == CFG
     unrolled = CFG.replace(scan_layers=False)
-    assert train.training_config(unrolled) == unrolled
+    assert train.training_config(unrolled, backend="cpu") == unrolled
