@@ -56,5 +56,6 @@ if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     ).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # gloo collectives between CPU processes
     address, count, index, path = sys.argv[1:]
     main(address, int(count), int(index), path)

@@ -16,6 +16,7 @@ import sys
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+os.environ["JAX_PLATFORMS"] = "cpu"  # simulated CPU devices, on a GPU machine too
 
 import json
 import math
