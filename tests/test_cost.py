@@ -177,7 +177,7 @@ def _fixture(name: str) -> str:
         return f.read()
 
 
-XLA_OWN = dict.fromkeys(("flops", "transcendentals", "bytes accessed"), 0.0)
+XLA_OWN: dict[str, float] = dict.fromkeys(("flops", "transcendentals", "bytes accessed"), 0.0)
 MEDIUM = get_preset("gpt2-medium").replace(dtype="bfloat16")
 
 
