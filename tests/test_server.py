@@ -464,7 +464,10 @@ def test_shutdown_finishes_short_requests_and_cancels_the_rest_at_the_deadline(e
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as client:
 
                 async def read(max_tokens: int) -> list[str]:
+                    # Greedy: each request's default seed is random, and a sampled end-of-text
+                    # finishes it early ("stop"; a full run once saw the short request stop).
                     body = {"prompt": "abc", "max_tokens": max_tokens, "stream": True}
+                    body["temperature"] = 0
                     async with client.stream("POST", "/v1/completions", json=body) as r:
                         lines = [
                             line async for line in r.aiter_lines() if line.startswith("data: ")
