@@ -276,12 +276,14 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from jaxllm import measure, phases, tables
+    from jaxllm import measure, phases, tables, train
 
     config = config_from_args(args)
     phases.check_sizes(config, args.phase, args.batch, args.seq)
     if args.mesh is not None:
         return _analyze_sharded(args, config)
+    if args.phase == "train":  # the program `jaxllm train` compiles here (layers unrolled or not)
+        config = train.training_config(config, args.override)
     row = measure.analyze_phase(
         config, args.phase, args.batch, args.seq, args.measure, args.quick, _label(args)
     )

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import FLOP_TOLERANCE
 
-from jaxllm import analytic, measure, memory
+from jaxllm import analytic, measure, memory, train
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 
@@ -87,7 +87,8 @@ WIDE = ["--preset", "tiny", "--override", "d_model=256", "--override", "d_ff=102
 @pytest.mark.parametrize(
     ("phase", "extra"),
     [
-        ("train", []),  # scanned layers: proves the loop correction
+        ("train", []),  # the layers jaxllm train compiles (unrolled on a CPU)
+        ("train", ["--override", "scan_unroll=1"]),  # scanned layers: proves the loop correction
         ("train", ["--override", "scan_layers=false"]),
         ("prefill", []),  # serving phases run with unrolled layers (jaxllm.serve.for_serving)
         ("decode", []),
@@ -100,6 +101,16 @@ def test_real_phases_match_the_analytic_count(phase, extra, capsys):
     out = _json(capsys)
     assert out["xla"]["loop_corrected"]
     assert out["xla"]["flops"] == pytest.approx(out["analytic"]["flops"], rel=FLOP_TOLERANCE)
+
+
+def test_analyze_train_is_the_program_jaxllm_train_compiles(capsys):
+    argv = ["analyze", "--preset", "tiny", "--phase", "train", "--batch", "2", "--seq", "16"]
+    loops = []
+    for extra in ([], ["--override", "scan_unroll=1"]):
+        assert main([*argv, *extra, "--json", "--quick"]) == 0
+        loops.append(_json(capsys)["xla"]["loops"])
+    unrolled = train.training_config(PRESETS["tiny"]).scan_unroll == PRESETS["tiny"].n_layers
+    assert loops == ([[], [2, 2]] if unrolled else [[2, 2], [2, 2]])
 
 
 def test_analyze_measure_tiny_train_and_table(capsys):
