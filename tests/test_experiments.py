@@ -146,10 +146,13 @@ def test_estimates_reasons_name_the_gaps_the_row_shows():
         "roofline_xla_bound": "memory",
         "roofline_xla_mfu": 0.01,
         "roofline_xla_mbu": 0.3,
+        "xla_loops": [4],
     }
-    text = load("estimates").reasons(row)
+    reasons = load("estimates").reasons
+    text = reasons(row)
     assert "dispatch is 20%" in text and "raw FLOPs are 50%" in text and "3.0x" in text
-    assert "30% of the read bandwidth" in text
+    assert "30% of the read bandwidth" in text and "loop bodies once" in text
+    assert "library calls" in reasons(row | {"xla_loops": []})  # a GPU's own count, no loop
 
 
 def test_padding_buckets_are_powers_of_two():
