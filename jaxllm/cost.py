@@ -38,7 +38,7 @@ from typing import Any
 from jaxllm.xla_hlo import (
     HloCostError,
     computation_costs,
-    custom_call_targets,
+    custom_calls,
     fused_attention_flops,
 )
 
@@ -176,7 +176,7 @@ class _LoopCorrector:
             try:
                 costs = normalize_costs(computation_costs(self.text, computation))
             except ValueError as err:
-                targets = ", ".join(custom_call_targets(self.text)) or "none"
+                targets = ", ".join(sorted(custom_calls(self.text))) or "none"
                 raise ValueError(f"{err} (custom calls in the program: {targets})") from err
             costs["flops"] += self.attention(computation)
             self._raw[computation] = costs
@@ -246,22 +246,6 @@ def correct_loops(hlo_text: str, raw: Costs) -> tuple[Costs, str, tuple[int | No
             loops,
         )
     return corrected, "", loops
-
-
-_WORKSPACE = re.compile(r"custom-call\(.*custom_call_target=\"__cu(?:blas|dnn)")
-_BYTES = re.compile(r"\b[su]8\[(\d+)\]")
-
-
-def library_workspace_bytes(hlo_text: str) -> int:
-    """The largest scratch buffer a cuBLAS or cuDNN call of the program asks for (its last, byte
-    typed output; 0 on a CPU): part of XLA's temporaries on a GPU (32 MiB for a cuBLASLt GEMM on an
-    H200), held for the libraries rather than for any value of the model."""
-    sizes = [
-        int(found[-1])
-        for line in hlo_text.splitlines()
-        if _WORKSPACE.search(line) and (found := _BYTES.findall(line.split(" custom-call(")[0]))
-    ]
-    return max(sizes, default=0)
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:

@@ -18,6 +18,7 @@ callers then report XLA's own figures, flagged.
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import re
 from typing import Any
@@ -150,9 +151,22 @@ def fused_attention_flops(line: str) -> int:
     return products * 2 * B * N * H * pairs
 
 
-def custom_call_targets(hlo_text: str) -> list[str]:
-    """The distinct custom-call targets of an HLO text, for error messages."""
-    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
+def custom_calls(hlo_text: str) -> collections.Counter[str]:
+    """How many custom calls of each target an HLO text makes (cuBLAS GEMMs, cuDNN attention...)."""
+    return collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+
+
+def library_workspace_bytes(hlo_text: str) -> int:
+    """The largest scratch buffer a cuBLAS or cuDNN call of the program asks for (its last, byte
+    typed output; 0 on a CPU): part of XLA's temporaries on a GPU (32 MiB for a cuBLASLt GEMM on an
+    H200), held for the libraries rather than for any value of the model."""
+    sizes = [0]
+    for line in hlo_text.splitlines():
+        m = _CUSTOM_CALL.match(line)
+        if m is not None and 'custom_call_target="__cu' in line:
+            dtype, dims, _ = _ARRAY.findall(m.group(4))[-1]
+            sizes += [int(dims[1:-1])] if dtype in ("s8", "u8") else []
+    return max(sizes)
 
 
 def computation_costs(hlo_text: str, computation: str) -> Any:

@@ -7,9 +7,7 @@ Prints one JSON line per variant. MFU is against the data sheet's bf16 peak of t
 jaxllm knows it (hardware.published), else left out.
 """
 
-import collections
 import json
-import re
 import sys
 import time
 
@@ -19,6 +17,7 @@ from jaxllm import hardware, phases
 from jaxllm.config import get_preset
 from jaxllm.cost import analyze_compiled
 from jaxllm.timing import time_compiled
+from jaxllm.xla_hlo import custom_calls
 
 
 def variant(name: str, config, batch: int, seq: int, peak: float | None) -> dict:
@@ -28,7 +27,6 @@ def variant(name: str, config, batch: int, seq: int, peak: float | None) -> dict
     xla = analyze_compiled(compiled, time.perf_counter() - start)
     analytic = phases.analytic_view(program).flops
     timing = time_compiled(compiled, program.make_args(jax.random.key(0)), repeats=8, warmup=2)
-    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
     return dict(
         variant=name,
         batch=batch,
@@ -40,7 +38,7 @@ def variant(name: str, config, batch: int, seq: int, peak: float | None) -> dict
         loop_corrected=xla.loop_corrected,
         mfu=analytic / timing.seconds_median / peak if peak else None,
         temp_gb=xla.temp_bytes / 1e9,
-        custom_calls=dict(calls),
+        custom_calls=dict(custom_calls(compiled.as_text())),
     )
 
 

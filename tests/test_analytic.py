@@ -10,8 +10,9 @@ from reference_phases import cache_args, cache_pass, loss_fn, train_args, train_
 
 from jaxllm import analytic
 from jaxllm.config import PRESETS, ModelConfig
-from jaxllm.cost import analyze, analyze_compiled, compile_timed, library_workspace_bytes
+from jaxllm.cost import analyze, analyze_compiled, compile_timed
 from jaxllm.model import count_params, param_shapes
+from jaxllm.xla_hlo import library_workspace_bytes
 
 # Widths where matmuls dominate: the element-wise work analytic leaves out stays under 3%.
 BASE = ModelConfig(vocab_size=512, max_len=128, d_model=256, n_heads=4, d_ff=1024, n_layers=2)

@@ -13,10 +13,14 @@ from jaxllm.cost import (
     analyze,
     call_graph,
     correct_loops,
-    library_workspace_bytes,
     normalize_costs,
 )
-from jaxllm.xla_hlo import computation_costs, fused_attention_flops, gemms_as_dots
+from jaxllm.xla_hlo import (
+    computation_costs,
+    fused_attention_flops,
+    gemms_as_dots,
+    library_workspace_bytes,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -13,11 +13,11 @@ from jaxllm import serve
 from jaxllm.batching import buckets
 from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
-from jaxllm.cost import library_workspace_bytes
 from jaxllm.errors import InputError
 from jaxllm.generate import generate, make_decode_loop, windows
 from jaxllm.model import Transformer, init_params, stack_layers
 from jaxllm.sampling import GREEDY, Sampler
+from jaxllm.xla_hlo import library_workspace_bytes
 
 # MHA (K = N = 4), GQA (K = 2), MQA (K = 1); GQA runs in `make test`, all three in `make test-all`.
 VARIANTS = [
