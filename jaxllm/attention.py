@@ -19,6 +19,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from jaxllm import products
+
 LayerKV = tuple[jax.Array, jax.Array]  # ([B, K, S, H], [B, K, S, H]) keys and values of one layer
 BLOCKS = 8  # query blocks of a causal pass at most (HLO size)
 MIN_BLOCK = 64  # queries per block at least (smaller dots run below the matmul peak)
@@ -98,13 +100,21 @@ def chunked_causal_attention(
     """``causal_attention`` block by block (``causal_blocks``), with XLA's dots: [B, T, N, H].
 
     Each block's scores [B, K, G, b - a, b] are float32; the softmax is normalised after the
-    product with the values (one division of [.., H] instead of [.., b])."""
+    product with the values (one division of [.., H] instead of [.., b]). Narrow operands are
+    widened to float32 for the dots where ``jaxllm.products.widens_products`` says so (the same
+    products: the weights are rounded to the narrow dtype first)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     dtype = q.dtype
+    work = jnp.float32 if products.widens_products(dtype) else dtype  # the dots' operands
     scale = jnp.asarray(1.0 / math.sqrt(H), dtype)
-    q = (q * scale).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    q = (
+        (q * scale).astype(work).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    )  # [B, K, G, T, H]
+    k, v = (
+        k.astype(work).transpose(0, 2, 1, 3),
+        v.astype(work).transpose(0, 2, 1, 3),
+    )  # [B, K, T, H]
     first = jnp.zeros((B,), jnp.int32) if pad is None else pad
     outs = []
     for a, b in causal_blocks(T):
@@ -119,7 +129,7 @@ def chunked_causal_attention(
         total = jnp.sum(weights, axis=-1, keepdims=True)
         out = jnp.einsum(
             "BKGTS,BKSH->BKGTH",
-            weights.astype(dtype),
+            weights.astype(dtype).astype(work),
             v[:, :, :b],
             preferred_element_type=jnp.float32,
         )

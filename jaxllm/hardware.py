@@ -3,7 +3,8 @@
 ``published(device_kind)`` looks up the vendor's dense matmul peaks (bf16, TF32, full f32), memory
 bandwidth and capacity, each with its source. ``calibrate()`` measures what this device achieves:
 
-- matmul FLOP/s with bf16 inputs accumulated in f32, in full-precision f32, and on a GPU in TF32
+- matmul FLOP/s with bf16 inputs accumulated in f32 (on a CPU without bf16 arithmetic, widened to
+  f32 as the model's products are), in full-precision f32, and on a GPU in TF32
   (what an f32 matmul at JAX's default precision runs as there), at sizes that reach the peak
   (8192³ bf16 on an accelerator; on a CPU the side climbs until the rate stops rising);
 - the read bandwidth of a streaming read (the faster of ``jnp.sum`` and a matrix-vector product
@@ -34,7 +35,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-FORMAT = 3  # bumped when the calibration's fields change; older caches are measured afresh
+from jaxllm import products
+
+FORMAT = 4  # bumped when the calibration's fields change; older caches are measured afresh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,13 +218,20 @@ def _seconds_per_call(fn: Callable[..., Any], args: tuple, size: Sizes) -> Timin
     return Timing.of(times)
 
 
+def product(dtype: Any, precision: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """a [m, k] @ b [k, n] in ``dtype`` accumulated in f32, as the model computes its products: a
+    narrow one on operands widened to f32 where ``jaxllm.products.widens_products``."""
+    if products.widens_products(dtype):
+        return lambda a, b: jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+    return lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _matmul_flops_per_s(sides: tuple[int, ...], dtype: Any, precision: str, size: Sizes) -> Figure:
-    """The best achieved FLOP/s of [n, n] @ [n, n] products in ``dtype`` accumulated in f32, n
-    climbing through ``sides`` while each side is ``CLIMB`` faster than the one before; and the
-    spread of that side's repeats."""
-    dot = jax.jit(
-        lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
-    )
+    """The best achieved FLOP/s of [n, n] @ [n, n] products in ``dtype`` accumulated in f32 (a
+    narrow product widened where the model's are: ``jaxllm.products.widens_products``), n climbing
+    through ``sides`` while each side is ``CLIMB`` faster than the one before; and the spread of
+    that side's repeats."""
+    dot = jax.jit(product(dtype, precision))
     best = Figure(0.0, 1.0)
     for n in sides:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)

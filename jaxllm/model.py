@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxllm.attention import LayerKV, causal_attention
 from jaxllm.config import ModelConfig
+from jaxllm.products import add_bias, project, project_out_in
 
 Params = dict[str, Any]
 # attend(q [B, T, N, H], k_new [B, K, T, H], v_new [B, K, T, H]) -> [B, T, N, H]: a layer's attention
@@ -48,33 +49,6 @@ def _normal(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
 
-def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """``einsum(eqn, x, kernel)`` in ``dtype``, accumulated in float32; x's two leading axes are
-    B and T.
-
-    On a CPU the product asks XLA for a float32 result, rounded after: the f32 accumulation took
-    gpt2's bf16 decode step at B=8 from 83 to 63 ms there. And a narrow (bf16) product of a single
-    row (B = T = 1: a decode step of one sequence) takes a path that converts the whole weight to
-    float32 on every call; two rows take the GEMM path. So one row is computed as two (measured,
-    gpt2 bf16 decode B=1: 48.9 -> 38.7 ms).
-
-    A GPU's GEMMs accumulate in float32 whatever the result type, so there a product of several
-    rows is asked in ``dtype``: a float32 result would make its gradient float32 too (the transpose
-    of the rounding), and the backward products run on float32 operands. On an H200, gpt2-medium's
-    bf16 train step (B=8, T=1024) ran its backward products as TF32 GEMMs and spent 9 ms of 109
-    converting; asked in bf16, the step took 70 ms (jax 0.11.2). A single row stays float32: XLA
-    computes it as a multiply and a reduction, which in bf16 missed the float32-accumulated product
-    by 3% (tests/test_model.py, on the H200).
-    """
-    if jax.default_backend() != "cpu" and x.shape[0] * x.shape[1] > 1:
-        return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
-    single = _widens_single_rows(dtype) and x.shape[:2] == (1, 1)
-    if single:
-        x = jnp.concatenate([x, x])
-    y = jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-    return (y[:1] if single else y).astype(dtype)
-
-
 # Each projection's equation, by module name: x's axes, its in_out kernel's, the output's.
 EQUATIONS = {
     "q": "BTD,DNH->BTNH",
@@ -86,45 +60,6 @@ EQUATIONS = {
     "down": "BTF,FD->BTD",
     "head": "BTD,DV->BTV",
 }
-# Rows (B·T) for which an output-major product runs weight-major, by the compute dtype's width in
-# bytes: see project_out_in.
-WEIGHT_MAJOR_ROWS = {4: range(2, 257), 2: range(32, 257)}
-
-
-def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> jax.Array:
-    """x [..., *in] against an output-major kernel [*out, *in] -> [..., *out], in ``dtype``,
-    accumulated in float32 (``kernel_order="out_in"``: the CPU's serving layout).
-
-    For the row counts R of ``WEIGHT_MAJOR_ROWS`` the kernel is applied weight-major, [O, I] x
-    [R, I] -> [O, R], then transposed (the optimization barrier keeps XLA from folding the transpose
-    back into the product); other counts run row-major, [R, I] x [O, I] -> [R, O], except one
-    narrow (bf16) row on a CPU: [1, I] x transpose([O, I]), which XLA:CPU compiles to a loop over
-    the weight's rows that reads it in bf16 (its library product converts the whole weight to
-    float32 first). Measured on twelve gpt2 MLPs, against the in_out product: f32 1 row 9.5 -> 6.8
-    ms (row-major), 8 rows 21.4 -> 10.2 ms, 32 rows 43.7 -> 25.8 ms (weight-major; even from 256
-    rows on); bf16 8 rows 24.9 -> 18.4 ms (row-major; weight-major 28.3), 32 rows 52.9 -> 42.8 ms
-    (weight-major). bf16 one row, against the row-major product of two rows: twelve [3072, 768]
-    kernels 5.2 -> 2.7 ms, twelve [768, 3072] 4.0 -> 2.6 ms, gpt2's tied head 6.6 -> 3.0 ms
-    (about 20 GB/s, 2-core VM).
-    """
-    lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
-    out = kernel.shape[: kernel.ndim - n_in]
-    if kernel.shape[kernel.ndim - n_in :] != inner:
-        raise ValueError(f"kernel {kernel.shape} does not take inputs {x.shape} over {n_in} axes")
-    rows = math.prod(lead)
-    x2 = x.reshape(rows, -1).astype(dtype)  # [R, I]
-    w = kernel.reshape(math.prod(out), -1).astype(dtype)  # [O, I]
-    contract = (((1,), (1,)), ((), ()))
-    if rows in WEIGHT_MAJOR_ROWS.get(jnp.dtype(dtype).itemsize, ()):
-        y = jax.lax.dot_general(w, x2, contract, preferred_element_type=jnp.float32)  # [O, R]
-        y = jax.lax.optimization_barrier(y).T
-    elif rows == 1 and _widens_single_rows(dtype):
-        # [1, I] x transpose([O, I]): XLA:CPU fuses a vector-matrix product with its operand's
-        # transpose into one loop over the weight's rows, reading the narrow weight as it is.
-        y = jnp.matmul(x2, w.T, preferred_element_type=jnp.float32)  # [1, O]
-    else:
-        y = jax.lax.dot_general(x2, w, contract, preferred_element_type=jnp.float32)  # [R, O]
-    return y.astype(dtype).reshape(*lead, *out)
 
 
 class Einsum(nn.Module):
@@ -155,7 +90,7 @@ class Einsum(nn.Module):
             y = self._in_out(x, kernel)
         if self.bias_shape is not None:
             bias = self.param("bias", nn.initializers.zeros, self.bias_shape, cfg.storage_dtype)
-            y = y + bias.astype(cfg.compute_dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+            y = add_bias(y, bias, cfg.compute_dtype)
         return y
 
     def _in_out(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -170,11 +105,6 @@ def input_axes(eqn: str) -> int:
     """How many leading axes of an in_out kernel an equation contracts: "BTNH,NHD->BTD" -> 2."""
     x, kernel = eqn.split("->")[0].split(",")
     return sum(axis in x for axis in kernel)
-
-
-def _widens_single_rows(dtype: jnp.dtype) -> bool:
-    """Whether XLA widens a whole narrow weight to float32 for a product with one row (XLA:CPU)."""
-    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
 
 
 class _StandardPromotion(nn.Module):

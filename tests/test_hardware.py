@@ -5,7 +5,7 @@ import json
 import jax
 import pytest
 
-from jaxllm import hardware
+from jaxllm import hardware, products
 
 
 @pytest.mark.parametrize(
@@ -130,3 +130,18 @@ def test_repeats_that_disagree_are_suspect_on_any_device():
     (line,) = hardware.suspect({**calibration, "spread": spread})
     assert line.startswith("read_bytes_per_s") and "60%" in line
     assert hardware.suspect(calibration) == []  # a cache from before the spread was kept
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="widening is a CPU choice")
+@pytest.mark.parametrize(("features", "operands"), [("avx2 fma", "f32"), ("avx512_bf16", "bf16")])
+def test_the_bf16_peak_is_measured_on_the_product_the_model_computes(
+    monkeypatch, features, operands
+):
+    """Where the model widens bf16 products to f32 (a CPU without bf16 arithmetic), so does the
+    calibration: a roof measured on the slower narrow product would put the model above 100%."""
+    monkeypatch.setattr(products, "cpu_features", lambda: frozenset(features.split()))
+    a = jax.numpy.ones((8, 8), jax.numpy.bfloat16)
+    text = jax.jit(hardware.product(jax.numpy.bfloat16, "default")).lower(a, a).as_text()
+    (dot,) = [line for line in text.splitlines() if "dot_general" in line]
+    assert dot.split(": (")[1].startswith(f"tensor<8x8x{operands}>")
+    assert dot.endswith("-> tensor<8x8xf32>")

@@ -14,8 +14,6 @@ from jaxllm.model import (
     count_params,
     output_major,
     param_shapes,
-    project,
-    project_out_in,
     stack_layers,
     unstack_layers,
 )
@@ -186,29 +184,6 @@ def test_mixed_precision_keeps_f32_params_and_bf16_compute(key):
     assert "bf16" in str(jaxpr)
 
 
-@pytest.mark.parametrize("order", ["in_out", "out_in"])
-def test_a_single_bf16_row_is_projected_without_widening_the_weight(order):
-    """One row (a decode step of one sequence) in bf16, against either kernel order: the
-    f32-accumulated product, rounded to bf16; on a CPU, XLA's program never holds the weight
-    converted to float32."""
-    x = jax.random.normal(jax.random.key(0), (1, 1, 64)).astype(jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (64, 256)).astype(jnp.bfloat16)
-    if order == "in_out":
-        fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
-    else:
-        w = w.T  # [F, D]
-        fn = functools.partial(project_out_in, n_in=1, dtype=jnp.bfloat16)
-    y = fn(x, w)
-    eqn = "BTD,DF->BTF" if order == "in_out" else "BTD,FD->BTF"
-    want = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
-    assert y.dtype == jnp.bfloat16 and y.shape == (1, 1, 256)
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
-    if jax.default_backend() == "cpu":  # XLA's temporaries: less than a float32 copy of w
-        memory = jax.jit(fn).lower(x, w).compile().memory_analysis()
-        assert memory is not None
-        assert memory.temp_size_in_bytes < w.size * 4
-
-
 @pytest.mark.parametrize(("family", "n_kv_heads"), [("gpt2", 4), ("llama", 2)])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 64)], ids=["1 row", "15 rows", "320 rows"])
 def test_output_major_kernels_give_the_same_logits(family, n_kv_heads, shape, key):
@@ -226,9 +201,3 @@ def test_output_major_kernels_give_the_same_logits(family, n_kv_heads, shape, ke
     chex.assert_trees_all_close(
         forward(cfg, params, tokens), forward(out_in, moved, tokens), atol=2e-5, rtol=2e-5
     )
-
-
-def test_an_output_major_kernel_must_take_the_inputs():
-    """A kernel whose trailing axes are not x's contracted ones is refused, naming both shapes."""
-    with pytest.raises(ValueError, match=r"kernel \(8, 4\) does not take inputs \(2, 3, 8\)"):
-        project_out_in(jnp.ones((2, 3, 8)), jnp.ones((8, 4)), 1, jnp.float32)

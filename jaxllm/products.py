@@ -1,0 +1,146 @@
+"""How the model's projections are computed on each device, in the letters of ``jaxllm.model``.
+
+- ``project``: x against an input-major (in_out) kernel, the layout of training everywhere and of
+  serving off the CPU;
+- ``project_out_in``: x against an output-major kernel, the CPU's serving layout;
+- ``add_bias``: a projection's bias.
+
+Each computes in the compute dtype, accumulated in float32. On a CPU whose arithmetic has no bf16
+(or fp16) instructions, a product of several rows in that dtype is computed on its operands
+widened to float32 (``widens_products``; ``jaxllm.attention`` widens its dots alike). That is the
+same product: the operands are rounded to the narrow dtype first, and a product of two bf16 (or
+fp16) numbers is exact in float32. XLA:CPU's narrow products run below its float32 ones there
+(measured on the 2-core AVX2 VM, [1024, 768] x [768, 3072]: bf16 106 GFLOP/s, widened 171,
+float32 182). gpt2's bf16 train step (B=4, T=256; one process, variants alternated, medians of
+five) took 6.62 s with XLA's bf16 products, 5.71 s widened, 5.49 s with the biases summed in float32
+too (``add_bias``) and 5.32 s with the attention's dots widened; its bf16 prefill (B=1, T=1024)
+2.06 s, 1.42 s widened (rows over ``WIDEN_ROWS``), 1.38 s with the attention's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+# CPU features (Linux /proc/cpuinfo names, x86 and aarch64) that give a narrow dtype's arithmetic.
+NATIVE_FEATURES = {
+    jnp.dtype(jnp.bfloat16): frozenset({"avx512_bf16", "amx_bf16", "bf16"}),
+    jnp.dtype(jnp.float16): frozenset({"avx512_fp16", "amx_fp16", "asimdhp"}),
+}
+# Rows (B·T) for which an output-major product runs weight-major, by the compute dtype's width in
+# bytes: see project_out_in.
+WEIGHT_MAJOR_ROWS = {4: range(2, 257), 2: range(32, 257)}
+WIDEN_ROWS = 256  # an output-major product of more rows widens as ``project``'s do
+
+
+@functools.cache
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The host CPU's feature names (the ``flags`` or ``Features`` line of Linux's cpuinfo); empty
+    where that cannot be read (another OS)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def widens_products(dtype: jnp.dtype) -> bool:
+    """Whether a narrow (bf16, fp16) product of several rows is computed on operands widened to
+    float32: on a CPU whose features are known and give no arithmetic in ``dtype``."""
+    features = cpu_features()
+    native = NATIVE_FEATURES.get(jnp.dtype(dtype))
+    on_cpu = jax.default_backend() == "cpu"
+    return on_cpu and native is not None and bool(features) and not features & native
+
+
+def widens_single_rows(dtype: jnp.dtype) -> bool:
+    """Whether XLA widens a whole narrow weight to float32 for a product with one row (XLA:CPU)."""
+    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+
+
+def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``einsum(eqn, x, kernel)`` in ``dtype``, accumulated in float32; x's two leading axes are
+    B and T.
+
+    On a CPU the product asks XLA for a float32 result, rounded after: the f32 accumulation took
+    gpt2's bf16 decode step at B=8 from 83 to 63 ms there. A narrow product of several rows runs on
+    widened operands where ``widens_products`` says so. And a narrow product of a single row (B = T
+    = 1: a decode step of one sequence) takes a path that converts the whole weight to float32 on
+    every call; two rows take the GEMM path. So one row is computed as two (measured, gpt2 bf16
+    decode B=1: 48.9 -> 38.7 ms).
+
+    A GPU's GEMMs accumulate in float32 whatever the result type, so there a product of several
+    rows is asked in ``dtype``: a float32 result would make its gradient float32 too (the transpose
+    of the rounding), and the backward products run on float32 operands. On an H200, gpt2-medium's
+    bf16 train step (B=8, T=1024) ran its backward products as TF32 GEMMs and spent 9 ms of 109
+    converting; asked in bf16, the step took 70 ms (jax 0.11.2). A single row stays float32: XLA
+    computes it as a multiply and a reduction, which in bf16 missed the float32-accumulated product
+    by 3% (tests/test_model.py, on the H200).
+    """
+    if jax.default_backend() != "cpu" and x.shape[0] * x.shape[1] > 1:
+        return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
+    single = widens_single_rows(dtype) and x.shape[:2] == (1, 1)
+    if single:
+        x = jnp.concatenate([x, x])
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if widens_products(dtype) and not single:
+        x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    y = jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32)
+    return (y[:1] if single else y).astype(dtype)
+
+
+def add_bias(y: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """y [..., *bias.shape] + bias, in ``dtype``. Where ``widens_products``, the sum is formed in
+    float32 and rounded: the bias's gradient, a sum over every row, then reduces float32 values,
+    which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes window reductions in XLA's
+    own loops (gpt2's bf16 train step: 75 of them, 356 ms in its profile; the step 5.71 -> 5.49 s)."""
+    bias = bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    if widens_products(dtype):  # the same sum: XLA:CPU adds two bf16 arrays in float32 and rounds
+        return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+    return y + bias
+
+
+def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> jax.Array:
+    """x [..., *in] against an output-major kernel [*out, *in] -> [..., *out], in ``dtype``,
+    accumulated in float32 (``kernel_order="out_in"``: the CPU's serving layout).
+
+    For the row counts R of ``WEIGHT_MAJOR_ROWS`` the kernel is applied weight-major, [O, I] x
+    [R, I] -> [O, R], then transposed (the optimization barrier keeps XLA from folding the transpose
+    back into the product); other counts run row-major, [R, I] x [O, I] -> [R, O], except one
+    narrow (bf16) row on a CPU: [1, I] x transpose([O, I]), which XLA:CPU compiles to a loop over
+    the weight's rows that reads it in bf16 (its library product converts the whole weight to
+    float32 first). Measured on twelve gpt2 MLPs, against the in_out product: f32 1 row 9.5 -> 6.8
+    ms (row-major), 8 rows 21.4 -> 10.2 ms, 32 rows 43.7 -> 25.8 ms (weight-major; even from 256
+    rows on); bf16 8 rows 24.9 -> 18.4 ms (row-major; weight-major 28.3), 32 rows 52.9 -> 42.8 ms
+    (weight-major). bf16 one row, against the row-major product of two rows: twelve [3072, 768]
+    kernels 5.2 -> 2.7 ms, twelve [768, 3072] 4.0 -> 2.6 ms, gpt2's tied head 6.6 -> 3.0 ms
+    (about 20 GB/s, 2-core VM).
+    """
+    lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
+    out = kernel.shape[: kernel.ndim - n_in]
+    if kernel.shape[kernel.ndim - n_in :] != inner:
+        raise ValueError(f"kernel {kernel.shape} does not take inputs {x.shape} over {n_in} axes")
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, -1).astype(dtype)  # [R, I]
+    w = kernel.reshape(math.prod(out), -1).astype(dtype)  # [O, I]
+    contract = (((1,), (1,)), ((), ()))
+    if rows in WEIGHT_MAJOR_ROWS.get(jnp.dtype(dtype).itemsize, ()):
+        y = jax.lax.dot_general(w, x2, contract, preferred_element_type=jnp.float32)  # [O, R]
+        y = jax.lax.optimization_barrier(y).T
+    elif rows == 1 and widens_single_rows(dtype):
+        # [1, I] x transpose([O, I]): XLA:CPU fuses a vector-matrix product with its operand's
+        # transpose into one loop over the weight's rows, reading the narrow weight as it is.
+        y = jnp.matmul(x2, w.T, preferred_element_type=jnp.float32)  # [1, O]
+    else:
+        if rows > WIDEN_ROWS and widens_products(dtype):
+            x2, w = x2.astype(jnp.float32), w.astype(jnp.float32)
+        y = jax.lax.dot_general(x2, w, contract, preferred_element_type=jnp.float32)  # [R, O]
+    return y.astype(dtype).reshape(*lead, *out)

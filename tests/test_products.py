@@ -1,0 +1,140 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny
+
+from jaxllm import products, train
+from jaxllm.model import init_params
+from jaxllm.products import add_bias, cpu_features, project, project_out_in, widens_products
+
+CPU = jax.default_backend() == "cpu"
+on_cpu = pytest.mark.skipif(not CPU, reason="widening is a CPU choice")
+
+
+def _features(monkeypatch: pytest.MonkeyPatch, names: str) -> None:
+    monkeypatch.setattr(products, "cpu_features", lambda: frozenset(names.split()))
+
+
+def test_cpu_features_read_x86_flags_and_arm_features(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimdhp bf16\n")
+    assert cpu_features(x86) == {"fpu", "avx2", "fma"}
+    assert cpu_features(arm) == {"fp", "asimd", "asimdhp", "bf16"}
+    assert cpu_features(tmp_path / "missing") == frozenset()
+
+
+@on_cpu
+@pytest.mark.parametrize(
+    ("features", "dtype", "widens"),
+    [
+        ("avx avx2 fma", jnp.bfloat16, True),
+        ("avx avx2 fma", jnp.float16, True),
+        ("avx2 avx512f avx512_bf16", jnp.bfloat16, False),
+        ("avx2 amx_bf16", jnp.bfloat16, False),
+        ("avx2 avx512_bf16", jnp.float16, True),
+        ("fp asimd bf16", jnp.bfloat16, False),
+        ("avx avx2 fma", jnp.float32, False),
+        ("", jnp.bfloat16, False),  # features unknown (not Linux): XLA's own narrow product
+    ],
+)
+def test_narrow_products_widen_where_the_cpu_has_no_such_arithmetic(
+    monkeypatch, features, dtype, widens
+):
+    _features(monkeypatch, features)
+    assert widens_products(dtype) is widens
+
+
+def _dot_operand_types(fn, *args) -> set[str]:
+    """The element types of the operands of the dots in fn's lowered (StableHLO) program."""
+    lines = jax.jit(fn).lower(*args).as_text().splitlines()
+    operands = [line.split(": (")[1].split(") ->")[0] for line in lines if "dot_general" in line]
+    return {t.rsplit("x", 1)[1].rstrip(">") for types in operands for t in types.split(", ")}
+
+
+@on_cpu
+@pytest.mark.parametrize("features", ["avx2 fma", "avx2 avx512_bf16"], ids=["widened", "narrow"])
+def test_a_widened_product_is_the_narrow_product(monkeypatch, features):
+    """Either way, the product of the bf16-rounded operands accumulated in float32, rounded to
+    bf16 (a bf16 product is exact in float32); widened, XLA's dot takes float32 operands."""
+    _features(monkeypatch, features)
+    x = jax.random.normal(jax.random.key(0), (2, 24, 256))
+    w = jax.random.normal(jax.random.key(1), (256, 96))
+    fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
+    y = fn(x, w)
+    rounded = [np.asarray(a.astype(jnp.bfloat16), np.float64) for a in (x, w)]
+    want = np.einsum("btd,df->btf", *rounded)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-8, atol=1e-6)
+    assert _dot_operand_types(fn, x, w) == ({"f32"} if features == "avx2 fma" else {"bf16"})
+
+
+@on_cpu
+@pytest.mark.parametrize("features", ["avx2 fma", "avx2 avx512_bf16"], ids=["widened", "narrow"])
+def test_a_bias_adds_the_same_either_way_and_its_gradient_sums_the_rows(monkeypatch, features):
+    """The sum is bf16's either way; widened, the bias's gradient sums the rows in float32 (one
+    rounding to bf16 at the end), where XLA's bf16 sum rounds as it goes."""
+    _features(monkeypatch, features)
+    y = jax.random.normal(jax.random.key(0), (3, 5, 8)).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(1), (8,))
+    out = add_bias(y, bias, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    want = y + bias.astype(jnp.bfloat16)[None, None]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    cotangent = jax.random.normal(jax.random.key(2), (3, 5, 8)).astype(jnp.bfloat16)
+    grad = jax.grad(lambda b: jnp.vdot(add_bias(y, b, jnp.bfloat16), cotangent).real)(bias)
+    total = np.asarray(cotangent, np.float64).sum(axis=(0, 1))
+    rtol = 2**-8 if features == "avx2 fma" else 2**-5
+    np.testing.assert_allclose(np.asarray(grad, np.float64), total, rtol=rtol, atol=1e-3)
+
+
+@on_cpu
+def test_bf16_training_gives_the_same_loss_and_gradients_widened(monkeypatch):
+    """A tiny bf16 model's loss and gradients, products widened against XLA's bf16 products: the
+    same sums in another order (bf16 rounding of the activations apart)."""
+    cfg = tiny("gpt2", 4, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
+    out = {}
+    for features in ("avx2 fma", "avx2 avx512_bf16"):
+        _features(monkeypatch, features)
+        out[features] = jax.jit(functools.partial(train.loss_and_grads, config=cfg))(params, batch)
+    (loss_w, grads_w), (loss_n, grads_n) = out.values()
+    np.testing.assert_allclose(float(loss_w), float(loss_n), rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(grads_w), jax.tree.leaves(grads_n), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=0.1, atol=0.05 * np.abs(b).max() + 1e-6
+        )
+
+
+@pytest.mark.parametrize("order", ["in_out", "out_in"])
+def test_a_single_bf16_row_is_projected_without_widening_the_weight(order):
+    """One row (a decode step of one sequence) in bf16, against either kernel order: the
+    f32-accumulated product, rounded to bf16; on a CPU, XLA's program never holds the weight
+    converted to float32."""
+    x = jax.random.normal(jax.random.key(0), (1, 1, 64)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (64, 256)).astype(jnp.bfloat16)
+    if order == "in_out":
+        fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
+    else:
+        w = w.T  # [F, D]
+        fn = functools.partial(project_out_in, n_in=1, dtype=jnp.bfloat16)
+    y = fn(x, w)
+    eqn = "BTD,DF->BTF" if order == "in_out" else "BTD,FD->BTF"
+    want = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16 and y.shape == (1, 1, 256)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
+    if jax.default_backend() == "cpu":  # XLA's temporaries: less than a float32 copy of w
+        memory = jax.jit(fn).lower(x, w).compile().memory_analysis()
+        assert memory is not None
+        assert memory.temp_size_in_bytes < w.size * 4
+
+
+def test_an_output_major_kernel_must_take_the_inputs():
+    """A kernel whose trailing axes are not x's contracted ones is refused, naming both shapes."""
+    with pytest.raises(ValueError, match=r"kernel \(8, 4\) does not take inputs \(2, 3, 8\)"):
+        project_out_in(jnp.ones((2, 3, 8)), jnp.ones((8, 4)), 1, jnp.float32)
