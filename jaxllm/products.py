@@ -6,15 +6,15 @@
 - ``add_bias``: a projection's bias.
 
 Each computes in the compute dtype, accumulated in float32. On a CPU whose arithmetic has no bf16
-(or fp16) instructions, a product of several rows in that dtype is computed on its operands
-widened to float32 (``widens_products``; ``jaxllm.attention`` widens its dots alike). That is the
-same product: the operands are rounded to the narrow dtype first, and a product of two bf16 (or
-fp16) numbers is exact in float32. XLA:CPU's narrow products run below its float32 ones there
-(measured on the 2-core AVX2 VM, [1024, 768] x [768, 3072]: bf16 106 GFLOP/s, widened 171,
-float32 182). gpt2's bf16 train step (B=4, T=256; one process, variants alternated, medians of
-five) took 6.62 s with XLA's bf16 products, 5.71 s widened, 5.49 s with the biases summed in float32
-too (``add_bias``) and 5.32 s with the attention's dots widened; its bf16 prefill (B=1, T=1024)
-2.06 s, 1.42 s widened (rows over ``WIDEN_ROWS``), 1.38 s with the attention's.
+(or fp16) instructions, a product of more than ``WIDEN_ROWS`` rows in that dtype is computed on
+its operands widened to float32 (``widens_products``; ``jaxllm.attention`` widens its dots alike).
+That is the same product: the operands are rounded to the narrow dtype first, and a product of two
+bf16 (or fp16) numbers is exact in float32. XLA:CPU's narrow products run below its float32 ones
+there (measured on the 2-core AVX2 VM, [1024, 768] x [768, 3072]: bf16 106 GFLOP/s, widened 171,
+float32 182). gpt2's bf16 train step (B=4, T=256, 1,024 rows; one process, variants alternated,
+medians of five) took 6.62 s with XLA's bf16 products, 5.71 s widened, 5.49 s with the biases
+summed in float32 too (``add_bias``) and 5.32 s with the attention's dots widened; its bf16
+prefill (B=1, T=1024) 2.06 s, 1.42 s widened, 1.38 s with the attention's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ NATIVE_FEATURES = {
 # Rows (B·T) for which an output-major product runs weight-major, by the compute dtype's width in
 # bytes: see project_out_in.
 WEIGHT_MAJOR_ROWS = {4: range(2, 257), 2: range(32, 257)}
-WIDEN_ROWS = 256  # an output-major product of more rows widens as ``project``'s do
+# A narrow product of more rows (B·T) than this widens where ``widens_products``. Fewer rows (a
+# decode step, a short prompt) keep the narrow product: widening converts the whole weight on every
+# call, which a few rows do not repay. 256 is where output-major products leave their weight-major
+# form; the crossover was not measured finer.
+WIDEN_ROWS = 256
 
 
 @functools.cache
@@ -53,8 +57,9 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def widens_products(dtype: jnp.dtype) -> bool:
-    """Whether a narrow (bf16, fp16) product of several rows is computed on operands widened to
-    float32: on a CPU whose features are known and give no arithmetic in ``dtype``."""
+    """Whether narrow (bf16, fp16) work is computed on operands widened to float32 (a product of
+    more than ``WIDEN_ROWS`` rows, the attention's dots, a bias's sum): on a CPU whose features are
+    known and give no arithmetic in ``dtype``."""
     features = cpu_features()
     native = NATIVE_FEATURES.get(jnp.dtype(dtype))
     on_cpu = jax.default_backend() == "cpu"
@@ -71,11 +76,11 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     B and T.
 
     On a CPU the product asks XLA for a float32 result, rounded after: the f32 accumulation took
-    gpt2's bf16 decode step at B=8 from 83 to 63 ms there. A narrow product of several rows runs on
-    widened operands where ``widens_products`` says so. And a narrow product of a single row (B = T
-    = 1: a decode step of one sequence) takes a path that converts the whole weight to float32 on
-    every call; two rows take the GEMM path. So one row is computed as two (measured, gpt2 bf16
-    decode B=1: 48.9 -> 38.7 ms).
+    gpt2's bf16 decode step at B=8 from 83 to 63 ms there. A narrow product of more than
+    ``WIDEN_ROWS`` rows runs on widened operands where ``widens_products`` says so. And a narrow
+    product of a single row (B = T = 1: a decode step of one sequence) takes a path that converts
+    the whole weight to float32 on every call; two rows take the GEMM path. So one row is computed
+    as two (measured, gpt2 bf16 decode B=1: 48.9 -> 38.7 ms).
 
     A GPU's GEMMs accumulate in float32 whatever the result type, so there a product of several
     rows is asked in ``dtype``: a float32 result would make its gradient float32 too (the transpose
@@ -91,7 +96,7 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     if single:
         x = jnp.concatenate([x, x])
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if widens_products(dtype) and not single:
+    if x.shape[0] * x.shape[1] > WIDEN_ROWS and widens_products(dtype):
         x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
     y = jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32)
     return (y[:1] if single else y).astype(dtype)
@@ -101,7 +106,8 @@ def add_bias(y: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """y [..., *bias.shape] + bias, in ``dtype``. Where ``widens_products``, the sum is formed in
     float32 and rounded: the bias's gradient, a sum over every row, then reduces float32 values,
     which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes window reductions in XLA's
-    own loops (gpt2's bf16 train step: 75 of them, 356 ms in its profile; the step 5.71 -> 5.49 s)."""
+    own loops (gpt2's bf16 train step: 75 of them, 356 ms in its profile; the step 5.71 -> 5.49
+    s)."""
     bias = bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
     if widens_products(dtype):  # the same sum: XLA:CPU adds two bf16 arrays in float32 and rounds
         return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)

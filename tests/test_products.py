@@ -62,7 +62,7 @@ def test_a_widened_product_is_the_narrow_product(monkeypatch, features):
     """Either way, the product of the bf16-rounded operands accumulated in float32, rounded to
     bf16 (a bf16 product is exact in float32); widened, XLA's dot takes float32 operands."""
     _features(monkeypatch, features)
-    x = jax.random.normal(jax.random.key(0), (2, 24, 256))
+    x = jax.random.normal(jax.random.key(0), (2, 160, 256))  # 320 rows: more than WIDEN_ROWS
     w = jax.random.normal(jax.random.key(1), (256, 96))
     fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
     y = fn(x, w)
@@ -71,6 +71,17 @@ def test_a_widened_product_is_the_narrow_product(monkeypatch, features):
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-8, atol=1e-6)
     assert _dot_operand_types(fn, x, w) == ({"f32"} if features == "avx2 fma" else {"bf16"})
+
+
+@on_cpu
+def test_a_product_of_few_rows_stays_narrow(monkeypatch):
+    """A decode step's few rows do not repay widening the whole weight on every call."""
+    _features(monkeypatch, "avx2 fma")
+    x = jnp.ones((1, products.WIDEN_ROWS, 64), jnp.bfloat16)
+    w = jnp.ones((64, 32), jnp.bfloat16)
+    fn = functools.partial(project, "BTD,DF->BTF", dtype=jnp.bfloat16)
+    assert _dot_operand_types(fn, x, w) == {"bf16"}
+    assert _dot_operand_types(fn, jnp.ones((1, products.WIDEN_ROWS + 1, 64)), w) == {"f32"}
 
 
 @on_cpu
@@ -98,7 +109,7 @@ def test_bf16_training_gives_the_same_loss_and_gradients_widened(monkeypatch):
     same sums in another order (bf16 rounding of the activations apart)."""
     cfg = tiny("gpt2", 4, dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
-    batch = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
+    batch = jax.random.randint(jax.random.key(1), (8, 65), 0, cfg.vocab_size)  # 512 rows
     out = {}
     for features in ("avx2 fma", "avx2 avx512_bf16"):
         _features(monkeypatch, features)
