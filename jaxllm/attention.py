@@ -108,13 +108,9 @@ def chunked_causal_attention(
     dtype = q.dtype
     work = jnp.float32 if products.widens_products(dtype) else dtype  # the dots' operands
     scale = jnp.asarray(1.0 / math.sqrt(H), dtype)
-    q = (
-        (q * scale).astype(work).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    )  # [B, K, G, T, H]
-    k, v = (
-        k.astype(work).transpose(0, 2, 1, 3),
-        v.astype(work).transpose(0, 2, 1, 3),
-    )  # [B, K, T, H]
+    q = (q * scale).astype(work).reshape(B, T, K, N // K, H)
+    q = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = (a.astype(work).transpose(0, 2, 1, 3) for a in (k, v))  # [B, K, T, H]
     first = jnp.zeros((B,), jnp.int32) if pad is None else pad
     outs = []
     for a, b in causal_blocks(T):

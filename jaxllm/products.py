@@ -7,7 +7,7 @@
 
 Each computes in the compute dtype, accumulated in float32. On a CPU whose arithmetic has no bf16
 (or fp16) instructions, a product of more than ``WIDEN_ROWS`` rows in that dtype is computed on
-its operands widened to float32 (``widens_products``; ``jaxllm.attention`` widens its dots alike).
+its operands widened to float32 (``operand_dtype``; ``jaxllm.attention`` widens its dots alike).
 That is the same product: the operands are rounded to the narrow dtype first, and a product of two
 bf16 (or fp16) numbers is exact in float32. XLA:CPU's narrow products run below its float32 ones
 there (measured on the 2-core AVX2 VM, [1024, 768] x [768, 3072]: bf16 106 GFLOP/s, widened 171,
@@ -66,6 +66,13 @@ def widens_products(dtype: jnp.dtype) -> bool:
     return on_cpu and native is not None and bool(features) and not features & native
 
 
+def operand_dtype(dtype: jnp.dtype, rows: int) -> jnp.dtype:
+    """The dtype a product of ``rows`` rows (B·T) in ``dtype`` takes its operands in: float32 for
+    more than ``WIDEN_ROWS`` rows where ``widens_products``, else ``dtype``."""
+    widen = rows > WIDEN_ROWS and widens_products(dtype)
+    return jnp.dtype(jnp.float32 if widen else dtype)
+
+
 def widens_single_rows(dtype: jnp.dtype) -> bool:
     """Whether XLA widens a whole narrow weight to float32 for a product with one row (XLA:CPU)."""
     return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
@@ -77,7 +84,7 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
 
     On a CPU the product asks XLA for a float32 result, rounded after: the f32 accumulation took
     gpt2's bf16 decode step at B=8 from 83 to 63 ms there. A narrow product of more than
-    ``WIDEN_ROWS`` rows runs on widened operands where ``widens_products`` says so. And a narrow
+    ``WIDEN_ROWS`` rows runs on widened operands (``operand_dtype``). And a narrow
     product of a single row (B = T = 1: a decode step of one sequence) takes a path that converts
     the whole weight to float32 on every call; two rows take the GEMM path. So one row is computed
     as two (measured, gpt2 bf16 decode B=1: 48.9 -> 38.7 ms).
@@ -95,9 +102,8 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     single = widens_single_rows(dtype) and x.shape[:2] == (1, 1)
     if single:
         x = jnp.concatenate([x, x])
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if x.shape[0] * x.shape[1] > WIDEN_ROWS and widens_products(dtype):
-        x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    work = operand_dtype(dtype, x.shape[0] * x.shape[1])
+    x, kernel = x.astype(dtype).astype(work), kernel.astype(dtype).astype(work)
     y = jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32)
     return (y[:1] if single else y).astype(dtype)
 
@@ -135,8 +141,9 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
     if kernel.shape[kernel.ndim - n_in :] != inner:
         raise ValueError(f"kernel {kernel.shape} does not take inputs {x.shape} over {n_in} axes")
     rows = math.prod(lead)
-    x2 = x.reshape(rows, -1).astype(dtype)  # [R, I]
-    w = kernel.reshape(math.prod(out), -1).astype(dtype)  # [O, I]
+    work = operand_dtype(dtype, rows)
+    x2 = x.reshape(rows, -1).astype(dtype).astype(work)  # [R, I]
+    w = kernel.reshape(math.prod(out), -1).astype(dtype).astype(work)  # [O, I]
     contract = (((1,), (1,)), ((), ()))
     if rows in WEIGHT_MAJOR_ROWS.get(jnp.dtype(dtype).itemsize, ()):
         y = jax.lax.dot_general(w, x2, contract, preferred_element_type=jnp.float32)  # [O, R]
@@ -146,7 +153,5 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
         # transpose into one loop over the weight's rows, reading the narrow weight as it is.
         y = jnp.matmul(x2, w.T, preferred_element_type=jnp.float32)  # [1, O]
     else:
-        if rows > WIDEN_ROWS and widens_products(dtype):
-            x2, w = x2.astype(jnp.float32), w.astype(jnp.float32)
         y = jax.lax.dot_general(x2, w, contract, preferred_element_type=jnp.float32)  # [R, O]
     return y.astype(dtype).reshape(*lead, *out)
