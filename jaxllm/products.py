@@ -5,9 +5,12 @@
 - ``project_out_in``: x against an output-major kernel, the CPU's serving layout;
 - ``add_bias``: a projection's bias.
 
-Each computes in the compute dtype, accumulated in float32. On a CPU whose arithmetic has no bf16
-(or fp16) instructions, a product of more than ``WIDEN_ROWS`` rows in that dtype is computed on
-its operands widened to float32 (``operand_dtype``; ``jaxllm.attention`` widens its dots alike).
+Each computes in the compute dtype, accumulated in float32. On a CPU with bf16 arithmetic, a bf16
+product of several rows runs as ``library_matmul``, whose backward pass keeps every product in the
+form XLA:CPU hands to its library (2-core Zen 5 VM with AVX512-BF16: gpt2's bf16 train step, B=4,
+T=256, 2.41 -> 1.69 s; with the biases summed in float32 as below, 2.26 -> 1.51 s). On a CPU
+whose arithmetic has no bf16 (or fp16) instructions, a product of more than ``WIDEN_ROWS`` rows in
+that dtype is computed on its operands widened to float32 (``operand_dtype``; ``jaxllm.attention`` widens its dots alike).
 That is the same product: the operands are rounded to the narrow dtype first, and a product of two
 bf16 (or fp16) numbers is exact in float32. XLA:CPU's narrow products run below its float32 ones
 there (measured on the 2-core AVX2 VM, [1024, 768] x [768, 3072]: bf16 106 GFLOP/s, widened 171,
@@ -39,6 +42,9 @@ WEIGHT_MAJOR_ROWS = {4: range(2, 257), 2: range(32, 257)}
 # call, which a few rows do not repay. 256 is where output-major products leave their weight-major
 # form; the crossover was not measured finer.
 WIDEN_ROWS = 256
+# Narrow dtypes whose products with float32 results XLA:CPU hands to its library (YNNPACK takes bf16
+# operands; its fp16 products are not fast yet), on a CPU with their arithmetic.
+LIBRARY_DTYPES = frozenset({jnp.dtype(jnp.bfloat16)})
 
 
 @functools.cache
@@ -73,6 +79,78 @@ def operand_dtype(dtype: jnp.dtype, rows: int) -> jnp.dtype:
     return jnp.dtype(jnp.float32 if widen else dtype)
 
 
+def library_products(dtype: jnp.dtype) -> bool:
+    """Whether products in ``dtype`` with several rows run through ``library_matmul``: on a CPU
+    whose features give bf16 arithmetic (``LIBRARY_DTYPES``)."""
+    dtype = jnp.dtype(dtype)
+    native = NATIVE_FEATURES.get(dtype, frozenset())
+    on_cpu = jax.default_backend() == "cpu"
+    return on_cpu and dtype in LIBRARY_DTYPES and bool(cpu_features() & native)
+
+
+def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[M, K] x [K, N] -> [M, N] float32."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def _nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[M, K] x [N, K] -> [M, N] float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[K, M] x [K, N] -> [M, N] float32, with aᵀ written out first: XLA folds a transpose op back
+    into the product, as a transposed left operand that its library does not take, but not one
+    that passes through a unit axis ([K, M] -> [M, 1, K] -> [M, K])."""
+    K, M = a.shape
+    return _nn(a[None].transpose(2, 0, 1).reshape(M, K), b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def library_matmul(x: jax.Array, w: jax.Array, out_major: bool) -> jax.Array:
+    """x [R, I] against w [I, O] (``out_major``: [O, I]) -> [R, O] float32, for XLA:CPU's library.
+
+    XLA:CPU hands a bf16 product with a float32 result to its YNNPACK library when the operands
+    are [M, K] x [K, N] or [M, K] x [N, K]; any other form, and a product with a float32 operand,
+    it computes on operands converted to float32, at half the rate (2-core Zen 5 VM, AVX512-BF16:
+    900 against 380-430 GFLOP/s). Autodiff of the product gives both: its cotangent is float32
+    (the transpose of rounding the result) and the weight's gradient, xᵀ·g, takes a transposed
+    left operand. So the backward pass here rounds the cotangent to x's dtype (exact: it was a
+    bf16 value) and writes that operand out (``_tn``)."""
+    return _nt(x, w) if out_major else _nn(x, w)
+
+
+def _library_fwd(x: jax.Array, w: jax.Array, out_major: bool) -> tuple[jax.Array, tuple]:
+    return library_matmul(x, w, out_major), (x, w)
+
+
+def _library_bwd(out_major: bool, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    g = g.astype(x.dtype)  # [R, O]
+    dx = _nn(g, w) if out_major else _nt(g, w)  # [R, I]
+    dw = _tn(g, x) if out_major else _tn(x, g)  # [O, I] or [I, O]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+library_matmul.defvjp(_library_fwd, _library_bwd)
+
+
+def _library_project(eqn: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``einsum(eqn, x, kernel)`` in float32 as one ``library_matmul``: x [B, T, *in] and a kernel
+    [*in, *out] or [*out, *in] (the tied head's [V, D])."""
+    (lhs, spec), out = eqn.split("->")[0].split(","), eqn.split("->")[1]
+    n_in = sum(axis in lhs for axis in spec)
+    out_major = spec[0] not in lhs
+    out_axes = spec[: len(spec) - n_in] if out_major else spec[n_in:]
+    if out != lhs[:2] + out_axes:
+        raise ValueError(f"{eqn}: the output is not x's two leading axes then the kernel's others")
+    out_shape = kernel.shape[: len(out_axes)] if out_major else kernel.shape[n_in:]
+    rows, inner = math.prod(x.shape[:2]), math.prod(x.shape[2:])
+    w = kernel.reshape(-1, inner) if out_major else kernel.reshape(inner, -1)
+    y = jnp.reshape(library_matmul(x.reshape(rows, inner), w, out_major), (rows, -1))
+    return y.reshape(*x.shape[:2], *out_shape)
+
+
 def widens_single_rows(dtype: jnp.dtype) -> bool:
     """Whether XLA widens a whole narrow weight to float32 for a product with one row (XLA:CPU)."""
     return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
@@ -102,20 +180,29 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     single = widens_single_rows(dtype) and x.shape[:2] == (1, 1)
     if single:
         x = jnp.concatenate([x, x])
-    work = operand_dtype(dtype, x.shape[0] * x.shape[1])
+    rows = x.shape[0] * x.shape[1]
+    work = operand_dtype(dtype, rows)
     x, kernel = x.astype(dtype).astype(work), kernel.astype(dtype).astype(work)
-    y = jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32)
+    if rows > 1 and library_products(work):
+        y = _library_project(eqn, x, kernel)
+    else:
+        y = jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32)
     return (y[:1] if single else y).astype(dtype)
 
 
+def sums_bias_in_float32(dtype: jnp.dtype) -> bool:
+    """Whether ``add_bias`` forms a narrow sum in float32: on a CPU."""
+    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+
+
 def add_bias(y: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """y [..., *bias.shape] + bias, in ``dtype``. Where ``widens_products``, the sum is formed in
-    float32 and rounded: the bias's gradient, a sum over every row, then reduces float32 values,
-    which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes window reductions in XLA's
-    own loops (gpt2's bf16 train step: 75 of them, 356 ms in its profile; the step 5.71 -> 5.49
-    s)."""
+    """y [..., *bias.shape] + bias, in ``dtype``. On a CPU (``sums_bias_in_float32``) a narrow sum
+    is formed in float32 and rounded: the bias's gradient, a sum over every row, then reduces
+    float32 values, which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes window
+    reductions in XLA's own loops. gpt2's bf16 train step (B=4, T=256): 75 of them; on the 2-core
+    AVX2 VM 356 ms in its profile, the step 5.71 -> 5.49 s; on the Zen 5 VM 1.67 -> 1.54 s."""
     bias = bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-    if widens_products(dtype):  # the same sum: XLA:CPU adds two bf16 arrays in float32 and rounds
+    if sums_bias_in_float32(dtype):  # the same sum: XLA:CPU adds bf16 arrays in float32 and rounds
         return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
     return y + bias
 

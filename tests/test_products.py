@@ -1,4 +1,5 @@
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,15 @@ from conftest import tiny
 
 from jaxllm import products, train
 from jaxllm.model import init_params
-from jaxllm.products import add_bias, cpu_features, project, project_out_in, widens_products
+from jaxllm.products import (
+    add_bias,
+    cpu_features,
+    library_matmul,
+    library_products,
+    project,
+    project_out_in,
+    widens_products,
+)
 
 CPU = jax.default_backend() == "cpu"
 on_cpu = pytest.mark.skipif(not CPU, reason="widening is a CPU choice")
@@ -87,8 +96,8 @@ def test_a_product_of_few_rows_stays_narrow(monkeypatch):
 @on_cpu
 @pytest.mark.parametrize("features", ["avx2 fma", "avx2 avx512_bf16"], ids=["widened", "narrow"])
 def test_a_bias_adds_the_same_either_way_and_its_gradient_sums_the_rows(monkeypatch, features):
-    """The sum is bf16's either way; widened, the bias's gradient sums the rows in float32 (one
-    rounding to bf16 at the end), where XLA's bf16 sum rounds as it goes."""
+    """The sum is bf16's either way; on a CPU the bias's gradient sums the rows in float32 (one
+    rounding to bf16 at the end), where XLA's bf16 sum would round as it goes."""
     _features(monkeypatch, features)
     y = jax.random.normal(jax.random.key(0), (3, 5, 8)).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(1), (8,))
@@ -99,8 +108,7 @@ def test_a_bias_adds_the_same_either_way_and_its_gradient_sums_the_rows(monkeypa
     cotangent = jax.random.normal(jax.random.key(2), (3, 5, 8)).astype(jnp.bfloat16)
     grad = jax.grad(lambda b: jnp.vdot(add_bias(y, b, jnp.bfloat16), cotangent).real)(bias)
     total = np.asarray(cotangent, np.float64).sum(axis=(0, 1))
-    rtol = 2**-8 if features == "avx2 fma" else 2**-5
-    np.testing.assert_allclose(np.asarray(grad, np.float64), total, rtol=rtol, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), total, rtol=2**-8, atol=1e-3)
 
 
 @on_cpu
@@ -149,3 +157,99 @@ def test_an_output_major_kernel_must_take_the_inputs():
     """A kernel whose trailing axes are not x's contracted ones is refused, naming both shapes."""
     with pytest.raises(ValueError, match=r"kernel \(8, 4\) does not take inputs \(2, 3, 8\)"):
         project_out_in(jnp.ones((2, 3, 8)), jnp.ones((8, 4)), 1, jnp.float32)
+
+
+@on_cpu
+@pytest.mark.parametrize(
+    ("features", "dtype", "library"),
+    [
+        ("avx2 avx512f avx512_bf16", jnp.bfloat16, True),
+        ("fp asimd bf16", jnp.bfloat16, True),
+        ("avx avx2 fma", jnp.bfloat16, False),
+        ("avx2 avx512_fp16", jnp.float16, False),  # XLA's library has no fast fp16 product
+        ("avx2 avx512_bf16", jnp.float32, False),
+        ("", jnp.bfloat16, False),
+    ],
+)
+def test_library_products_where_the_cpu_has_bf16_arithmetic(monkeypatch, features, dtype, library):
+    _features(monkeypatch, features)
+    assert library_products(dtype) is library
+
+
+@pytest.mark.parametrize("out_major", [False, True], ids=["in_out", "out_major"])
+def test_library_matmul_and_its_gradients_are_the_products(out_major):
+    """Value and both gradients against autodiff of the float32 product of the same bf16 numbers
+    (each a float32-accumulated product of bf16 operands: the same sums in another order), and
+    every product of the backward pass takes bf16 operands."""
+    bf = jnp.bfloat16
+    x = jax.random.normal(jax.random.key(0), (48, 32)).astype(bf)  # [R, I]
+    w = jax.random.normal(jax.random.key(1), (24, 32) if out_major else (32, 24)).astype(bf)
+    g = jax.random.normal(jax.random.key(2), (48, 24)).astype(bf)  # cotangent [R, O]
+
+    def plain(x, w):
+        eqn = "ri,oi->ro" if out_major else "ri,io->ro"
+        return jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
+
+    y, pull = jax.vjp(lambda x, w: library_matmul(x, w, out_major), x, w)
+    y_ref, pull_ref = jax.vjp(plain, x, w)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-4)
+    for got, want in zip(pull(g.astype(jnp.float32)), pull_ref(g.astype(jnp.float32)), strict=True):
+        assert got.dtype == bf
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want), rtol=2**-7, atol=1e-2
+        )
+    g32 = g.astype(jnp.float32)
+    grad = jax.grad(
+        lambda x, w: jnp.sum(jnp.asarray(library_matmul(x, w, out_major)) * g32), (0, 1)
+    )
+    assert _dot_operand_types(grad, x, w) == {"bf16"}
+
+
+@on_cpu
+@pytest.mark.skipif(not library_products(jnp.bfloat16), reason="needs a CPU with bf16 arithmetic")
+def test_xla_keeps_every_library_product_in_bf16_on_this_cpu():
+    """The compiled gradient of a bf16 projection: XLA converts no operand of a product to float32
+    (it does for the transposed left operand that plain autodiff gives the weight's gradient)."""
+    x = jax.random.normal(jax.random.key(0), (4, 64, 128)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (128, 256))
+
+    def loss(x, w):
+        return project("BTD,DF->BTF", x, w, jnp.bfloat16).astype(jnp.float32).sum()
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    assert hlo is not None
+    assert _compiled_dot_operand_types(hlo) == ["bf16"] * 4  # dx and dw (a sum needs no y)
+
+
+def _compiled_dot_operand_types(hlo: str) -> list[str]:
+    """The element types of the operands of every dot in a compiled HLO module's text."""
+    types = []
+    for body in hlo.split("\n}\n"):
+        for line in body.splitlines():
+            if " dot(" not in line:
+                continue
+            for name in re.findall(r"dot\(%([^,)\s]+), %([^,)\s]+)\)", line)[0]:
+                found = re.search(rf"%{re.escape(name)} = (\w+)\[", body)
+                types.append(found.group(1) if found else "?")
+    return types
+
+
+@on_cpu
+@pytest.mark.parametrize(
+    "eqn",
+    ["BTD,DNH->BTNH", "BTNH,NHD->BTD", "BTD,VD->BTV", "BTE,ED->BTD"],
+)
+def test_a_library_projection_is_the_einsum(monkeypatch, eqn):
+    """Each projection's equation, through one [R, I] x [I, O] (or [O, I]) library product."""
+    _features(monkeypatch, "avx2 avx512_bf16")
+    sizes = {"B": 2, "T": 3, "D": 16, "N": 2, "H": 4, "V": 10, "E": 8}
+    lhs, spec = eqn.split("->")[0].split(",")
+    x = jax.random.normal(jax.random.key(0), [sizes[a] for a in lhs]).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), [sizes[a] for a in spec]).astype(jnp.bfloat16)
+    y = project(eqn, x, w, jnp.bfloat16)
+    want = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16 and y.shape == want.shape
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=2**-7, atol=1e-2)
+    assert "custom_vjp" in str(
+        jax.make_jaxpr(functools.partial(project, eqn, dtype=jnp.bfloat16))(x, w)
+    )
