@@ -135,6 +135,32 @@ def _library_bwd(out_major: bool, res: tuple, g: jax.Array) -> tuple[jax.Array, 
 library_matmul.defvjp(_library_fwd, _library_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def rounded_einsum(eqn: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(eqn, a, b)`` of narrow operands, accumulated in float32 (a float32 result), whose
+    backward pass rounds the cotangent to a's dtype: its two products then take narrow operands,
+    which XLA:CPU hands to its library where plain autodiff gives them a float32 cotangent and
+    XLA converts both operands to float32 (the attention's dots: ``jaxllm.attention``). Each
+    index of ``eqn`` must appear in two of its three terms."""
+    return jnp.einsum(eqn, a, b, preferred_element_type=jnp.float32)
+
+
+def _rounded_fwd(eqn: str, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
+    return rounded_einsum(eqn, a, b), (a, b)
+
+
+def _rounded_bwd(eqn: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = res
+    (ia, ib), io = eqn.split("->")[0].split(","), eqn.split("->")[1]
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f"{io},{ib}->{ia}", g, b, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{ia},{io}->{ib}", a, g, preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+rounded_einsum.defvjp(_rounded_fwd, _rounded_bwd)
+
+
 def _library_project(eqn: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``einsum(eqn, x, kernel)`` in float32 as one ``library_matmul``: x [B, T, *in] and a kernel
     [*in, *out] or [*out, *in] (the tied head's [V, D])."""

@@ -16,6 +16,7 @@ from jaxllm.products import (
     library_products,
     project,
     project_out_in,
+    rounded_einsum,
     widens_products,
 )
 
@@ -253,3 +254,27 @@ def test_a_library_projection_is_the_einsum(monkeypatch, eqn):
     assert "custom_vjp" in str(
         jax.make_jaxpr(functools.partial(project, eqn, dtype=jnp.bfloat16))(x, w)
     )
+
+
+def test_rounded_einsum_and_its_gradients_are_the_einsums():
+    """An attention-shaped batched product: value and gradients against autodiff of the float32
+    einsum of the same bf16 numbers (the cotangent, a bf16 value here, rounds exactly), and the
+    backward pass's products take bf16 operands."""
+    eqn = "BKGTH,BKSH->BKGTS"
+    bf = jnp.bfloat16
+    a = jax.random.normal(jax.random.key(0), (2, 2, 3, 5, 8)).astype(bf)
+    b = jax.random.normal(jax.random.key(1), (2, 2, 7, 8)).astype(bf)
+    g = jax.random.normal(jax.random.key(2), (2, 2, 3, 5, 7)).astype(bf).astype(jnp.float32)
+    y, pull = jax.vjp(functools.partial(rounded_einsum, eqn), a, b)
+    plain = functools.partial(jnp.einsum, eqn, preferred_element_type=jnp.float32)
+    y_ref, pull_ref = jax.vjp(
+        lambda a, b: plain(a.astype(jnp.float32), b.astype(jnp.float32)), a, b
+    )
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    for got, want in zip(pull(g), pull_ref(g), strict=True):
+        assert got.dtype == bf
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want), rtol=2**-7, atol=1e-2
+        )
+    grad = jax.grad(lambda a, b: jnp.sum(jnp.asarray(rounded_einsum(eqn, a, b)) * g), (0, 1))
+    assert _dot_operand_types(grad, a, b) == {"bf16"}
