@@ -216,19 +216,23 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     return (y[:1] if single else y).astype(dtype)
 
 
-def sums_bias_in_float32(dtype: jnp.dtype) -> bool:
-    """Whether ``add_bias`` forms a narrow sum in float32: on a CPU."""
-    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+def sums_bias_in_float32(dtype: jnp.dtype, rows: int) -> bool:
+    """Whether ``add_bias`` forms a narrow sum over ``rows`` rows in float32: on a CPU, for more
+    than ``WIDEN_ROWS`` rows (a decode step's few rows keep XLA's narrow sum: gpt2's bf16 step at
+    B=32 over 1008 cached tokens, alternated on the Zen 5 VM, took 63.3 ms with it, 65.3 without)."""
+    narrow = jnp.dtype(dtype).itemsize < 4
+    return narrow and rows > WIDEN_ROWS and jax.default_backend() == "cpu"
 
 
 def add_bias(y: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """y [..., *bias.shape] + bias, in ``dtype``. On a CPU (``sums_bias_in_float32``) a narrow sum
-    is formed in float32 and rounded: the bias's gradient, a sum over every row, then reduces
-    float32 values, which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes window
-    reductions in XLA's own loops. gpt2's bf16 train step (B=4, T=256): 75 of them; on the 2-core
-    AVX2 VM 356 ms in its profile, the step 5.71 -> 5.49 s; on the Zen 5 VM 1.67 -> 1.54 s."""
+    """y [..., *bias.shape] + bias, in ``dtype``. On a CPU, over many rows (``sums_bias_in_float32``),
+    a narrow sum is formed in float32 and rounded: the bias's gradient, a sum over every row, then
+    reduces float32 values, which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes
+    window reductions in XLA's own loops. gpt2's bf16 train step (B=4, T=256): 75 of them; on the
+    2-core AVX2 VM 356 ms in its profile, the step 5.71 -> 5.49 s; on the Zen 5 VM 1.67 -> 1.54 s."""
     bias = bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-    if sums_bias_in_float32(dtype):  # the same sum: XLA:CPU adds bf16 arrays in float32 and rounds
+    # The same sum either way: XLA:CPU adds bf16 arrays in float32 and rounds.
+    if sums_bias_in_float32(dtype, y.size // max(bias.size, 1)):
         return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
     return y + bias
 
