@@ -23,7 +23,6 @@ loop) is timed at context 96 as well, per decode step, against the standalone st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -404,11 +403,7 @@ def _num(x: float | None) -> str:
 
 def _cpu_name() -> str:
     """The CPU's model and family (Linux's cpuinfo) and whether it has bf16 arithmetic."""
-    fields = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
+    fields = products.cpu_info()
     name = fields.get("model name") or platform.processor() or platform.machine()
     family = f" (family {fields['cpu family']})" if "cpu family" in fields else ""
     bf16 = "with" if products.library_products(jnp.bfloat16) else "without"

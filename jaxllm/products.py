@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -48,28 +49,42 @@ LIBRARY_DTYPES = frozenset({jnp.dtype(jnp.bfloat16)})
 
 
 @functools.cache
-def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The host CPU's feature names (the ``flags`` or ``Features`` line of Linux's cpuinfo); empty
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields in Linux's cpuinfo (``model name``, ``flags``, ...); empty
     where that cannot be read (another OS)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The host CPU's feature names (the ``flags`` or ``Features`` line of Linux's cpuinfo); empty
+    where that cannot be read (another OS)."""
+    fields = cpu_info(cpuinfo)
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def _native_arithmetic(dtype: jnp.dtype) -> bool | None:
+    """On a CPU whose features are known, whether they give arithmetic in the narrow ``dtype``;
+    None off a CPU, for float32, or where the features cannot be read."""
+    features = cpu_features()
+    native = NATIVE_FEATURES.get(jnp.dtype(dtype))
+    if jax.default_backend() != "cpu" or native is None or not features:
+        return None
+    return bool(features & native)
 
 
 def widens_products(dtype: jnp.dtype) -> bool:
     """Whether narrow (bf16, fp16) work is computed on operands widened to float32 (a product of
     more than ``WIDEN_ROWS`` rows, the attention's dots, a bias's sum): on a CPU whose features are
     known and give no arithmetic in ``dtype``."""
-    features = cpu_features()
-    native = NATIVE_FEATURES.get(jnp.dtype(dtype))
-    on_cpu = jax.default_backend() == "cpu"
-    return on_cpu and native is not None and bool(features) and not features & native
+    return _native_arithmetic(dtype) is False
 
 
 def operand_dtype(dtype: jnp.dtype, rows: int) -> jnp.dtype:
@@ -82,10 +97,7 @@ def operand_dtype(dtype: jnp.dtype, rows: int) -> jnp.dtype:
 def library_products(dtype: jnp.dtype) -> bool:
     """Whether products in ``dtype`` with several rows run through ``library_matmul``: on a CPU
     whose features give bf16 arithmetic (``LIBRARY_DTYPES``)."""
-    dtype = jnp.dtype(dtype)
-    native = NATIVE_FEATURES.get(dtype, frozenset())
-    on_cpu = jax.default_backend() == "cpu"
-    return on_cpu and dtype in LIBRARY_DTYPES and bool(cpu_features() & native)
+    return jnp.dtype(dtype) in LIBRARY_DTYPES and _native_arithmetic(dtype) is True
 
 
 def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -173,7 +185,7 @@ def _library_project(eqn: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     out_shape = kernel.shape[: len(out_axes)] if out_major else kernel.shape[n_in:]
     rows, inner = math.prod(x.shape[:2]), math.prod(x.shape[2:])
     w = kernel.reshape(-1, inner) if out_major else kernel.reshape(inner, -1)
-    y = jnp.reshape(library_matmul(x.reshape(rows, inner), w, out_major), (rows, -1))
+    y = cast(jax.Array, library_matmul(x.reshape(rows, inner), w, out_major))
     return y.reshape(*x.shape[:2], *out_shape)
 
 
@@ -230,9 +242,10 @@ def add_bias(y: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
     reduces float32 values, which XLA:CPU hands to its YNNPACK library, where a bf16 one becomes
     window reductions in XLA's own loops. gpt2's bf16 train step (B=4, T=256): 75 of them; on the
     2-core AVX2 VM 356 ms in its profile, the step 5.71 -> 5.49 s; on the Zen 5 VM 1.67 -> 1.54 s."""
+    rows = math.prod(y.shape[: y.ndim - bias.ndim])
     bias = bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
     # The same sum either way: XLA:CPU adds bf16 arrays in float32 and rounds.
-    if sums_bias_in_float32(dtype, y.size // max(bias.size, 1)):
+    if sums_bias_in_float32(dtype, rows):
         return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
     return y + bias
 
@@ -261,20 +274,17 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
     work = operand_dtype(dtype, rows)
     x2 = x.reshape(rows, -1).astype(dtype).astype(work)  # [R, I]
     w = kernel.reshape(math.prod(out), -1).astype(dtype).astype(work)  # [O, I]
-    contract = (((1,), (1,)), ((), ()))
     if rows in WEIGHT_MAJOR_ROWS.get(jnp.dtype(dtype).itemsize, ()):
-        y = jax.lax.dot_general(w, x2, contract, preferred_element_type=jnp.float32)  # [O, R]
-        y = jax.lax.optimization_barrier(y).T
+        y = jax.lax.optimization_barrier(_nt(w, x2)).T  # [O, R] -> [R, O]
     elif rows == 1 and n_in > 1 and library_products(dtype):
         # One row of several input axes ([.., N, H]: the output projection) as two rows of XLA's
         # library product: in the loop below XLA indexes such a row per element (gpt2's bf16
         # decode step at B=1 on the Zen 5 VM, alternated: 8.90 -> 8.19 ms).
-        two = jnp.concatenate([x2, x2])  # [2, I]
-        y = jax.lax.dot_general(two, w, contract, preferred_element_type=jnp.float32)[:1]
+        y = _nt(jnp.concatenate([x2, x2]), w)[:1]  # [2, I] x [O, I]
     elif rows == 1 and widens_single_rows(dtype):
         # [1, I] x transpose([O, I]): XLA:CPU fuses a vector-matrix product with its operand's
         # transpose into one loop over the weight's rows, reading the narrow weight as it is.
-        y = jnp.matmul(x2, w.T, preferred_element_type=jnp.float32)  # [1, O]
+        y = _nn(x2, w.T)  # [1, O]
     else:
-        y = jax.lax.dot_general(x2, w, contract, preferred_element_type=jnp.float32)  # [R, O]
+        y = _nt(x2, w)  # [R, O]
     return y.astype(dtype).reshape(*lead, *out)
