@@ -9,7 +9,7 @@ counts it as well, so XLA's figure sits slightly above these (under 3% for D >= 
 Attention is given two ways:
 - ``"xla"``: what the program computes — every query against every key slot it is handed: without a
   cache, each query block against the keys up to its end (``jaxllm.attention.causal_blocks``: T × T
-  for T <= 64, about 9/16 of it at T = 1024), or T(T + 1)/2 where cuDNN's fused causal kernel runs
+  for T <= 128, about 9/16 of it at T = 1024), or T(T + 1)/2 where cuDNN's fused causal kernel runs
   (``fused``: a GPU in bf16; its backward runs 5 products to XLA's 4, recomputing q·kᵀ), and
   T × (S + T) with a cache of S slots (the model scores the whole allocated cache, filled or not,
   plus the new tokens' own keys);

@@ -87,9 +87,9 @@ def test_prefill_and_decode_flops_match_xla(name):
 
 
 def test_past_one_block_xla_counts_the_blocked_pairs():
-    """T = 256 in 4 blocks of 64 queries against 64, 128, 192, 256 keys: 5/8 of T × T pairs."""
-    config, seq = CONFIGS["gelu-gqa-scanned"].replace(max_len=256), 256
-    assert analytic.blocked_pairs(seq) == 64 * (64 + 128 + 192 + 256) == seq * seq * 5 // 8
+    """T = 512 in 4 blocks of 128 queries against 128, 256, 384, 512 keys: 5/8 of T × T pairs."""
+    config, seq = CONFIGS["gelu-gqa-scanned"].replace(max_len=512), 512
+    assert analytic.blocked_pairs(seq) == 128 * (128 + 256 + 384 + 512) == seq * seq * 5 // 8
     cost = analyze(train_step(config), *train_args(config, 1, seq))
     assert cost.flops == pytest.approx(analytic.train_flops(config, 1, seq), rel=FLOP_TOLERANCE)
 

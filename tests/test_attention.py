@@ -29,8 +29,9 @@ def _inputs():
 
 def test_blocks_cover_the_sequence_in_order():
     assert causal_blocks(10) == [(0, 10)]
-    assert causal_blocks(200) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    assert causal_blocks(200) == [(0, 128), (128, 200)]
     assert causal_blocks(1024) == [(a, a + 128) for a in range(0, 1024, 128)]
+    assert causal_blocks(2048) == [(a, a + 256) for a in range(0, 2048, 256)]
 
 
 def test_blocked_pass_equals_the_reference_on_real_rows():
