@@ -179,14 +179,16 @@ def test_library_products_where_the_cpu_has_bf16_arithmetic(monkeypatch, feature
 
 
 @pytest.mark.parametrize("out_major", [False, True], ids=["in_out", "out_major"])
-def test_library_matmul_and_its_gradients_are_the_products(out_major):
+@pytest.mark.parametrize(("I", "O"), [(32, 24), (24, 32)], ids=["I > O", "I < O"])
+def test_library_matmul_and_its_gradients_are_the_products(out_major, I, O):
     """Value and both gradients against autodiff of the float32 product of the same bf16 numbers
     (each a float32-accumulated product of bf16 operands: the same sums in another order), and
-    every product of the backward pass takes bf16 operands."""
+    every product of the backward pass takes bf16 operands; the weight's gradient either way
+    round (the operand of fewer columns transposed)."""
     bf = jnp.bfloat16
-    x = jax.random.normal(jax.random.key(0), (48, 32)).astype(bf)  # [R, I]
-    w = jax.random.normal(jax.random.key(1), (24, 32) if out_major else (32, 24)).astype(bf)
-    g = jax.random.normal(jax.random.key(2), (48, 24)).astype(bf)  # cotangent [R, O]
+    x = jax.random.normal(jax.random.key(0), (48, I)).astype(bf)  # [R, I]
+    w = jax.random.normal(jax.random.key(1), (O, I) if out_major else (I, O)).astype(bf)
+    g = jax.random.normal(jax.random.key(2), (48, O)).astype(bf)  # cotangent [R, O]
 
     def plain(x, w):
         eqn = "ri,oi->ro" if out_major else "ri,io->ro"
@@ -209,18 +211,25 @@ def test_library_matmul_and_its_gradients_are_the_products(out_major):
 
 @on_cpu
 @pytest.mark.skipif(not library_products(jnp.bfloat16), reason="needs a CPU with bf16 arithmetic")
-def test_xla_keeps_every_library_product_in_bf16_on_this_cpu():
+@pytest.mark.parametrize(("D", "F"), [(128, 256), (256, 128)])
+def test_xla_keeps_every_library_product_in_bf16_on_this_cpu(D, F):
     """The compiled gradient of a bf16 projection: XLA converts no operand of a product to float32
-    (it does for the transposed left operand that plain autodiff gives the weight's gradient)."""
-    x = jax.random.normal(jax.random.key(0), (4, 64, 128)).astype(jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (128, 256))
+    (it does for the transposed left operand that plain autodiff gives the weight's gradient), and
+    the program runs (XLA fails at run time on a bf16 product whose result it transposes) and
+    gives the weight's gradient, rounded to bf16."""
+    x = jax.random.normal(jax.random.key(0), (4, 64, D)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (D, F)).astype(jnp.bfloat16).astype(jnp.float32)
 
     def loss(x, w):
         return project("BTD,DF->BTF", x, w, jnp.bfloat16).astype(jnp.float32).sum()
 
-    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile()
+    hlo = compiled.as_text()
     assert hlo is not None
     assert _compiled_dot_operand_types(hlo) == ["bf16"] * 4  # dx and dw (a sum needs no y)
+    _, dw = compiled(x, w)  # rounded to bf16 (the weight's compute dtype)
+    want = jnp.einsum("btd,btf->df", x.astype(jnp.float32), jnp.ones((4, 64, F)))
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(want), rtol=2**-8, atol=1e-3)
 
 
 def _compiled_dot_operand_types(hlo: str) -> list[str]:
