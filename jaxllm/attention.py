@@ -14,8 +14,7 @@ the keys its block scores, not NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal, cast
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -118,12 +117,7 @@ def chunked_causal_attention(
     k, v = (a.astype(work).transpose(0, 2, 1, 3) for a in (k, v))  # [B, K, T, H]
     first = jnp.zeros((B,), jnp.int32) if pad is None else pad
     outs = []
-    # Narrow operands keep the backward pass's products narrow (products.rounded_einsum; gpt2's bf16
-    # train step on the Zen 5 VM, alternated: 1.52 -> 1.48 s).
-    einsum = cast(
-        Callable[[str, jax.Array, jax.Array], jax.Array],
-        products.rounded_einsum if jnp.dtype(work).itemsize < 4 else _einsum32,
-    )
+    einsum = products.float32_einsum  # narrow operands keep the backward's products narrow
     for a, b in causal_blocks(T):
         scores = einsum("BKGTH,BKSH->BKGTS", q[:, :, :, a:b], k[:, :, :b])
         # Hidden keys by an additive bias (a where() would keep a per-head mask for the backward).
@@ -136,10 +130,6 @@ def chunked_causal_attention(
         outs.append((out / total).astype(dtype))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-
-
-def _einsum32(eqn: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(eqn, a, b, preferred_element_type=jnp.float32)
 
 
 def cached_attention(
