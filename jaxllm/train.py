@@ -25,6 +25,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxllm import mesh as meshes
+from jaxllm import xla_options
 from jaxllm.config import ModelConfig, parse_override
 from jaxllm.errors import InputError, positive_int
 from jaxllm.model import Params, Transformer, init_params, param_shapes
@@ -269,13 +270,15 @@ def make_train_step(
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+    options = xla_options.train_options(config)
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
+        return jax.jit(train_step, donate_argnums=0, compiler_options=options)
     state = state_shardings(config, optimizer, mesh)
     batch = meshes.shardings(mesh, meshes.batch_spec())
     return jax.jit(
         train_step,
         donate_argnums=0,
+        compiler_options=options,
         in_shardings=(state, batch),
         out_shardings=(state, meshes.replicated(mesh)),
     )

@@ -56,8 +56,12 @@ def test_scanned_equals_unrolled_flops_transcendentals_and_bytes():
     unrolled = analyze(jax.jit(lambda x, w: f(x, w, True)), X, ws)
     assert scanned.flops == pytest.approx(unrolled.flops, rel=1e-3)
     assert scanned.transcendentals == unrolled.transcendentals
-    # Loop bookkeeping (counter, copies of the carry) adds a little traffic the unrolled form lacks.
-    assert scanned.bytes_accessed == pytest.approx(unrolled.bytes_accessed, rel=0.1)
+    # Loop bookkeeping (counter, copies of the carry) adds a little traffic the unrolled form lacks:
+    # under 10% on a CPU, 19% on an H200 (819495 against 688152 bytes). Counted once, the loop
+    # would read a sixth of the unrolled bytes.
+    assert scanned.bytes_accessed == pytest.approx(
+        unrolled.bytes_accessed, rel=0.1 if CPU else 0.25
+    )
 
 
 def test_nested_loops_multiply():

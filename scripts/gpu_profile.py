@@ -1,0 +1,180 @@
+"""One phase timed three ways, with where its device time goes: for comparing XLA flags or code
+variants on a GPU (run once per variant: ``XLA_FLAGS`` is read when the backend starts).
+
+Usage: python3 scripts/gpu_profile.py LABEL PHASE PRESET BATCH SEQ [--trace FILE] [--generate]
+  PHASE: train (bf16 compute) or decode (bf16 weights and cache: served as ``jaxllm generate``).
+
+Prints one JSON line:
+- ``sync_s``: the median call as ``jaxllm analyze --measure`` times it (fresh arguments, the clock
+  stopped on the outputs);
+- ``chained_s``: seconds a step over ``STEPS`` steps dispatched back to back, each fed the state
+  (train) or cache (decode) the last one returned, synchronised once: a loop's steady state;
+- ``busy_s``: seconds a step that the device ran kernels (the union of their intervals in a profile
+  of the chained steps), and ``span_s``, first kernel start to last kernel end, a step;
+- ``generate_s`` (``--generate``, decode): a step inside ``jaxllm.generate``'s on-device loop.
+``--options JSON``: the train step's XLA compile options instead of ``xla_options.train_options``.
+``--hlo FILE`` writes the compiled program's HLO. ``--single-bf16``: one-row products in bf16 (a code variant).
+``--trace FILE`` writes the profile's kernels (device) and events (host) by total time.
+"""
+
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import phases, train, xla_options
+from jaxllm.cache import KVCache
+from jaxllm.config import get_preset
+from jaxllm.timing import time_compiled
+
+STEPS = 10
+
+
+def chain(compiled, first: tuple, phase: str, steps: int) -> float:
+    """Seconds a step over ``steps`` steps, each fed the last one's donated output."""
+    start = time.perf_counter()
+    if phase == "train":
+        state, data = first
+        for _ in range(steps):
+            state, metrics = compiled(state, data)
+        jax.block_until_ready((state, metrics))
+    else:
+        weights, cache, ids = first
+        for _ in range(steps):
+            logits, cache = compiled(weights, cache, ids)
+        jax.block_until_ready((logits, cache))
+    return (time.perf_counter() - start) / steps
+
+
+def first_args(program: phases.Program, steps: int) -> tuple:
+    """Fresh arguments for ``steps`` chained calls (a decode cache ``steps`` slots short of seq)."""
+    args = program.make_args(jax.random.key(0))()
+    if program.phase == "train":
+        return args
+    weights, _, ids = args
+    cfg, B, cap, index = program.config, program.batch, program.capacity, program.seq - 1 - steps
+    cache = jax.jit(lambda: KVCache.init(cfg, B, cap).replace(index=jnp.int32(index)))()
+    return weights, cache, ids
+
+
+def summarize_trace(path: Path, steps: int, out: Path | None) -> dict:
+    """Device busy and span seconds a step from a Perfetto trace; writes the top events to ``out``."""
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    by_proc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    intervals: list[tuple[float, float]] = []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        proc = names.get(e["pid"], str(e["pid"]))
+        by_proc[proc][e["name"]].append(float(e.get("dur", 0)))
+        if "/device:" in proc:
+            intervals.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
+    busy, end = 0.0, -np.inf
+    for a, b in sorted(intervals):
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    span = (max(b for _, b in intervals) - min(a for a, _ in intervals)) if intervals else 0.0
+    if out is not None:
+        lines = []
+        for proc, table in by_proc.items():
+            total = sum(sum(v) for v in table.values())
+            lines.append(
+                f"## {proc}: {sum(map(len, table.values()))} events, sum {total / 1e3:.2f} ms"
+            )
+            top = sorted(table.items(), key=lambda kv: -sum(kv[1]))[:40]
+            lines += [f"  {sum(v) / 1e3:9.3f} ms {len(v):6d}x  {n[:110]}" for n, v in top]
+        out.write_text("\n".join(lines) + "\n")
+    return dict(busy_s=busy / 1e6 / steps, span_s=span / 1e6 / steps)
+
+
+def profile(compiled, program: phases.Program, steps: int, out: Path | None) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        args = first_args(program, steps)
+        jax.block_until_ready(args)
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            chain(compiled, args, program.phase, steps)
+        trace = next(Path(d).rglob("perfetto_trace.json.gz"))
+        return summarize_trace(trace, steps, out)
+
+
+def generate_step_s(config, seq: int, batch: int) -> float:
+    """Seconds a decode step inside ``generate``'s loop: prompts of seq - 48 tokens, 48 new."""
+    from jaxllm.generate import generate
+    from jaxllm.model import param_shapes
+
+    params = phases.filler_params(param_shapes(config))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config.vocab_size, seq - 48).tolist() for _ in range(batch)]
+    generate(config, params, prompts, 48)
+    g = generate(config, params, prompts, 48)
+    return g.decode_s / max(g.decode_steps, 1)
+
+
+def single_rows_in_dtype() -> None:
+    """The variant ``--single-bf16``: a product of one row asked in the compute dtype on a GPU too
+    (``jaxllm.products.project`` keeps it float32 there)."""
+    import jaxllm.model
+    from jaxllm import products
+
+    def project(eqn, x, kernel, dtype):
+        if x.shape[0] * x.shape[1] == 1:
+            return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
+        return products.project(eqn, x, kernel, dtype)
+
+    jaxllm.model.project = project
+
+
+def main(argv: list[str]) -> None:
+    if "--single-bf16" in argv:
+        single_rows_in_dtype()
+    label, phase, preset, batch, seq = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
+    trace = Path(argv[argv.index("--trace") + 1]) if "--trace" in argv else None
+    hlo = Path(argv[argv.index("--hlo") + 1]) if "--hlo" in argv else None
+    if "--options" in argv:
+        options = json.loads(argv[argv.index("--options") + 1])
+        xla_options.train_options = lambda config, backend=None: options
+    config = get_preset(preset).replace(dtype="bfloat16")
+    if phase == "decode":
+        config = config.replace(param_dtype="bfloat16")
+    else:
+        config = train.training_config(config)  # as `jaxllm train` and `analyze` compile it
+    program = phases.build(config, phase, batch, seq)
+    start = time.perf_counter()
+    compiled = program.jitted.lower(*program.abstract_args).compile()
+    row = dict(
+        label=label,
+        phase=phase,
+        preset=preset,
+        batch=batch,
+        seq=seq,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        compile_s=round(time.perf_counter() - start, 1),
+        options=xla_options.train_options(config) if phase == "train" else {},
+    )
+    if hlo is not None:
+        hlo.write_text(compiled.as_text())
+    row["sync_s"] = time_compiled(
+        compiled, program.make_args(jax.random.key(0)), 5, 2
+    ).seconds_median
+    chain(compiled, first_args(program, STEPS), phase, STEPS)  # warm
+    row["chained_s"] = float(
+        np.median([chain(compiled, first_args(program, STEPS), phase, STEPS) for _ in range(3)])
+    )
+    row |= profile(compiled, program, STEPS, trace)
+    if "--generate" in argv and phase == "decode":
+        row["generate_s"] = generate_step_s(config, seq, batch)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,40 @@
+"""The train step's XLA compile options: which device and program get them, and that the step is
+compiled with them."""
+
+import jax
+import pytest
+
+from jaxllm import train, xla_options
+from jaxllm.config import get_preset
+
+CFG = get_preset("tiny")  # layers scanned, one at a time
+UNROLLED = CFG.replace(scan_unroll=CFG.n_layers)
+
+
+def test_a_gpu_unrolled_step_goes_to_cublas_without_cuda_graphs():
+    assert xla_options.train_options(UNROLLED, backend="gpu") == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_enable_command_buffer": "",
+    }
+    assert xla_options.train_options(CFG.replace(scan_layers=False), backend="gpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_other_devices_keep_xla_options(backend):
+    assert xla_options.train_options(UNROLLED, backend=backend) == {}
+
+
+def test_a_rolled_gpu_step_keeps_xla_options():
+    assert xla_options.rolls_layers(CFG) and not xla_options.rolls_layers(UNROLLED)
+    assert xla_options.train_options(CFG, backend="gpu") == {}
+
+
+def test_the_train_step_is_compiled_with_its_options(monkeypatch):
+    """An option XLA does not know reaches the compiler, named in its error."""
+    monkeypatch.setattr(xla_options, "train_options", lambda config: {"xla_not_an_option": 1})
+    optimizer = train.make_optimizer()
+    step = train.make_train_step(CFG, optimizer)
+    state = jax.eval_shape(lambda: train.init_state(CFG, optimizer, jax.random.key(0)))
+    batch = jax.ShapeDtypeStruct((2, 9), "int32")
+    with pytest.raises(Exception, match="xla_not_an_option"):
+        step.lower(state, batch).compile()
