@@ -13,7 +13,8 @@ Prints one JSON line:
   of the chained steps), and ``span_s``, first kernel start to last kernel end, a step;
 - ``generate_s`` (``--generate``, decode): a step inside ``jaxllm.generate``'s on-device loop.
 ``--options JSON``: the train step's XLA compile options instead of ``xla_options.train_options``.
-``--hlo FILE`` writes the compiled program's HLO. ``--single-bf16``: one-row products in bf16 (a code variant).
+``--hlo FILE`` writes the compiled program's HLO. ``--single-bf16``: one-row products in bf16; ``--out-in``: kernels served output-major (code
+variants).
 ``--trace FILE`` writes the profile's kernels (device) and events (host) by total time.
 """
 
@@ -134,9 +135,24 @@ def single_rows_in_dtype() -> None:
     jaxllm.model.project = project
 
 
+def output_major_serving() -> None:
+    """The variant ``--out-in``: served kernels output-major ([out, in], as on one CPU device), so
+    that a one-row product XLA turns into a multiply and a sum sums along the weight's rows; every
+    row count row-major (the CPU's weight-major products left off)."""
+    from jaxllm import products, serve
+
+    serving_config = serve.serving_config
+    serve.serving_config = lambda config, mesh=None: serving_config(config, mesh).replace(
+        kernel_order="out_in"
+    )
+    products.WEIGHT_MAJOR_ROWS = {}
+
+
 def main(argv: list[str]) -> None:
     if "--single-bf16" in argv:
         single_rows_in_dtype()
+    if "--out-in" in argv:
+        output_major_serving()
     label, phase, preset, batch, seq = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
     trace = Path(argv[argv.index("--trace") + 1]) if "--trace" in argv else None
     hlo = Path(argv[argv.index("--hlo") + 1]) if "--hlo" in argv else None

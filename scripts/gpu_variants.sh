@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Code and XLA-option variants of the GPU phases, one process each (scripts/gpu_profile.py), beside
-# the PyTorch peer; round 13's second H200 pass. Run from the project root:
+# the PyTorch peer (round 13's second H200 pass ran it with train_cublas for the shipped options). Run from the project root:
 #   OUT=/some/dir bash scripts/gpu_variants.sh
 # Every step has a timeout; $OUT/results.tar.gz is rewritten after each step, so a pass cut short
 # still returns what it measured. BUDGET (s, default 330) skips steps that would not finish.
@@ -25,11 +25,13 @@ step diagnostics
 timeout 40 python3 scripts/gpu_cost_check.py > $R/cost_check.jsonl 2>&1; cat $R/cost_check.jsonl
 timeout 40 python3 scripts/gpu_single_row_check.py > $R/single_row_check.jsonl 2>&1; cat $R/single_row_check.jsonl
 TRAIN="train gpt2-medium 8 1024"; DEC="decode llama3.2-1b 1 1024"
-v train_cublas $TRAIN
+v train_shipped $TRAIN
 v train_xla $TRAIN --options '{}'
-v train_cublas_nocb $TRAIN --options '{"xla_gpu_enable_triton_gemm": false, "xla_gpu_enable_command_buffer": ""}'
+v train_cublas_graphs $TRAIN --options '{"xla_gpu_enable_triton_gemm": false}'
 v dec_f32 $DEC --generate --hlo $R/hlo_dec_f32.txt
 v dec_bf16 $DEC --generate --single-bf16 --hlo $R/hlo_dec_bf16.txt
+v dec_out_in $DEC --generate --out-in --hlo $R/hlo_dec_out_in.txt
+v dec_m_b128_out_in decode gpt2-medium 128 1024 --generate --out-in
 v dec_m_b1 decode gpt2-medium 1 1024 --generate
 v dec_m_b128 decode gpt2-medium 128 1024 --generate
 if [ "$(left)" -gt 70 ]; then
