@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Code and XLA-option variants of the GPU phases, one process each (scripts/gpu_profile.py), beside
-# the PyTorch peer (round 13's second H200 pass ran it with train_cublas for the shipped options). Run from the project root:
+# the PyTorch peer. Round 13's second H200 pass named train_shipped's options train_cublas_nocb and
+# train_cublas_graphs's train_cublas. Run from the project root:
 #   OUT=/some/dir bash scripts/gpu_variants.sh
 # Every step has a timeout; $OUT/results.tar.gz is rewritten after each step, so a pass cut short
 # still returns what it measured. BUDGET (s, default 330) skips steps that would not finish.
