@@ -13,8 +13,8 @@ Prints one JSON line:
   of the chained steps), and ``span_s``, first kernel start to last kernel end, a step;
 - ``generate_s`` (``--generate``, decode): a step inside ``jaxllm.generate``'s on-device loop.
 ``--options JSON``: the train step's XLA compile options instead of ``xla_options.train_options``.
-``--hlo FILE`` writes the compiled program's HLO. ``--single-bf16``: one-row products in bf16; ``--out-in``: kernels served output-major (code
-variants).
+``--hlo FILE`` writes the compiled program's HLO. ``--single-bf16``: one-row products in bf16; ``--two-rows``: one row computed as two;
+``--out-in``: kernels served output-major (code variants).
 ``--trace FILE`` writes the profile's kernels (device) and events (host) by total time.
 """
 
@@ -135,6 +135,22 @@ def single_rows_in_dtype() -> None:
     jaxllm.model.project = project
 
 
+def single_rows_as_two() -> None:
+    """The variant ``--two-rows``: a product of one row computed as two (the row twice, the first
+    result kept), so that its left operand is no vector: XLA:GPU rewrites a vector-matrix product
+    of fewer than 10^7 weight elements as a written-out elementwise product and a sum
+    (xla/service/gpu/transforms/dot_strength_reduction.cc), a matrix product not."""
+    import jaxllm.model
+    from jaxllm import products
+
+    def project(eqn, x, kernel, dtype):
+        if x.shape[0] * x.shape[1] == 1:
+            return products.project(eqn, jnp.concatenate([x, x]), kernel, dtype)[:1]
+        return products.project(eqn, x, kernel, dtype)
+
+    jaxllm.model.project = project
+
+
 def output_major_serving() -> None:
     """The variant ``--out-in``: served kernels output-major ([out, in], as on one CPU device), so
     that a one-row product XLA turns into a multiply and a sum sums along the weight's rows; every
@@ -153,6 +169,8 @@ def main(argv: list[str]) -> None:
         single_rows_in_dtype()
     if "--out-in" in argv:
         output_major_serving()
+    if "--two-rows" in argv:
+        single_rows_as_two()
     label, phase, preset, batch, seq = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
     trace = Path(argv[argv.index("--trace") + 1]) if "--trace" in argv else None
     hlo = Path(argv[argv.index("--hlo") + 1]) if "--hlo" in argv else None

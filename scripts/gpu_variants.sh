@@ -31,6 +31,8 @@ v train_xla $TRAIN --options '{}'
 v train_cublas_graphs $TRAIN --options '{"xla_gpu_enable_triton_gemm": false}'
 v dec_f32 $DEC --generate --hlo $R/hlo_dec_f32.txt
 v dec_bf16 $DEC --generate --single-bf16 --hlo $R/hlo_dec_bf16.txt
+v dec_two_rows $DEC --generate --two-rows --hlo $R/hlo_dec_two_rows.txt
+v dec_m_b1_two_rows decode gpt2-medium 1 1024 --generate --two-rows
 v dec_out_in $DEC --generate --out-in --hlo $R/hlo_dec_out_in.txt
 v dec_m_b128_out_in decode gpt2-medium 128 1024 --generate --out-in
 v dec_m_b1 decode gpt2-medium 1 1024 --generate
