@@ -23,21 +23,18 @@ def train_options(config: ModelConfig, backend: str | None = None) -> dict[str, 
 
     On a GPU, for layers unrolled (as ``train.training_config`` trains them there), products go to
     cuBLAS rather than XLA's Triton GEMM fusions, and kernels are launched one by one rather than
-    replayed from a CUDA graph. gpt2-medium's bf16 step (B=8, T=1024) on an H200, jax 0.11.2, timed
-    as ``jaxllm analyze --measure`` times it (each call waited for) and as a loop runs it (ten steps
-    dispatched back to back):
+    replayed from a CUDA graph. gpt2-medium's bf16 step (B=8, T=1024) on an H200, jax 0.11.2, each
+    call waited for (as ``jaxllm analyze --measure`` and ``jaxllm train`` run it), ten steps
+    dispatched back to back, and the device's busy time a step:
 
-    ========================== ========== ======== ============================================
-    options                    waited for  in a loop  the device busy
-    ========================== ========== ======== ============================================
-    XLA's (Triton, graphs)       57.9 ms   49.9 ms  47.9 ms
-    cuBLAS                       58.9 ms   47.0 ms  43.5 ms (the tied head 7.3 -> 3.1 ms)
-    cuBLAS, no CUDA graphs       47.1 ms   45.3 ms  44.1 ms
-    ========================== ========== ======== ============================================
+    - XLA's options (Triton, graphs): 57.9 ms, 49.9 ms, 47.9 ms (the tied head's three Triton
+      products 7.6 ms of it);
+    - cuBLAS: 58.9 ms, 47.0 ms, 43.5 ms;
+    - cuBLAS without graphs (these options): 47.1 ms, 45.3 ms, 44.1 ms.
 
-    With graphs, every call first rewrites the graph's buffer addresses on the host (about 9 ms
-    for this step's 1,500 kernels) while the device waits; ``jaxllm train`` waits for each step
-    (it checks the loss before the next). A rolled step keeps XLA's options: under these, the
+    Waited for on fresh arguments, a graphed call first rewrites the graph's buffer addresses on
+    the host (about 9 ms for this step's 1,500 kernels in round 9's profile) while the device
+    waits; without graphs the two timings agree within 2 ms. A rolled step keeps XLA's options: under these, the
     H200's compile of a scanned test step was no longer costed by XLA's generic model (1.0e6
     FLOPs against 2.4e7 unrolled; cause not found), though cuBLAS alone (set in ``XLA_FLAGS``)
     took gpt2-medium's rolled step from 68.1 to 61.2 ms.
