@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from jaxllm import hardware, memory, phases
+from jaxllm import hardware, memory, phases, xla_options
 from jaxllm.analytic import AnalyticView
 from jaxllm.config import ModelConfig
 from jaxllm.cost import XlaCost, analyze_compiled, compile_timed
@@ -65,6 +65,7 @@ class PhaseResult:
     timing: Timing | None  # the wall clock; None unless measured
     roofline: Rooflines  # on the data sheet's peaks on a known accelerator, else the calibrated
     calibrated: Rooflines | None = None  # on an accelerator: the same on the calibrated peaks
+    compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # jaxllm.xla_options
 
     @property
     def seconds(self) -> float:
@@ -91,7 +92,7 @@ class PhaseResult:
             "seq": self.seq,
             "device": self.device,
             "analytic": self.analytic.to_dict(),
-            "xla": self.xla.to_dict(),
+            "xla": {**self.xla.to_dict(), "compile_options": self.compile_options},
             "roofline": roof,
         }
         if self.timing is not None:
@@ -162,4 +163,5 @@ def analyze_phase(
         timing,
         roofline=on(data_sheet=True),
         calibrated=on(data_sheet=False) if accelerator else None,
+        compile_options=xla_options.train_options(program.config) if phase == "train" else {},
     )

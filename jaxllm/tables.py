@@ -91,7 +91,8 @@ def analysis_table(row: PhaseResult) -> list[str]:
         f"{'seconds':<22}{si(roof.predicted_seconds, 's'):>14}"
         f"{si(row.roofline.xla.predicted_seconds, 's'):>14}{si(roof.measured_seconds, 's'):>14}",
         f"XLA: {corrected}; alias {si(x.alias_bytes, 'B')}, temp {si(x.temp_bytes, 'B')},"
-        f" compiled in {x.compile_seconds:.2f} s",
+        f" compiled in {x.compile_seconds:.2f} s"
+        + "".join(f", {k}={v!r}" for k, v in row.compile_options.items()),
         f"roofline ({row.roofline.peaks.source}): intensity {roof.intensity:.3g} FLOP/B, ridge "
         f"{roof.ridge:.3g} -> {roof.bound}-bound",
     ]

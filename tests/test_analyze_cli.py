@@ -49,7 +49,7 @@ DOCUMENTED = {
     | {"params", "tokens", "capacity", "slots_read"},
     "xla": {"flops", "transcendentals", "bytes_accessed", "raw_flops", "raw_bytes_accessed"}
     | {"loop_corrected", "loop_note", "loops", "argument_bytes", "output_bytes", "alias_bytes"}
-    | {"temp_bytes", "footprint_bytes", "compile_seconds"},
+    | {"temp_bytes", "footprint_bytes", "compile_seconds", "compile_options"},
     "measured": {"seconds_median", "seconds_p10", "seconds_p90", "seconds_min", "repeats"}
     | {"warmup", "tokens_per_s"},
     "roofline": {"flops", "bytes", "peak_flops_per_s", "bandwidth_bytes_per_s", "intensity"}

@@ -4,7 +4,7 @@ compiled with them."""
 import jax
 import pytest
 
-from jaxllm import train, xla_options
+from jaxllm import measure, tables, train, xla_options
 from jaxllm.config import get_preset
 
 CFG = get_preset("tiny")  # layers scanned, one at a time
@@ -38,3 +38,16 @@ def test_the_train_step_is_compiled_with_its_options(monkeypatch):
     batch = jax.ShapeDtypeStruct((2, 9), "int32")
     with pytest.raises(Exception, match="xla_not_an_option"):
         step.lower(state, batch).compile()
+
+
+def test_analyze_reports_the_options_the_step_was_compiled_with(monkeypatch):
+    """`jaxllm analyze`'s record names the options the analysed program was built with: none on
+    this CPU; where the train step gets some, that step's (the options of a GPU's are accepted,
+    and ignored, by the CPU's compiler)."""
+    decode = measure.analyze_phase(CFG, "decode", 1, 8, quick=True)
+    assert decode.to_json()["xla"]["compile_options"] == {}
+    gpu = {"xla_gpu_enable_triton_gemm": False}
+    monkeypatch.setattr(xla_options, "train_options", lambda config: gpu)
+    result = measure.analyze_phase(CFG, "train", 1, 8, quick=True)
+    assert result.to_json()["xla"]["compile_options"] == gpu
+    assert "xla_gpu_enable_triton_gemm=False" in "\n".join(tables.analysis_table(result))
