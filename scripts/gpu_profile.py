@@ -194,6 +194,7 @@ def main(argv: list[str]) -> None:
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         compile_s=round(time.perf_counter() - start, 1),
         options=xla_options.train_options(config) if phase == "train" else {},
+        code=[a for a in ("--single-bf16", "--two-rows", "--out-in") if a in argv],
     )
     if hlo is not None:
         hlo.write_text(compiled.as_text())

@@ -40,8 +40,10 @@ def _torch(rows: list[dict[str, Any]], kind: str, **match: Any) -> float | None:
 
 
 def _label(row: dict[str, Any]) -> str:
+    """The variant's name, XLA options (or flags) and code variants (``gpu_profile.py`` flags)."""
     how = row.get("options", row.get("xla_flags") or {})
-    return f"`{row['label']}` ({json.dumps(how) if how not in ('', {}) else 'XLA defaults'})"
+    parts = [json.dumps(how) if how not in ("", {}) else "XLA defaults", *row.get("code", [])]
+    return f"`{row['label']}` ({', '.join(parts)})"
 
 
 def train_table(rows: list[dict[str, Any]], torch: list[dict[str, Any]], peak: float) -> list[str]:
