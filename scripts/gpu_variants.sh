@@ -47,5 +47,5 @@ v dec_m_b128 decode gpt2-medium 128 1024 --generate
 v dec_m_b128_out_in decode gpt2-medium 128 1024 --generate --out-in
 v train_cublas_graphs $TRAIN --options '{"xla_gpu_enable_triton_gemm": false}'
 step diagnostics
-timeout 40 python3 scripts/gpu_cost_check.py > $R/cost_check.jsonl 2>&1; cat $R/cost_check.jsonl
+timeout 60 python3 scripts/gpu_cost_check.py $R/hlo_rolled_train.txt.gz > $R/cost_check.jsonl 2>&1; cat $R/cost_check.jsonl
 step done

@@ -190,7 +190,10 @@ def test_unrolled_scan_is_the_rolled_step_without_its_loop():
     # XLA's own counts: the rolled loop's body counted 3 times (loop-corrected) is the unrolled step.
     cost_a, cost_b = (cost.analyze_compiled(c, 0.0) for c in (rolled, unrolled))
     assert 3 in cost_a.loops and 3 not in cost_b.loops
-    assert cost_b.flops == pytest.approx(cost_a.flops, rel=0.01)
+    assert cost_b.flops == pytest.approx(cost_a.flops, rel=0.01), (
+        cost_a.loop_note,
+        cost_b.loop_note,
+    )
     a, m_a = rolled(_copy(start), batch)
     b, m_b = unrolled(_copy(start), batch)
     assert float(m_b["loss"]) == pytest.approx(float(m_a["loss"]), rel=1e-6)
