@@ -3,6 +3,9 @@
 # the PyTorch peer. Round 13's second H200 pass named train_shipped's options train_cublas_nocb and
 # train_cublas_graphs's train_cublas. Run from the project root:
 #   OUT=/some/dir bash scripts/gpu_variants.sh
+# The PyTorch peer runs where .peers/ holds ../shared/peers/{peer_gpu.py,peer_model.py} (git-ignored:
+# carry it to the device). The pass writes one results.tar.gz: a device that returns a limited count
+# of files returns it whole.
 # Every step has a timeout; $OUT/results.tar.gz is rewritten after each step, so a pass cut short
 # still returns what it measured. BUDGET (s, default 480) skips steps that would not finish.
 set -u
