@@ -34,7 +34,9 @@ def train_options(config: ModelConfig, backend: str | None = None) -> dict[str, 
 
     Waited for on fresh arguments, a graphed call first rewrites the graph's buffer addresses on
     the host (about 9 ms for this step's 1,500 kernels in round 9's profile) while the device
-    waits; without graphs the two timings agree within 2 ms. A rolled step keeps XLA's options: under these, the
+    waits; without graphs the two timings agree within 2 ms. Measured on this one H200 and model
+    only: a step short enough to be bound by kernel launches may prefer graphs (not measured).
+    A rolled step keeps XLA's options: under these, the
     H200's compile of a scanned test step was no longer costed by XLA's generic model (1.0e6
     FLOPs against 2.4e7 unrolled; cause not found), though cuBLAS alone (set in ``XLA_FLAGS``)
     took gpt2-medium's rolled step from 68.1 to 61.2 ms.
