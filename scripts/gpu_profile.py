@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import phases, train, xla_options
-from jaxllm.cache import KVCache
 from jaxllm.config import get_preset
 from jaxllm.timing import time_compiled
 
@@ -55,15 +55,14 @@ def chain(compiled, first: tuple, phase: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def first_args(program: phases.Program, steps: int) -> tuple:
-    """Fresh arguments for ``steps`` chained calls (a decode cache ``steps`` slots short of seq)."""
-    args = program.make_args(jax.random.key(0))()
+def first_args(program: phases.Program, make: Callable[[], tuple], steps: int) -> tuple:
+    """Fresh arguments from ``make`` (``program.make_args(key)``) for ``steps`` chained calls: a
+    decode cache ``steps`` slots short of the context ``seq``."""
+    args = make()
     if program.phase == "train":
         return args
-    weights, _, ids = args
-    cfg, B, cap, index = program.config, program.batch, program.capacity, program.seq - 1 - steps
-    cache = jax.jit(lambda: KVCache.init(cfg, B, cap).replace(index=jnp.int32(index)))()
-    return weights, cache, ids
+    weights, cache, ids = args
+    return weights, cache.replace(index=jnp.int32(program.seq - 1 - steps)), ids
 
 
 def summarize_trace(path: Path, steps: int, out: Path | None) -> dict:
@@ -98,9 +97,11 @@ def summarize_trace(path: Path, steps: int, out: Path | None) -> dict:
     return dict(busy_s=busy / 1e6 / steps, span_s=span / 1e6 / steps)
 
 
-def profile(compiled, program: phases.Program, steps: int, out: Path | None) -> dict:
+def profile(
+    compiled, program: phases.Program, make: Callable[[], tuple], steps: int, out: Path | None
+) -> dict:
     with tempfile.TemporaryDirectory() as d:
-        args = first_args(program, steps)
+        args = first_args(program, make, steps)
         jax.block_until_ready(args)
         with jax.profiler.trace(d, create_perfetto_trace=True):
             chain(compiled, args, program.phase, steps)
@@ -198,14 +199,15 @@ def main(argv: list[str]) -> None:
     )
     if hlo is not None:
         hlo.write_text(compiled.as_text())
-    row["sync_s"] = time_compiled(
-        compiled, program.make_args(jax.random.key(0)), 5, 2
-    ).seconds_median
-    chain(compiled, first_args(program, STEPS), phase, STEPS)  # warm
+    make = program.make_args(jax.random.key(0))  # the weights made once, the rest per call
+    row["sync_s"] = time_compiled(compiled, make, 5, 2).seconds_median
+    chain(compiled, first_args(program, make, STEPS), phase, STEPS)  # warm
     row["chained_s"] = float(
-        np.median([chain(compiled, first_args(program, STEPS), phase, STEPS) for _ in range(3)])
+        np.median(
+            [chain(compiled, first_args(program, make, STEPS), phase, STEPS) for _ in range(3)]
+        )
     )
-    row |= profile(compiled, program, STEPS, trace)
+    row |= profile(compiled, program, make, STEPS, trace)
     if "--generate" in argv and phase == "decode":
         row["generate_s"] = generate_step_s(config, seq, batch)
     print(json.dumps(row), flush=True)

@@ -18,7 +18,7 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
 
 
-def _lines(path: Path) -> list[dict[str, Any]]:
+def json_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
@@ -85,7 +85,7 @@ def analyze_rows(res: Path) -> list[str]:
 
 
 def peers(res: Path) -> list[str]:
-    torch = _lines(res / "torch_peer.jsonl")
+    torch = json_lines(res / "torch_peer.jsonl")
     if not torch:
         return ["No PyTorch peer figures.", ""]
     rows = {p.stem: _json(p) for p in (res / "analyze").glob("*.json")}
@@ -111,10 +111,10 @@ def peers(res: Path) -> list[str]:
 
 
 def train_variants(res: Path) -> list[str]:
-    rows = _lines(res / "train_variants.jsonl")
+    rows = json_lines(res / "train_variants.jsonl")
     if not rows:
         return ["No train variants.", ""]
-    torch = [t for t in _lines(res / "torch_peer.jsonl") if t.get("kind") == "train"]
+    torch = [t for t in json_lines(res / "torch_peer.jsonl") if t.get("kind") == "train"]
     theirs = torch[0]["seconds"] if torch else None
     out = [
         "| layers | B | T | compile s | step s | tokens/s | MFU (data sheet) | XLA / analytic FLOPs | "
@@ -133,7 +133,7 @@ def train_variants(res: Path) -> list[str]:
 
 
 def generate_speed(res: Path, read_bw: float | None) -> list[str]:
-    rows = _lines(res / "generate_speed.jsonl")
+    rows = json_lines(res / "generate_speed.jsonl")
     if not rows:
         return ["No generate figures.", ""]
     out = [

@@ -14,14 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gpu_summary import json_lines  # this script's folder
+
 from jaxllm import analytic, hardware, phases
 from jaxllm.config import get_preset
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 def _ms(seconds: float | None) -> str:
@@ -104,7 +100,7 @@ def main(root: Path) -> None:
         if calibration.is_file():
             read = json.loads(calibration.read_text())["read_bytes_per_s"]
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        rows, torch = _lines(folder / "variants.jsonl"), _lines(folder / "torch_peer.jsonl")
+        rows, torch = json_lines(folder / "variants.jsonl"), json_lines(folder / "torch_peer.jsonl")
         lines += [f"## {folder.name}", ""]
         trains = [r for r in rows if r["phase"] == "train"]
         if trains:
