@@ -1,13 +1,16 @@
 """jaxllm beside PyTorch and llama.cpp on this machine: gpt2 train, prefill and decode, interleaved
 in one run.
 
-Each round times every jaxllm cell, then the PyTorch peer (``../shared/peers``: ``peer_train.py`` and
+Each round times jaxllm's cells, then the PyTorch peer (``../shared/peers``: ``peer_train.py`` and
 ``peer_generate.py`` run as subprocesses with the same shapes), then llama.cpp where it is built
 (``../shared/peers/llamacpp/setup.sh``: ``llama-bench`` for the prefill, ``llama-batched-bench`` for
 decode steps, 2 threads, a random-weight gpt2 in GGUF f32 or bf16; its KV cache is f16, its own
-default), so that load from other processes hits them alike. The script re-executes itself under the
-allocator the ``jaxllm`` command preloads (``jaxllm.launch``), and the peers, its children, inherit it. A cell's figure is the median over rounds of each round's median; the ratio is jaxllm's
-speed over PyTorch's (> 1: jaxllm faster). Writes ``peers-cpu.csv`` and ``peers-cpu.md`` to --out.
+default), then jaxllm's cells again, a group of cells at a time (``Group``), so that load from other
+processes hits them alike. The script re-executes itself under the allocator the ``jaxllm`` command
+preloads (``jaxllm.launch``), and the peers, its children, inherit it. A cell's figure is the
+median over rounds of each round's median (jaxllm's: the mean of its two timings); the ratio is
+jaxllm's speed over the peer's (> 1: jaxllm faster), the median of each round's ratio. Writes
+``peers-cpu.csv`` and ``peers-cpu.md`` to --out.
 
 Shapes (the issue's table): train B=4 T=256 (f32, and bf16 compute with f32 master weights: torch
 bf16 autocast; jaxllm's layers compiled as ``jaxllm train`` compiles them here,
@@ -23,6 +26,7 @@ loop) is timed at context 96 as well, per decode step, against the standalone st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -206,83 +210,99 @@ def llama_decode(dtype: str, context: int) -> dict[int, float]:
     return {r["pl"]: r["t_tg"] / r["tg"] for r in recs}
 
 
-def _no_llama() -> float | None:
-    return None
-
-
 HAVE_LLAMA = (LLAMA_BIN / "llama-batched-bench").exists() and (GGUF_DIR / "gpt2-f32.gguf").exists()
-# (name, builder of the jaxllm timer, PyTorch timer, llama.cpp timer)
-Cell = tuple[
-    str, Callable[[], Callable[[], float]], Callable[[], float], Callable[[], float | None]
-]
 
 
-def cells(args: argparse.Namespace) -> list[Cell]:
-    """(name, builder of the jaxllm timer, PyTorch timer, llama.cpp timer), in the order a round
-    runs them. Builders compile; cells decoding one dtype at one context share one peer process (and
-    one llama.cpp process) per round. llama.cpp has no training; without its build, no column."""
-    out: list[Cell] = []
-    for dtype in DTYPES:
-        out.append(
-            (
-                f"train {dtype} B=4 T=256",
-                lambda d=dtype: jax_train(d, args.steps),
-                lambda d=dtype: peer_train(d, args.steps),
-                _no_llama,
-            )
+@dataclasses.dataclass
+class Group:
+    """Cells timed around one run of each peer: jaxllm's cells, then the PyTorch peer, then
+    llama.cpp, then jaxllm's cells again (cells decoding one dtype at one context share a peer
+    process, and a llama.cpp one)."""
+
+    cells: list[tuple[str, Callable[[], Callable[[], float]]]]  # (name, builder of jaxllm's timer)
+    peer: Callable[[], dict[str, float]]  # PyTorch's seconds by cell
+    llama: Callable[[], dict[str, float | None]]  # llama.cpp's by cell (None: no such cell)
+
+
+def _no_llama() -> dict[str, float | None]:
+    return {}
+
+
+def groups(args: argparse.Namespace) -> list[Group]:
+    """The groups in the order a round runs them. Builders compile. llama.cpp has no training;
+    without its build, no column."""
+    out = [
+        Group(
+            [(f"train {d} B=4 T=256", lambda d=d: jax_train(d, args.steps))],
+            lambda d=d: {f"train {d} B=4 T=256": peer_train(d, args.steps)},
+            _no_llama,
         )
+        for d in DTYPES
+    ]
+    name = "prefill float32 B=1 T=1024"
     out.append(
-        (
-            "prefill float32 B=1 T=1024",
-            lambda: jax_prefill(args.steps),
-            lambda: peer_prefill(args.steps),
-            (lambda: llama_prefill(args.steps)) if HAVE_LLAMA else _no_llama,
+        Group(
+            [(name, lambda: jax_prefill(args.steps))],
+            lambda: {name: peer_prefill(args.steps)},
+            (lambda: {name: llama_prefill(args.steps)}) if HAVE_LLAMA else _no_llama,
         )
     )
     for dtype in DTYPES:
         for context, (_, batches) in CONTEXTS.items():
-            peer = _shared(lambda d=dtype, c=context: peer_decode(d, c))
-            llama = _shared(lambda d=dtype, c=context: llama_decode(d, c))
-            for b in batches:
-                theirs = (lambda q=llama, b=b: q()[b]) if HAVE_LLAMA else _no_llama
-                out.append(
-                    (
-                        f"decode {dtype} B={b} context {context}",
-                        lambda d=dtype, b=b, c=context: jax_decode(d, b, c, args.decode_steps),
-                        lambda p=peer, b=b: p()[b],
-                        theirs,
-                    )
-                )
-                if context == 96 and b in args.generate_batches:
-                    out.append(
-                        (
-                            f"generate {dtype} B={b} context 64-128",
-                            lambda d=dtype, b=b: jax_generate(d, b),
-                            lambda p=peer, b=b: p()[b],
-                            theirs,
-                        )
-                    )
+            out.append(_decode_group(args, dtype, context, batches))
     return out
 
 
-def _shared(fn: Callable[[], dict[int, float]]) -> Callable[[], dict[int, float]]:
-    """fn's result, computed once per round (``_ROUND[0]``: the round running)."""
-    memo: dict[int, dict[int, float]] = {}
+def _decode_group(
+    args: argparse.Namespace, dtype: str, context: int, batches: tuple[int, ...]
+) -> Group:
+    """Decode steps at each batch size, and ``generate``'s (at context 96, --generate-batches)
+    beside the peers' step at the same batch size."""
+    cells: list[tuple[str, Callable[[], Callable[[], float]]]] = []
+    theirs: dict[str, int] = {}  # cell -> the peers' batch size
+    for b in batches:
+        name = f"decode {dtype} B={b} context {context}"
+        cells.append((name, lambda b=b: jax_decode(dtype, b, context, args.decode_steps)))
+        theirs[name] = b
+        if context == 96 and b in args.generate_batches:
+            name = f"generate {dtype} B={b} context 64-128"
+            cells.append((name, lambda b=b: jax_generate(dtype, b)))
+            theirs[name] = b
 
-    def get() -> dict[int, float]:
-        if _ROUND[0] not in memo:
-            memo[_ROUND[0]] = fn()
-        return memo[_ROUND[0]]
+    def peer() -> dict[str, float]:
+        by_batch = peer_decode(dtype, context)
+        return {name: by_batch[b] for name, b in theirs.items()}
 
-    return get
+    def llama() -> dict[str, float | None]:
+        by_batch = llama_decode(dtype, context)
+        return {name: by_batch[b] for name, b in theirs.items()}
+
+    return Group(cells, peer, llama if HAVE_LLAMA else _no_llama)
 
 
-_ROUND = [0]
-
-
-LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s(?:, llama.cpp (\S+) s)?$")
+LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s(?:, llama.cpp (\S+) s)?")
 # cell -> (jaxllm seconds, PyTorch seconds, llama.cpp seconds or None) by round
 Times = dict[str, tuple[list[float], list[float], list[float | None]]]
+
+
+def _round(group: Group, timers: dict[str, Callable[[], float]]) -> dict[str, tuple]:
+    """One round of a group: each cell's (jaxllm seconds, PyTorch's, llama.cpp's or None, jaxllm
+    before the peers, jaxllm after). jaxllm's figure is the mean of its timings before and after
+    the peers ran, so that a change in the shared machine's speed while they ran (measured: the
+    same compiled step at 65 ms, then 85 ms, a few seconds apart) weighs on both sides alike."""
+    before = {name: timers[name]() for name, _ in group.cells}
+    peer, llama = group.peer(), group.llama()
+    after = {name: timers[name]() for name, _ in group.cells}
+    return {
+        name: (
+            (before[name] + after[name]) / 2,
+            peer[name],
+            llama.get(name),
+            before[name],
+            after[name],
+        )
+        for name, _ in group.cells
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -322,26 +342,28 @@ def main(argv: list[str] | None = None) -> None:
         _write(args, times, f"rebuilt from the logs of runs ({names})")
         return
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    todo = [
-        (name, build(), peer, llama)
-        for name, build, peer, llama in cells(args)
-        if not args.only or any(word in name for word in args.only)
-    ]
+    todo = []
+    for group in groups(args):
+        group.cells = [
+            (n, b) for n, b in group.cells if not args.only or any(w in n for w in args.only)
+        ]
+        if group.cells:
+            todo.append((group, {name: build() for name, build in group.cells}))
     times: Times = {}
     for r in range(args.rounds):
-        _ROUND[0] = r
-        for name, mine, peer, llama in todo:
-            j, p, q = mine(), peer(), llama()
-            mine_s, torch_s, llama_s = times.setdefault(name, ([], [], []))
-            mine_s.append(j)
-            torch_s.append(p)
-            llama_s.append(q)
-            print(
-                f"round {r} {name}: jaxllm {j:.6g} s, PyTorch {p:.6g} s, llama.cpp "
-                f"{'-' if q is None else f'{q:.6g}'} s",
-                file=sys.stderr,
-                flush=True,
-            )
+        for group, timers in todo:
+            for name, (j, p, q, j0, j1) in _round(group, timers).items():
+                mine_s, torch_s, llama_s = times.setdefault(name, ([], [], []))
+                mine_s.append(j)
+                torch_s.append(p)
+                llama_s.append(q)
+                print(
+                    f"round {r} {name}: jaxllm {j:.6g} s, PyTorch {p:.6g} s, llama.cpp "
+                    f"{'-' if q is None else f'{q:.6g}'} s (jaxllm before the peers {j0:.6g} s, "
+                    f"after {j1:.6g} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             _write(args, times, f"run started {started}")  # a cut-off run leaves what it measured
 
 
@@ -364,6 +386,12 @@ def matmul_floor(cell: str, calibration: dict[str, Any]) -> float | None:
     return flops / calibration[hardware.matmul_key(calibration, dtype)]
 
 
+def _ratios(theirs: list[float | None], mine: list[float]) -> list[float]:
+    """Each round's speed ratio, jaxllm's over the peer's (the peer's seconds over jaxllm's), where
+    the peer ran."""
+    return [t / j for t, j in zip(theirs, mine, strict=True) if t is not None]
+
+
 def _write(args: argparse.Namespace, times: Times, when: str) -> None:
     rows = []
     calibration = hardware.calibrate()
@@ -371,15 +399,16 @@ def _write(args: argparse.Namespace, times: Times, when: str) -> None:
         j, p = statistics.median(mine), statistics.median(torch)
         q = [x for x in llama if x is not None]
         ll = statistics.median(q) if q else None
+        to_torch, to_llama = _ratios(list(torch), mine), _ratios(llama, mine)
         floor = matmul_floor(name, calibration)
         rows.append(
             {
                 "cell": name,
                 "jaxllm_s": j,
                 "pytorch_s": p,
-                "speed_ratio": p / j,
+                "speed_ratio": statistics.median(to_torch),
                 "llamacpp_s": ll,
-                "llamacpp_speed_ratio": None if ll is None else ll / j,
+                "llamacpp_speed_ratio": statistics.median(to_llama) if to_llama else None,
                 "matmul_floor_s": floor,
                 "jaxllm_of_matmul_peak": None if floor is None else floor / j,
                 "pytorch_of_matmul_peak": None if floor is None else floor / p,
@@ -387,6 +416,8 @@ def _write(args: argparse.Namespace, times: Times, when: str) -> None:
                 "jaxllm_spread": _spread(mine),
                 "pytorch_spread": _spread(torch),
                 "llamacpp_spread": _spread(q) if q else "",
+                "pytorch_ratio_spread": _spread(to_torch),
+                "llamacpp_ratio_spread": _spread(to_llama) if to_llama else "",
             }
         )
     write_csv(args.out / "peers-cpu.csv", rows)
@@ -419,8 +450,10 @@ def _markdown(rows: list[dict[str, Any]], when: str, calibration: dict[str, Any]
         f"cores, jax {jax.__version__}; load average when written {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (the machine is shared: compare only ratios within this run). Seconds per "
         "train step, per prefill, per decode step; each the median over the rounds (column `rounds` "
-        "of the CSV) of each round's median, jaxllm, PyTorch and llama.cpp timed one after the other "
-        "per cell. Ratios = jaxllm's speed / the peer's (> 1: jaxllm faster). `generate` rows: the "
+        "of the CSV) of each round's median. In each round jaxllm's cells are timed, then the PyTorch "
+        "peer, then llama.cpp, then jaxllm's cells again: jaxllm's figure for the round is the mean "
+        "of the two. Ratios = jaxllm's speed / the peer's (> 1: jaxllm faster), the median over the "
+        "rounds of each round's ratio, with their range. `generate` rows: the "
         "on-device loop's seconds per decode step (contexts 64 to 128) beside the peers' step at "
         "context 96. jaxllm trains as `jaxllm train` compiles here (`jaxllm.train.training_config`). "
         "llama.cpp: 2 threads, its KV cache in f16; no training. Allocator preloaded "
@@ -434,8 +467,9 @@ def _markdown(rows: list[dict[str, Any]], when: str, calibration: dict[str, Any]
         "",
         "| cell | jaxllm (s) | PyTorch (s) | jaxllm / PyTorch speed | llama.cpp (s) "
         "| jaxllm / llama.cpp speed | matmul floor (s) | jaxllm of peak | PyTorch of peak "
-        "| jaxllm range | PyTorch range | llama.cpp range |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| jaxllm range | PyTorch range | llama.cpp range | ratio range, PyTorch "
+        "| ratio range, llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ll, lr = r["llamacpp_s"], r["llamacpp_speed_ratio"]
@@ -444,7 +478,8 @@ def _markdown(rows: list[dict[str, Any]], when: str, calibration: dict[str, Any]
             f"{'—' if ll is None else f'{ll:.4g}'} | {'—' if lr is None else f'{lr:.2f}×'} | "
             f"{_num(r['matmul_floor_s'])} | "
             f"{_pct(r['jaxllm_of_matmul_peak'])} | {_pct(r['pytorch_of_matmul_peak'])} | "
-            f"{r['jaxllm_spread']} | {r['pytorch_spread']} | {r['llamacpp_spread'] or '—'} |"
+            f"{r['jaxllm_spread']} | {r['pytorch_spread']} | {r['llamacpp_spread'] or '—'} | "
+            f"{r['pytorch_ratio_spread']} | {r['llamacpp_ratio_spread'] or '—'} |"
         )
     return "\n".join(lines) + "\n"
 
