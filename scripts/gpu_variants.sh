@@ -32,6 +32,9 @@ TRAIN="train gpt2-medium 8 1024"; DEC="decode llama3.2-1b 1 1024"
 v train_shipped $TRAIN
 v dec_f32 $DEC --generate --hlo $R/hlo_dec_f32.txt
 v dec_two_rows $DEC --generate --two-rows --hlo $R/hlo_dec_two_rows.txt
+# Round 13's shipped step ran gate and up as GEMMs at 1.6 TB/s each: the same two-row step with cuBLAS
+# taking every product instead of Triton (XLA_FLAGS reaches the child; gpu_profile.py records it).
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false v dec_two_rows_cublas $DEC --generate --two-rows
 if [ "$(left)" -gt 150 ]; then  # the fast suite: about 90 s with 12 workers on an H200
   step pytest
   timeout 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider -p no:benchmark -n 12 -rfE \
