@@ -221,10 +221,10 @@ class Group:
 
     cells: list[tuple[str, Callable[[], Callable[[], float]]]]  # (name, builder of jaxllm's timer)
     peer: Callable[[], dict[str, float]]  # PyTorch's seconds by cell
-    llama: Callable[[], dict[str, float | None]]  # llama.cpp's by cell (None: no such cell)
+    llama: Callable[[], dict[str, float]]  # llama.cpp's by cell (a cell it does not run: absent)
 
 
-def _no_llama() -> dict[str, float | None]:
+def _no_llama() -> dict[str, float]:
     return {}
 
 
@@ -273,7 +273,7 @@ def _decode_group(
         by_batch = peer_decode(dtype, context)
         return {name: by_batch[b] for name, b in theirs.items()}
 
-    def llama() -> dict[str, float | None]:
+    def llama() -> dict[str, float]:
         by_batch = llama_decode(dtype, context)
         return {name: by_batch[b] for name, b in theirs.items()}
 

@@ -305,3 +305,25 @@ def test_a_single_bf16_row_over_two_input_axes(monkeypatch, features):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
     two_rows = "tensor<2x64xbf16>" in jax.jit(fn).lower(x, w).as_text()
     assert two_rows is (features == "avx2 avx512_bf16")
+
+
+@on_cpu
+@pytest.mark.parametrize("features", ["avx2 avx512_bf16", "avx2 fma"], ids=["library", "no bf16"])
+@pytest.mark.parametrize(("rows", "I", "O"), [(8, 64, 16), (8, 16, 64), (40, 16, 64), (1, 64, 16)])
+def test_few_bf16_rows_run_weight_major_against_a_longer_input(monkeypatch, features, rows, I, O):
+    """A bf16 product of 2-31 rows against an output-major [O, I] kernel runs weight-major ([O, I]
+    x [R, I] -> [O, R], then transposed) where I > O on a CPU with bf16 arithmetic; from 32 rows
+    on every such product does; either way it is the product."""
+    _features(monkeypatch, features)
+    x = jax.random.normal(jax.random.key(0), (rows, 1, I)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (O, I)).astype(jnp.bfloat16)
+    fn = functools.partial(project_out_in, n_in=1, dtype=jnp.bfloat16)
+    y = fn(x, w)
+    want = jnp.einsum("bti,oi->bto", x.astype(jnp.float32), w.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16 and y.shape == (rows, 1, O)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=5e-2)
+    library = features == "avx2 avx512_bf16"
+    expected = rows >= 32 or (rows > 1 and I > O and library)
+    assert products.weight_major(jnp.bfloat16, rows, O, I) is expected
+    lowered = jax.jit(fn).lower(x, w).as_text()
+    assert ("optimization_barrier" in lowered) is expected
