@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,15 +269,16 @@ def _decode_group(
             cells.append((name, lambda b=b: jax_generate(dtype, b)))
             theirs[name] = b
 
-    def peer() -> dict[str, float]:
-        by_batch = peer_decode(dtype, context)
-        return {name: by_batch[b] for name, b in theirs.items()}
+    def by_cell(run: Callable[[str, int], dict[int, float]]) -> Callable[[], dict[str, float]]:
+        """One run of a peer (``run(dtype, context)``: seconds by batch size) -> seconds by cell."""
 
-    def llama() -> dict[str, float]:
-        by_batch = llama_decode(dtype, context)
-        return {name: by_batch[b] for name, b in theirs.items()}
+        def seconds() -> dict[str, float]:
+            by_batch = run(dtype, context)
+            return {name: by_batch[b] for name, b in theirs.items()}
 
-    return Group(cells, peer, llama if HAVE_LLAMA else _no_llama)
+        return seconds
+
+    return Group(cells, by_cell(peer_decode), by_cell(llama_decode) if HAVE_LLAMA else _no_llama)
 
 
 LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s(?:, llama.cpp (\S+) s)?")
@@ -285,24 +286,15 @@ LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s(?:, llama.
 Times = dict[str, tuple[list[float], list[float], list[float | None]]]
 
 
-def _round(group: Group, timers: dict[str, Callable[[], float]]) -> dict[str, tuple]:
-    """One round of a group: each cell's (jaxllm seconds, PyTorch's, llama.cpp's or None, jaxllm
-    before the peers, jaxllm after). jaxllm's figure is the mean of its timings before and after
-    the peers ran, so that a change in the shared machine's speed while they ran (measured: the
-    same compiled step at 65 ms, then 85 ms, a few seconds apart) weighs on both sides alike."""
+def _round(group: Group, timers: dict[str, Callable[[], float]]) -> tuple[dict[str, float], ...]:
+    """One round of a group: jaxllm's seconds by cell before the peers ran, PyTorch's, llama.cpp's
+    (a cell it does not run: absent), and jaxllm's after. jaxllm's figure is the mean of its two,
+    so that a change in the shared machine's speed while the peers ran (measured: the same
+    compiled step at 65 ms, then 85 ms, a few seconds apart) weighs on both sides alike."""
     before = {name: timers[name]() for name, _ in group.cells}
     peer, llama = group.peer(), group.llama()
     after = {name: timers[name]() for name, _ in group.cells}
-    return {
-        name: (
-            (before[name] + after[name]) / 2,
-            peer[name],
-            llama.get(name),
-            before[name],
-            after[name],
-        )
-        for name, _ in group.cells
-    }
+    return before, peer, llama, after
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,15 +336,16 @@ def main(argv: list[str] | None = None) -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     todo = []
     for group in groups(args):
-        group.cells = [
-            (n, b) for n, b in group.cells if not args.only or any(w in n for w in args.only)
-        ]
-        if group.cells:
-            todo.append((group, {name: build() for name, build in group.cells}))
+        cells = [(n, b) for n, b in group.cells if not args.only or any(w in n for w in args.only)]
+        if cells:
+            todo.append((dataclasses.replace(group, cells=cells), {n: b() for n, b in cells}))
     times: Times = {}
     for r in range(args.rounds):
         for group, timers in todo:
-            for name, (j, p, q, j0, j1) in _round(group, timers).items():
+            before, peer, llama, after = _round(group, timers)
+            for name in timers:
+                j0, j1, p, q = before[name], after[name], peer[name], llama.get(name)
+                j = (j0 + j1) / 2
                 mine_s, torch_s, llama_s = times.setdefault(name, ([], [], []))
                 mine_s.append(j)
                 torch_s.append(p)
@@ -386,7 +379,7 @@ def matmul_floor(cell: str, calibration: dict[str, Any]) -> float | None:
     return flops / calibration[hardware.matmul_key(calibration, dtype)]
 
 
-def _ratios(theirs: list[float | None], mine: list[float]) -> list[float]:
+def _ratios(theirs: Sequence[float | None], mine: Sequence[float]) -> list[float]:
     """Each round's speed ratio, jaxllm's over the peer's (the peer's seconds over jaxllm's), where
     the peer ran."""
     return [t / j for t, j in zip(theirs, mine, strict=True) if t is not None]
@@ -399,7 +392,7 @@ def _write(args: argparse.Namespace, times: Times, when: str) -> None:
         j, p = statistics.median(mine), statistics.median(torch)
         q = [x for x in llama if x is not None]
         ll = statistics.median(q) if q else None
-        to_torch, to_llama = _ratios(list(torch), mine), _ratios(llama, mine)
+        to_torch, to_llama = _ratios(torch, mine), _ratios(llama, mine)
         floor = matmul_floor(name, calibration)
         rows.append(
             {
