@@ -82,7 +82,7 @@ class Einsum(nn.Module):
         cfg = self.config
         n_in = input_axes(self.eqn)
         out_in = cfg.kernel_order == "out_in"
-        shape = self.shape[n_in:] + self.shape[:n_in] if out_in else self.shape
+        shape = (*self.shape[n_in:], math.prod(self.shape[:n_in])) if out_in else self.shape
         kernel = self.param("kernel", _normal(self.std), shape, cfg.storage_dtype)
         if out_in:
             y = project_out_in(x, kernel, n_in, cfg.compute_dtype)
@@ -393,14 +393,16 @@ def path_names(path: tuple[Any, ...]) -> str:
 
 def output_major(params: Params) -> Params:
     """in_out parameters -> out_in (``kernel_order``): every projection kernel's input axes moved
-    last ([D, N, H] -> [N, H, D], [N, H, D] -> [D, N, H]); embeddings, norms and biases unchanged."""
+    last and merged into one ([D, N, H] -> [N, H, D], [N, H, D] -> [D, N·H]); embeddings, norms and
+    biases unchanged."""
 
     def move(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
         names = path_names(path).split("/")
         if names[-1] != "kernel":
             return leaf
         n_in = input_axes(EQUATIONS[names[-2]])
-        return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
+        moved = jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
+        return moved.reshape(*moved.shape[: leaf.ndim - n_in], -1)
 
     return jax.tree_util.tree_map_with_path(move, params)
 

@@ -187,8 +187,8 @@ def test_mixed_precision_keeps_f32_params_and_bf16_compute(key):
 @pytest.mark.parametrize(("family", "n_kv_heads"), [("gpt2", 4), ("llama", 2)])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 64)], ids=["1 row", "15 rows", "320 rows"])
 def test_output_major_kernels_give_the_same_logits(family, n_kv_heads, shape, key):
-    """The serving layout (kernel_order="out_in", every kernel's input axes moved last) computes the
-    in_out model's logits: one row (matrix-vector), weight-major (2..WEIGHT_MAJOR_ROWS rows) and
+    """The serving layout (kernel_order="out_in", every kernel's input axes moved last and merged)
+    computes the in_out model's logits: one row (matrix-vector), weight-major (2..WEIGHT_MAJOR_ROWS rows) and
     row-major (more), tied and untied heads, grouped-query attention."""
     cfg = tiny(family, n_kv_heads, scan_layers=False)
     params = unstack_layers(init_params(cfg, key), cfg.n_layers)
@@ -196,7 +196,7 @@ def test_output_major_kernels_give_the_same_logits(family, n_kv_heads, shape, ke
     out_in = cfg.replace(kernel_order="out_in")
     moved = output_major(params)
     o_kernel = moved["block_0"]["attn"]["o"]["kernel"]
-    assert o_kernel.shape == (cfg.d_model, cfg.n_heads, cfg.head_dim)  # [N, H, D] -> [D, N, H]
+    assert o_kernel.shape == (cfg.d_model, cfg.n_heads * cfg.head_dim)  # [N, H, D] -> [D, N·H]
     chex.assert_trees_all_equal_shapes(moved, param_shapes(out_in))
     chex.assert_trees_all_close(
         forward(cfg, params, tokens), forward(out_in, moved, tokens), atol=2e-5, rtol=2e-5
