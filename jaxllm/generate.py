@@ -28,6 +28,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.model import Params
 from jaxllm.sampling import GREEDY, Sampler
 from jaxllm.serve import Prompt, check_tokens, decode_step, for_serving, make_prefill
+from jaxllm.xla_options import serve_options
 
 
 class _LoopState(struct.PyTreeNode):
@@ -130,13 +131,14 @@ def make_decode_loop(
     fn = functools.partial(_decode_loop, config, sampler, prompt_len, capacity)
     donate = (1,) if len(windows(prompt_len, capacity)) == 1 else ()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=donate)
+        return jax.jit(fn, donate_argnums=donate, compiler_options=serve_options())
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         meshes.with_gathered_weights(fn, mesh),
         donate_argnums=donate,
         in_shardings=(at.params, at.cache, at.rows, at.replicated, at.rows, at.replicated),
         out_shardings=(at.rows, at.rows, at.replicated, at.cache),
+        compiler_options=serve_options(),
     )
 
 

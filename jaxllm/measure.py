@@ -163,5 +163,5 @@ def analyze_phase(
         timing,
         roofline=on(data_sheet=True),
         calibrated=on(data_sheet=False) if accelerator else None,
-        compile_options=xla_options.train_options(program.config) if phase == "train" else {},
+        compile_options=xla_options.phase_options(phase, program.config),
     )

@@ -34,6 +34,7 @@ from jaxllm.cache import KVCache
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.model import Params, Transformer, output_major, unstack_layers
+from jaxllm.xla_options import serve_options
 
 Prompt = Sequence[int] | np.ndarray  # token ids of one request
 
@@ -166,13 +167,14 @@ def _jit(fn: Callable, config: ModelConfig, mesh: Mesh | None, row_inputs: int) 
     the cache, each split like B), the weights gathered over fsdp where they are used
     (``jaxllm.mesh.with_gathered_weights``)."""
     if mesh is None:
-        return jax.jit(fn, donate_argnums=1)
+        return jax.jit(fn, donate_argnums=1, compiler_options=serve_options())
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         meshes.with_gathered_weights(fn, mesh),
         donate_argnums=1,
         in_shardings=(at.params, at.cache, *(at.rows,) * row_inputs),
         out_shardings=(at.rows, at.cache),
+        compiler_options=serve_options(),
     )
 
 

@@ -34,6 +34,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.model import Attend, Params, Transformer
 from jaxllm.slots import SlotCache
+from jaxllm.xla_options import serve_options
 
 Array = Any  # numpy arrays when the host builds them, jax.Array inside the program
 
@@ -152,11 +153,12 @@ def make_step(config: ModelConfig, decode: bool, read: bool, mesh: Mesh | None =
         )
     fn = functools.partial(_step, config, decode, read)
     if mesh is None:
-        return jax.jit(fn, donate_argnums=1)
+        return jax.jit(fn, donate_argnums=1, compiler_options=serve_options())
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         fn,
         donate_argnums=1,
         in_shardings=(at.params, at.slots, at.replicated),
         out_shardings=(at.replicated, at.slots),
+        compiler_options=serve_options(),
     )

@@ -1,7 +1,8 @@
 """XLA compile options a program is built with, by device: each one measured where it is set.
 
-``train_options(config)`` goes to ``jax.jit(..., compiler_options=...)`` for the train step. Options
-are per program, so a choice that helps one phase on one device leaves the others as XLA builds them.
+``train_options(config)`` goes to ``jax.jit(..., compiler_options=...)`` for the train step,
+``serve_options()`` for the serving programs (``phase_options`` names either). Options are per program, so a choice that helps one
+phase on one device leaves the others as XLA builds them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 
 from jaxllm.config import ModelConfig
+from jaxllm.products import cpu_features
 
 
 def rolls_layers(config: ModelConfig) -> bool:
@@ -44,3 +46,23 @@ def train_options(config: ModelConfig, backend: str | None = None) -> dict[str, 
     if (backend or jax.default_backend()) != "gpu" or rolls_layers(config):
         return {}
     return {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_command_buffer": ""}
+
+
+def serve_options(backend: str | None = None) -> dict[str, Any]:
+    """Compile options of the serving programs (``jaxllm.serve``'s prefill and decode step,
+    ``jaxllm.generate``'s loop, ``jaxllm.step``'s) on ``backend`` (default: JAX's).
+
+    On a CPU with AVX-512, XLA's own loops (the one-row bf16 products among them) are vectorized
+    512 bits wide rather than 256. gpt2's bf16 decode step at B=1, context 96, on the 2-core Zen 5
+    VM, the two programs alternated in one process: 8.22 -> 7.91 ms (faster in 9 of 10 rounds);
+    f32 at B=1, bf16 at B=8 and at B=32 with 1008 tokens cached within 1% either way. The bf16
+    train step (B=4, T=256) was not faster (1.41 against 1.43 s), so training keeps XLA's width.
+    Measured on that one CPU only."""
+    if (backend or jax.default_backend()) != "cpu" or "avx512f" not in cpu_features():
+        return {}
+    return {"xla_cpu_prefer_vector_width": 512}
+
+
+def phase_options(phase: str, config: ModelConfig) -> dict[str, Any]:
+    """The compile options of ``phase`` ("train", "prefill" or "decode") for ``config``."""
+    return train_options(config) if phase == "train" else serve_options()

@@ -1,11 +1,13 @@
-"""The train step's XLA compile options: which device and program get them, and that the step is
-compiled with them."""
+"""The XLA compile options of the train step and the serving programs: which device and program
+get them, and that the programs are compiled with them."""
 
 import jax
 import pytest
 
-from jaxllm import measure, tables, train, xla_options
+from jaxllm import measure, serve, tables, train, xla_options
+from jaxllm.cache import KVCache
 from jaxllm.config import get_preset
+from jaxllm.model import init_params
 
 CFG = get_preset("tiny")  # layers scanned, one at a time
 UNROLLED = CFG.replace(scan_unroll=CFG.n_layers)
@@ -29,6 +31,33 @@ def test_a_rolled_gpu_step_keeps_xla_options():
     assert xla_options.train_options(CFG, backend="gpu") == {}
 
 
+@pytest.mark.parametrize(
+    ("backend", "features", "options"),
+    [
+        ("cpu", "avx2 avx512f avx512_bf16", {"xla_cpu_prefer_vector_width": 512}),
+        ("cpu", "avx2 fma", {}),
+        ("cpu", "", {}),
+        ("gpu", "avx2 avx512f", {}),
+    ],
+)
+def test_serving_vectorizes_512_bits_wide_on_a_cpu_with_avx512(
+    monkeypatch, backend, features, options
+):
+    monkeypatch.setattr(xla_options, "cpu_features", lambda: frozenset(features.split()))
+    assert xla_options.serve_options(backend=backend) == options
+
+
+def test_the_decode_step_is_compiled_with_the_serving_options(monkeypatch):
+    """An option XLA does not know reaches the compiler, named in its error."""
+    monkeypatch.setattr(serve, "serve_options", lambda: {"xla_not_an_option": 1})
+    config = serve.serving_config(CFG)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    cache = jax.eval_shape(lambda: KVCache.init(config, 1, 8))
+    step = serve.make_decode_step.__wrapped__(config)
+    with pytest.raises(Exception, match="xla_not_an_option"):
+        step.lower(params, cache, jax.ShapeDtypeStruct((1,), "int32")).compile()
+
+
 def test_the_train_step_is_compiled_with_its_options(monkeypatch):
     """An option XLA does not know reaches the compiler, named in its error."""
     monkeypatch.setattr(xla_options, "train_options", lambda config: {"xla_not_an_option": 1})
@@ -41,11 +70,11 @@ def test_the_train_step_is_compiled_with_its_options(monkeypatch):
 
 
 def test_analyze_reports_the_options_the_step_was_compiled_with(monkeypatch):
-    """`jaxllm analyze`'s record names the options the analysed program was built with: none on
-    this CPU; where the train step gets some, that step's (the options of a GPU's are accepted,
+    """`jaxllm analyze`'s record names the options the analysed program was built with: the
+    serving programs' for decode; where the train step gets some, that step's (the options of a GPU's are accepted,
     and ignored, by the CPU's compiler)."""
     decode = measure.analyze_phase(CFG, "decode", 1, 8, quick=True)
-    assert decode.to_json()["xla"]["compile_options"] == {}
+    assert decode.to_json()["xla"]["compile_options"] == xla_options.serve_options()
     gpu = {"xla_gpu_enable_triton_gemm": False}
     monkeypatch.setattr(xla_options, "train_options", lambda config: gpu)
     result = measure.analyze_phase(CFG, "train", 1, 8, quick=True)
