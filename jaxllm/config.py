@@ -28,8 +28,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 #   dots: matmul outputs; dots_no_batch: matmul outputs without batch dimensions (not attention).
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 # Axis order of the projection kernels: in_out stores [in..., out...] (x @ W, as trained); out_in
-# stores [out..., I] (W @ x, output-major, as torch's nn.Linear and ggml do; the input axes merged into
-# one, I = their product): the CPU's serving layout (``jaxllm.serve.serving_config``).
+# stores [out..., I] (W @ x, output-major, as torch's nn.Linear and ggml do; I: the input axes
+# merged into one): the CPU's serving layout (``jaxllm.serve.serving_config``).
 KernelOrder = Literal["in_out", "out_in"]
 
 

@@ -1,8 +1,8 @@
 """XLA compile options a program is built with, by device: each one measured where it is set.
 
 ``train_options(config)`` goes to ``jax.jit(..., compiler_options=...)`` for the train step,
-``serve_options()`` for the serving programs (``phase_options`` names either). Options are per program, so a choice that helps one
-phase on one device leaves the others as XLA builds them.
+``serve_options()`` for the serving programs (``phase_options`` names either). Options are per
+program, so a choice that helps one phase on one device leaves the others as XLA builds them.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def serve_options(backend: str | None = None) -> dict[str, Any]:
     512 bits wide rather than 256. gpt2's bf16 decode step at B=1, context 96, on the 2-core Zen 5
     VM, the two programs alternated in one process: 8.22 -> 7.91 ms (faster in 9 of 10 rounds);
     f32 at B=1, bf16 at B=8 and at B=32 with 1008 tokens cached within 1% either way. The bf16
-    train step (B=4, T=256) was not faster (1.41 against 1.43 s), so training keeps XLA's width.
+    train step (B=4, T=256) was not faster (1.43 s with it, 1.41 s without), so training keeps
+    XLA's width.
     Measured on that one CPU only."""
     if (backend or jax.default_backend()) != "cpu" or "avx512f" not in cpu_features():
         return {}
