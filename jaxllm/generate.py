@@ -130,15 +130,16 @@ def make_decode_loop(
     gathered over fsdp once, before the loop (as ``jaxllm.serve``'s phases gather them)."""
     fn = functools.partial(_decode_loop, config, sampler, prompt_len, capacity)
     donate = (1,) if len(windows(prompt_len, capacity)) == 1 else ()
+    options = serve_options()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=donate, compiler_options=serve_options())
+        return jax.jit(fn, donate_argnums=donate, compiler_options=options)
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         meshes.with_gathered_weights(fn, mesh),
         donate_argnums=donate,
         in_shardings=(at.params, at.cache, at.rows, at.replicated, at.rows, at.replicated),
         out_shardings=(at.rows, at.rows, at.replicated, at.cache),
-        compiler_options=serve_options(),
+        compiler_options=options,
     )
 
 

@@ -166,15 +166,16 @@ def _jit(fn: Callable, config: ModelConfig, mesh: Mesh | None, row_inputs: int) 
     mesh, with the shardings of ``jaxllm.mesh.ServeLayout`` (``row_inputs`` [B, ...] arrays after
     the cache, each split like B), the weights gathered over fsdp where they are used
     (``jaxllm.mesh.with_gathered_weights``)."""
+    options = serve_options()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=1, compiler_options=serve_options())
+        return jax.jit(fn, donate_argnums=1, compiler_options=options)
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         meshes.with_gathered_weights(fn, mesh),
         donate_argnums=1,
         in_shardings=(at.params, at.cache, *(at.rows,) * row_inputs),
         out_shardings=(at.rows, at.cache),
-        compiler_options=serve_options(),
+        compiler_options=options,
     )
 
 

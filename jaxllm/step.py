@@ -152,13 +152,14 @@ def make_step(config: ModelConfig, decode: bool, read: bool, mesh: Mesh | None =
             "the engine serves unrolled layers: use jaxllm.serve.serving_config(config)"
         )
     fn = functools.partial(_step, config, decode, read)
+    options = serve_options()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=1, compiler_options=serve_options())
+        return jax.jit(fn, donate_argnums=1, compiler_options=options)
     at = meshes.ServeLayout.of(mesh, config)
     return jax.jit(
         fn,
         donate_argnums=1,
         in_shardings=(at.params, at.slots, at.replicated),
         out_shardings=(at.replicated, at.slots),
-        compiler_options=serve_options(),
+        compiler_options=options,
     )

@@ -57,8 +57,7 @@ def serve_options(backend: str | None = None) -> dict[str, Any]:
     VM, the two programs alternated in one process: 8.22 -> 7.91 ms (faster in 9 of 10 rounds);
     f32 at B=1, bf16 at B=8 and at B=32 with 1008 tokens cached within 1% either way. The bf16
     train step (B=4, T=256) was not faster (1.43 s with it, 1.41 s without), so training keeps
-    XLA's width.
-    Measured on that one CPU only."""
+    XLA's width. Measured on that one CPU only."""
     if (backend or jax.default_backend()) != "cpu" or "avx512f" not in cpu_features():
         return {}
     return {"xla_cpu_prefer_vector_width": 512}
