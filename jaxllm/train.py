@@ -110,7 +110,7 @@ def make_optimizer(
         raise InputError(f"clip_norm must be a positive finite number, got {clip_norm}")
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     chain = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
+        clip_by_global_norm(clip_norm),
         adamw(
             learning_rate=make_schedule(lr, total_steps, warmup),
             b1=0.9,
@@ -120,6 +120,25 @@ def make_optimizer(
         ),
     )
     return _standard_promotion(chain)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` as a product: each update times ``min(1, max_norm / norm)``.
+
+    optax's transform divides each update by the norm under a ``select``; XLA does not repeat a
+    division in each of its consumers (AdamW's two moments), so the clipped gradient is written out
+    and read back, a pass over every gradient (optax's source notes the faster form too). The
+    product fuses into the moments' updates. AdamW on gpt2-sized leaves (123.5M f32 parameters,
+    2-core Zen 5 VM): 109 -> 88 ms; gpt2's bf16 train step (B=4, T=256, alternated in one
+    process): 1.378 -> 1.352 s. Its state is optax's (``EmptyState``), so checkpoints are
+    unchanged."""
+
+    def update(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -72,6 +72,17 @@ def test_zero_gradient_update_is_pure_decay_of_weight_matrices(state0):
         np.testing.assert_allclose(new[name], expected, rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("scale", [0.01, 100.0], ids=["below the limit", "above the limit"])
+def test_clip_by_global_norm_equals_optax(scale):
+    keys = jax.random.split(jax.random.key(0), 2)
+    tree = {"a": jax.random.normal(keys[0], (3, 4)) * scale, "b": jax.random.normal(keys[1], (5,))}
+    ours, state = train.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+    assert float(optax.tree.norm(ours)) <= 1.0 + 1e-6
+    assert state == optax.clip_by_global_norm(1.0).init(tree)
+
+
 def test_loss_is_mean_next_token_cross_entropy(state0):
     batch = _batch()
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
