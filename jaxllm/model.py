@@ -217,7 +217,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU (tanh approximation) MLP D -> F -> D, or SwiGLU: down(silu(gate(x)) * up(x))."""
+    """GELU (tanh approximation) MLP D -> F -> D, or SwiGLU: down(silu(gate(x)) * up(x)).
+
+    The activation is computed in float32 from the projections' outputs and rounded once to the
+    compute dtype: in bf16, XLA:CPU rounds after each of its elementwise ops, forward and backward.
+    gpt2's bf16 train step (B=4, T=256; 2-core Zen 5 VM, alternated in one process): 1.393 ->
+    1.303 s with ``jaxllm.train.clip_by_global_norm``'s change against neither (that change
+    alone: 1.378 -> 1.352 s)."""
 
     config: ModelConfig
 
@@ -228,10 +234,12 @@ class MLP(nn.Module):
         b_f, b_d = ((F,), (D,)) if cfg.use_bias else (None, None)
         std = 0.02 / math.sqrt(2 * cfg.n_layers)
         h = Einsum(EQUATIONS["up"], (D, F), b_f, cfg, name="up")(x)
+        f32 = jnp.float32
         if cfg.mlp == "swiglu":
-            h = jax.nn.silu(Einsum(EQUATIONS["gate"], (D, F), b_f, cfg, name="gate")(x)) * h
+            gate = Einsum(EQUATIONS["gate"], (D, F), b_f, cfg, name="gate")(x)
+            h = (jax.nn.silu(gate.astype(f32)) * h.astype(f32)).astype(h.dtype)
         else:
-            h = jax.nn.gelu(h, approximate=True)
+            h = jax.nn.gelu(h.astype(f32), approximate=True).astype(h.dtype)
         return Einsum(EQUATIONS["down"], (F, D), b_d, cfg, std, name="down")(h)
 
 
