@@ -287,11 +287,14 @@ class Transformer(nn.Module):
         pad: jax.Array | None = None,  # [B] left-padding columns (causal attention over tokens)
         attend: LayerAttend | None = None,
         logits_at: jax.Array | None = None,  # [B, R] int: the positions whose logits are wanted
+        hidden: bool = False,  # the final norm's output in place of the logits
     ) -> tuple[jax.Array, LayerKV]:
         """Returns logits [B, T, V] (float32; [B, R, V] at ``logits_at``) and the new tokens' keys
         and values, each [L, B, K, T, H], for a cache to store. Layer i's attention is
         ``attend(i)`` (unrolled layers only; a cache supplies it) or, by default, causal over
-        ``tokens`` with ``pad`` masked."""
+        ``tokens`` with ``pad`` masked. With ``hidden``, the final norm's output [B, T, D] (compute
+        dtype) in place of the logits, for a loss that applies the head itself (``jaxllm.loss``;
+        the head's kernel: ``head_kernel``)."""
         cfg = self.config
         if attend is not None and cfg.scan_layers:
             raise ValueError("attend= needs unrolled layers (scan_layers=False)")
@@ -317,6 +320,8 @@ class Transformer(nn.Module):
         if logits_at is not None:  # the head only where it is read
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = make_norm(cfg, "final_norm")(x)
+        if hidden:
+            return x, kv
         if cfg.tie_embeddings and cfg.kernel_order == "out_in":  # the table is output-major
             logits = project_out_in(x, embed.embedding, 1, cfg.compute_dtype)
         elif cfg.tie_embeddings:
@@ -353,6 +358,15 @@ class Transformer(nn.Module):
             new_k.append(k)
             new_v.append(v)
         return x, (jnp.stack(new_k), jnp.stack(new_v))
+
+
+def head_kernel(params: Params, config: ModelConfig) -> tuple[jax.Array, bool]:
+    """The output head's kernel in ``params`` and whether it is output-major: the tied embedding
+    table [V, D] (output-major), else the head's own kernel ([D, V]; [V, D] if ``kernel_order`` is
+    out_in)."""
+    if config.tie_embeddings:
+        return params["embed"]["embedding"], True
+    return params["head"]["kernel"], config.kernel_order == "out_in"
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Params:

@@ -152,6 +152,12 @@ def library_matmul(x: jax.Array, w: jax.Array, out_major: bool) -> jax.Array:
     (the transpose of rounding the result) and the weight's gradient, xᵀ·g, takes a transposed
     left operand. So the backward pass here rounds the cotangent to x's dtype (exact: it was a
     bf16 value) and writes a transposed operand out (``_weight_grad``)."""
+    return matmul(x, w, out_major)
+
+
+def matmul(x: jax.Array, w: jax.Array, out_major: bool) -> jax.Array:
+    """x [R, I] against w [I, O] (``out_major``: [O, I]) -> [R, O] float32, in the forms XLA:CPU
+    hands to its library (``library_matmul``) for narrow operands."""
     return _nt(x, w) if out_major else _nn(x, w)
 
 
@@ -161,9 +167,26 @@ def _library_fwd(x: jax.Array, w: jax.Array, out_major: bool) -> tuple[jax.Array
 
 def _library_bwd(out_major: bool, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
+    return matmul_grads(x, w, g, out_major)
+
+
+def matmul_grads(
+    x: jax.Array, w: jax.Array, g: jax.Array, out_major: bool
+) -> tuple[jax.Array, jax.Array]:
+    """The gradients of x [R, I] and w [I, O] (``out_major``: [O, I]) in ``library_matmul``'s
+    product, from its result's gradient g [R, O], rounded first to x's dtype (exact for a gradient
+    that a narrow product's rounding passed back); in x's and w's dtypes. The weight's gradient
+    takes ``_weight_grad``'s form where XLA:CPU hands the product to its library, XLA's own
+    elsewhere."""
     g = g.astype(x.dtype)  # [R, O]
     dx = _nn(g, w) if out_major else _nt(g, w)  # [R, I]
-    return dx.astype(x.dtype), _weight_grad(x, g, out_major).astype(w.dtype)
+    if library_products(x.dtype):
+        dw = _weight_grad(x, g, out_major)
+    elif out_major:
+        dw = _einsum32("RO,RI->OI", g, x)
+    else:
+        dw = _einsum32("RI,RO->IO", x, g)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 library_matmul.defvjp(_library_fwd, _library_bwd)

@@ -28,7 +28,8 @@ from jaxllm import mesh as meshes
 from jaxllm import xla_options
 from jaxllm.config import ModelConfig, parse_override
 from jaxllm.errors import InputError, positive_int
-from jaxllm.model import Params, Transformer, init_params, param_shapes
+from jaxllm.loss import head_cross_entropy
+from jaxllm.model import Params, Transformer, head_kernel, init_params, param_shapes
 
 Batch = jax.Array  # [B, T+1] int32 token ids
 Metrics = dict[str, jax.Array]  # loss (nats/token), grad_norm, lr: float32 scalars
@@ -206,7 +207,8 @@ def init_state(
 def loss_fn(
     params: Params, batch: Batch, config: ModelConfig, mesh: Mesh | None = None
 ) -> jax.Array:
-    """Mean next-token cross entropy of batch[B, T+1], in nats per token, computed in float32.
+    """Mean next-token cross entropy of batch[B, T+1], in nats per token, computed in float32 with
+    the head's product (``jaxllm.loss.head_cross_entropy``).
 
     On a ``mesh`` the weights are gathered over fsdp where they are used (ZeRO-3; their gradients
     flow back through the gather, reduced as ``jaxllm.collectives`` counts) and the batch stays split
@@ -219,9 +221,12 @@ def loss_fn(
     inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
     B, T = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, _ = Transformer(config).apply({"params": params}, inputs, positions)  # [B, T, V]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return losses.mean()
+    x, _ = Transformer(config).apply(
+        {"params": params}, inputs, positions, hidden=True
+    )  # [B, T, D]
+    kernel, out_major = head_kernel(params, config)
+    rows = x.reshape(B * T, -1)
+    return head_cross_entropy(rows, kernel, targets.reshape(-1), config.compute_dtype, out_major)
 
 
 def loss_and_grads(
