@@ -135,9 +135,11 @@ def _worker(phase: str, specs: list[str]) -> dict:
 def _assert_equal_to_one_device(diffs: dict) -> None:
     for spec, d in diffs.items():
         assert d["loss"] <= 1e-6 and d["grad_norm"] <= 1e-6, spec
-        # AdamW's update is lr * m / sqrt(v): for a gradient entry near 0 a 1e-9 difference in it
-        # moves the update by a visible part of lr = 1e-3 (measured up to 2.2e-6); 1e-5 is 1% of lr.
-        assert d["params"] <= 1e-5 and d["opt_state"] <= 1e-6, spec
+        # AdamW's first update is lr * g / (|g| + eps), eps = 1e-8: for a gradient entry near eps a
+        # small difference in its sums moves the update by a visible part of lr = 1e-3. Measured
+        # (unrolled, fsdp=4,tensor=2): an entry of -7.0e-9 on one device, -7.6e-9 on the mesh,
+        # updates 0.414 and 0.433 of lr, 1.96e-5 apart. 5e-5 is 5% of lr.
+        assert d["params"] <= 5e-5 and d["opt_state"] <= 1e-6, spec
 
 
 def test_train_step_on_a_3d_mesh_equals_one_device():
