@@ -27,8 +27,7 @@ def head_cross_entropy(
     the logits of x [R, D] against the head ``kernel`` ([V, D] if ``out_major``, else [D, V]), the
     product computed in ``dtype`` as the model's projections are (``jaxllm.products``) and
     accumulated in float32; the softmax in float32."""
-    work = products.operand_dtype(dtype, x.shape[0])
-    x, kernel = x.astype(dtype).astype(work), kernel.astype(dtype).astype(work)
+    x, kernel = products.operands(dtype, x.shape[0], x, kernel)
     return _head_cross_entropy(x, kernel, targets, out_major)
 
 

@@ -97,6 +97,13 @@ def operand_dtype(dtype: jnp.dtype, rows: int) -> jnp.dtype:
     return jnp.dtype(jnp.float32 if widen else dtype)
 
 
+def operands(dtype: jnp.dtype, rows: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """A product's operands: each array rounded to ``dtype``, then in ``operand_dtype(dtype,
+    rows)`` (widened to float32 for the same values where that says so)."""
+    work = operand_dtype(dtype, rows)
+    return tuple(a.astype(dtype).astype(work) for a in arrays)
+
+
 def library_products(dtype: jnp.dtype) -> bool:
     """Whether products in ``dtype`` with several rows run through ``library_matmul``: on a CPU
     whose features give bf16 arithmetic (``LIBRARY_DTYPES``)."""
@@ -278,9 +285,8 @@ def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.
     if single:
         x = jnp.concatenate([x, x])
     rows = x.shape[0] * x.shape[1]
-    work = operand_dtype(dtype, rows)
-    x, kernel = x.astype(dtype).astype(work), kernel.astype(dtype).astype(work)
-    if rows > 1 and library_products(work):
+    x, kernel = operands(dtype, rows, x, kernel)
+    if rows > 1 and library_products(x.dtype):
         y = _library_project(eqn, x, kernel)
     else:
         y = _einsum32(eqn, x, kernel)
@@ -348,9 +354,8 @@ def project_out_in(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype)
     if kernel.shape[-1] != math.prod(inner):
         raise ValueError(f"kernel {kernel.shape} does not take inputs {x.shape} over {n_in} axes")
     rows = math.prod(lead)
-    work = operand_dtype(dtype, rows)
-    x2 = x.reshape(rows, -1).astype(dtype).astype(work)  # [R, I]
-    w = kernel.reshape(math.prod(out), -1).astype(dtype).astype(work)  # [O, I]
+    # [R, I] and [O, I]
+    x2, w = operands(dtype, rows, x.reshape(rows, -1), kernel.reshape(math.prod(out), -1))
     if weight_major(dtype, rows, w.shape[0], w.shape[1]):
         y = jax.lax.optimization_barrier(_nt(w, x2)).T  # [O, R] -> [R, O]
     elif rows == 1 and widens_single_rows(dtype):
