@@ -61,15 +61,30 @@ CONTEXTS = {96: ((64, 64), (1, 8, 32)), 1008: ((1000, 16), (1, 32))}
 CAPACITY = 1024
 
 
-def _times(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of fn (blocked on its result), after one warm-up call."""
-    jax.block_until_ready(fn())
-    out = []
-    for _ in range(repeats):
+# Seconds of untimed calls before a jaxllm cell is timed. The peers time a continuous run of steps
+# (PyTorch's 64-token generation, llama-batched-bench's), so a step's first calls after another
+# process ran weigh little in their medians; jaxllm's cells time a few calls. On the 2-core Zen 5
+# VM, gpt2's bf16 decode step at B=1 ran its first calls after 8 s idle at 8.7-15.6 ms against
+# 6.4-7.2 ms from about 0.3 s of calls on (round 17); round 17's first run, with one warm-up call,
+# timed that step at 6.1-8.6 ms before the peers and 8.8-10.4 ms right after them.
+WARM_S = 0.5
+
+
+def _times(fn: Callable[..., Any], repeats: int, args: Callable[[], tuple] = tuple) -> float:
+    """Median seconds of ``repeats`` calls ``fn(*args())`` (blocked on the result; ``args()`` made
+    before the clock starts), after such calls for ``WARM_S`` seconds (one at least) untimed."""
+
+    def call() -> float:
+        made = jax.block_until_ready(args())
         start = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - start)
-    return statistics.median(out)
+        jax.block_until_ready(fn(*made))
+        return time.perf_counter() - start
+
+    begin = time.perf_counter()
+    call()
+    while time.perf_counter() - begin < WARM_S:
+        call()
+    return statistics.median(call() for _ in range(repeats))
 
 
 def _gpt2(dtype: str) -> ModelConfig:
@@ -117,14 +132,13 @@ def jax_decode(dtype: str, batch: int, context: int, steps: int) -> Callable[[],
 
     def timed() -> float:
         box = [KVCache.init(config, batch, slots)]
-        # The slot each call writes, made before the clock starts: the call consumes (donates) it.
-        index = [jnp.int32(context - 1) for _ in range(steps + 1)]
 
-        def once() -> Any:
-            logits, box[0] = compiled(params, box[0].replace(index=index.pop()), tokens)
+        def once(index: jax.Array) -> Any:
+            logits, box[0] = compiled(params, box[0].replace(index=index), tokens)
             return logits
 
-        return _times(once, steps)
+        # The slot each call writes, made before the clock starts: the call consumes (donates) it.
+        return _times(once, steps, lambda: (jnp.int32(context - 1),))
 
     return timed
 
