@@ -64,9 +64,9 @@ CAPACITY = 1024
 # Seconds of untimed calls before a jaxllm cell is timed. The peers time a continuous run of steps
 # (PyTorch's 64-token generation, llama-batched-bench's), so a step's first calls after another
 # process ran weigh little in their medians; jaxllm's cells time a few calls. On the 2-core Zen 5
-# VM, gpt2's bf16 decode step at B=1 ran its first calls after 8 s idle at 8.7-15.6 ms against
-# 6.4-7.2 ms from about 0.3 s of calls on (round 17); round 17's first run, with one warm-up call,
-# timed that step at 6.1-8.6 ms before the peers and 8.8-10.4 ms right after them.
+# VM, gpt2's bf16 decode step at B=1 took 6.5-15.6 ms (most near 10) in its first five calls after
+# 8 s idle, and 6.3-7.3 ms (medians) after 0.3 s of calls (round 17); round 17's first run, with one
+# warm-up call, timed that step at 6.1-8.6 ms before the peers and 8.8-10.4 ms right after them.
 WARM_S = 0.5
 
 
