@@ -49,6 +49,7 @@ from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.experiment import write_csv
 from jaxllm.generate import generate, windows
 from jaxllm.model import init_params
+from jaxllm.timing import time_compiled
 
 PEERS = Path(os.environ.get("PEERS_DIR", Path(__file__).resolve().parents[2] / "shared" / "peers"))
 PEER_PYTHON = os.environ.get("PEER_PYTHON", "/tmp/peerenv/bin/python")
@@ -71,20 +72,14 @@ WARM_S = 0.5
 
 
 def _times(fn: Callable[..., Any], repeats: int, args: Callable[[], tuple] = tuple) -> float:
-    """Median seconds of ``repeats`` calls ``fn(*args())`` (blocked on the result; ``args()`` made
-    before the clock starts), after such calls for ``WARM_S`` seconds (one at least) untimed."""
-
-    def call() -> float:
-        made = jax.block_until_ready(args())
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*made))
-        return time.perf_counter() - start
-
+    """Median seconds of ``repeats`` calls ``fn(*args())`` (``jaxllm.timing.time_compiled``:
+    ``args()`` made before the clock starts), after such calls for ``WARM_S`` seconds (one at
+    least) untimed."""
     begin = time.perf_counter()
-    call()
+    jax.block_until_ready(fn(*args()))
     while time.perf_counter() - begin < WARM_S:
-        call()
-    return statistics.median(call() for _ in range(repeats))
+        jax.block_until_ready(fn(*args()))
+    return time_compiled(fn, args, repeats=repeats, warmup=0).seconds_median
 
 
 def _gpt2(dtype: str) -> ModelConfig:

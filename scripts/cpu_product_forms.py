@@ -18,10 +18,9 @@ below half the read's speed whatever the weight's layout.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
-import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -29,22 +28,26 @@ import jax.numpy as jnp
 
 from experiments.peers import cpu_name
 from jaxllm import products
+from jaxllm.errors import InputError, positive_int
+from jaxllm.timing import time_compiled
 
 KERNELS, O, I = 12, 3072, 768
 ROWS = (1, 2, 4, 8, 16, 32)
 BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 
-Product = Callable[[jax.Array, jax.Array], jax.Array]  # x [R, I], w [O, I] -> [R, O]
-FORMS: dict[str, Product] = {
+Product = Callable[[jax.Array, jax.Array], jax.Array]  # x [R, I], w -> [R, O]
+# name -> (product, whether it takes the kernels input-major [I, O] rather than [O, I]).
+FORMS: dict[str, tuple[Product, bool]] = {
     # What the decode step runs for R rows (jaxllm.products.project_out_in): for one row, XLA's own
     # loop over the weight's rows (a vector-matrix product fused with the weight's transpose).
-    "jaxllm (project_out_in)": lambda x, w: products.project_out_in(x, w, 1, BF16),
+    "jaxllm (project_out_in)": (lambda x, w: products.project_out_in(x, w, 1, BF16), False),
     # XLA:CPU hands these to YNNPACK, which packs the weight on every call.
-    "row-major [R,I]x[O,I]": lambda x, w: products.matmul(x, w, True).astype(BF16),
-    "input-major [R,I]x[I,O]": lambda x, w: products.matmul(x, w, False).astype(BF16),
-    "weight-major [O,I]x[R,I]": lambda x, w: jax.lax.optimization_barrier(
-        products.matmul(w, x, True)
-    ).T.astype(BF16),
+    "row-major [R,I]x[O,I]": (lambda x, w: products.matmul(x, w, True).astype(BF16), False),
+    "input-major [R,I]x[I,O]": (lambda x, w: products.matmul(x, w, False).astype(BF16), True),
+    "weight-major [O,I]x[R,I]": (
+        lambda x, w: jax.lax.optimization_barrier(products.matmul(w, x, True)).T.astype(BF16),
+        False,
+    ),
 }
 
 
@@ -63,33 +66,20 @@ def compiled(form: Product) -> Callable[[jax.Array, list[jax.Array]], list[jax.A
     return jax.jit(lambda x, ws: [form(x, w) for w in ws])
 
 
-def median_call_s(fn: Callable, *args) -> float:
-    jax.block_until_ready(fn(*args))
-    seconds = []
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
-def cells() -> dict[str, tuple[Callable, bool]]:
-    """name -> (compiled function of x and the kernels, whether it takes input-major kernels)."""
-    out = {name: (compiled(form), "input-major" in name) for name, form in FORMS.items()}
-    out["read (floor)"] = (compiled(read), False)
-    return out
-
-
 def measure(rounds: int) -> dict[tuple[int, str], float]:
+    """(rows, form) -> median seconds for the twelve products, rows in ``ROWS`` order."""
     ws = {False: kernels(False), True: kernels(True)}
+    cells = {name: (compiled(form), input_major) for name, (form, input_major) in FORMS.items()}
+    cells["read (floor)"] = (compiled(read), False)
     result: dict[tuple[int, str], float] = {}
     for rows in ROWS:
         x = jax.random.normal(jax.random.key(rows), (rows, I), F32).astype(BF16)
-        fns = cells()
-        per_round: dict[str, list[float]] = {name: [] for name in fns}
+        per_round: dict[str, list[float]] = {name: [] for name in cells}
         for _ in range(rounds):
-            for name, (fn, input_major) in fns.items():
-                per_round[name].append(median_call_s(fn, x, ws[input_major]))
+            for name, (fn, input_major) in cells.items():
+                args = (x, ws[input_major])
+                timing = time_compiled(fn, lambda args=args: args, repeats=10, warmup=1)
+                per_round[name].append(timing.seconds_median)
         for name, seconds in per_round.items():
             result[rows, name] = statistics.median(seconds)
     return result
@@ -108,19 +98,22 @@ def table(result: dict[tuple[int, str], float], rounds: int) -> str:
         "| rows | form | ms | GB/s | of floor |",
         "|---|---|---|---|---|",
     ]
-    for rows in ROWS:
+    for (rows, name), seconds in result.items():
         floor = result[rows, "read (floor)"]
-        for (r, name), seconds in result.items():
-            if r == rows:
-                gbs = megabytes / seconds / 1e3
-                lines.append(
-                    f"| {rows} | {name} | {seconds * 1e3:.3f} | {gbs:.1f} | {floor / seconds:.0%} |"
-                )
+        gbs = megabytes / seconds / 1e3
+        lines.append(
+            f"| {rows} | {name} | {seconds * 1e3:.3f} | {gbs:.1f} | {floor / seconds:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+    parser = argparse.ArgumentParser(description="bf16 products of 1-32 rows against one read")
+    parser.add_argument("rounds", nargs="?", type=int, default=6, help="rounds (default 6)")
+    try:
+        rounds = positive_int("rounds", parser.parse_args().rounds)
+    except InputError as e:
+        parser.error(str(e))
     print(table(measure(rounds), rounds))
 
 
