@@ -69,6 +69,13 @@ CAPACITY = 1024
 # 8 s idle, and 6.3-7.3 ms (medians) after 0.3 s of calls (round 17); round 17's first run, with one
 # warm-up call, timed that step at 6.1-8.6 ms before the peers and 8.8-10.4 ms right after them.
 WARM_S = 0.5
+# Idle seconds after a peer's process exits, before the next timed section (llama.cpp's run, or
+# jaxllm's cells again). A peer starts timing seconds after jaxllm's cells stop (importing torch,
+# building its model); jaxllm's cells started the instant a peer exited. gpt2's bf16 train step
+# (2-core Zen 5 VM, round 18, twice each): its first six steps right after the PyTorch peer's bf16
+# train exited had medians of 1.39 and 1.30 s; after 3 s idle 1.29 and 1.29 s, after 10 s 1.29 and
+# 1.28 s; with no peer run 1.28 s.
+SETTLE_S = 3.0
 
 
 def _times(fn: Callable[..., Any], repeats: int, args: Callable[[], tuple] = tuple) -> float:
@@ -297,13 +304,22 @@ Times = dict[str, tuple[list[float], list[float], list[float | None]]]
 
 def _round(group: Group, timers: dict[str, Callable[[], float]]) -> tuple[dict[str, float], ...]:
     """One round of a group: jaxllm's seconds by cell before the peers ran, PyTorch's, llama.cpp's
-    (a cell it does not run: absent), and jaxllm's after. jaxllm's figure is the mean of its two,
+    (a cell it does not run: absent), and jaxllm's after, each peer's process followed by
+    ``SETTLE_S`` seconds idle. jaxllm's figure is the mean of its two,
     so that a change in the shared machine's speed while the peers ran (measured: the same
     compiled step at 65 ms, then 85 ms, a few seconds apart) weighs on both sides alike."""
     before = {name: timers[name]() for name, _ in group.cells}
-    peer, llama = group.peer(), group.llama()
+    peer = _settled(group.peer)
+    llama = group.llama() if group.llama is _no_llama else _settled(group.llama)
     after = {name: timers[name]() for name, _ in group.cells}
     return before, peer, llama, after
+
+
+def _settled(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run()`` (a peer's process), then ``SETTLE_S`` seconds idle."""
+    out = run()
+    time.sleep(SETTLE_S)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

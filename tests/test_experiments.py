@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace as Namespace
 
@@ -23,6 +24,7 @@ def load(name: str):
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -192,3 +194,24 @@ def test_mesh_projection_covers_both_clusters_and_its_bound_follows_the_terms():
         busy = max(r["compute_s"], r["memory_s"])
         assert (r["bound"] == "communication") == (r["communication_s"] > busy), r["mesh"]
         assert r["fits"] == (r["memory_bytes"] <= r["capacity_bytes"])
+
+
+def test_peers_round_idles_after_each_peer_process(monkeypatch):
+    peers = load("peers")
+    events = []
+    monkeypatch.setattr(peers.time, "sleep", lambda s: events.append(("idle", s)))
+
+    def cell():
+        events.append("jaxllm")
+        return 1.0
+
+    def run(name):
+        return lambda: events.append(name) or {"c": 2.0}
+
+    with_llama = peers.Group([("c", cell)], run("torch"), run("llama"))
+    assert peers._round(with_llama, {"c": cell}) == ({"c": 1.0}, {"c": 2.0}, {"c": 2.0}, {"c": 1.0})
+    idle = ("idle", peers.SETTLE_S)
+    assert events == ["jaxllm", "torch", idle, "llama", idle, "jaxllm"]
+    events.clear()
+    peers._round(peers.Group([("c", cell)], run("torch"), peers._no_llama), {"c": cell})
+    assert events == ["jaxllm", "torch", idle, "jaxllm"]
