@@ -237,11 +237,8 @@ class Group:
 
     cells: list[tuple[str, Callable[[], Callable[[], float]]]]  # (name, builder of jaxllm's timer)
     peer: Callable[[], dict[str, float]]  # PyTorch's seconds by cell
-    llama: Callable[[], dict[str, float]]  # llama.cpp's by cell (a cell it does not run: absent)
-
-
-def _no_llama() -> dict[str, float]:
-    return {}
+    # llama.cpp's by cell (a cell it does not run: absent); None where it runs none of the group's
+    llama: Callable[[], dict[str, float]] | None
 
 
 def groups(args: argparse.Namespace) -> list[Group]:
@@ -251,7 +248,7 @@ def groups(args: argparse.Namespace) -> list[Group]:
         Group(
             [(f"train {d} B=4 T=256", lambda d=d: jax_train(d, args.steps))],
             lambda d=d: {f"train {d} B=4 T=256": peer_train(d, args.steps)},
-            _no_llama,
+            None,
         )
         for d in DTYPES
     ]
@@ -260,7 +257,7 @@ def groups(args: argparse.Namespace) -> list[Group]:
         Group(
             [(name, lambda: jax_prefill(args.steps))],
             lambda: {name: peer_prefill(args.steps)},
-            (lambda: {name: llama_prefill(args.steps)}) if HAVE_LLAMA else _no_llama,
+            (lambda: {name: llama_prefill(args.steps)}) if HAVE_LLAMA else None,
         )
     )
     for dtype in DTYPES:
@@ -294,7 +291,7 @@ def _decode_group(
 
         return seconds
 
-    return Group(cells, by_cell(peer_decode), by_cell(llama_decode) if HAVE_LLAMA else _no_llama)
+    return Group(cells, by_cell(peer_decode), by_cell(llama_decode) if HAVE_LLAMA else None)
 
 
 LINE = re.compile(r"round (\d+) (.+): jaxllm (\S+) s, PyTorch (\S+) s(?:, llama.cpp (\S+) s)?")
@@ -310,7 +307,7 @@ def _round(group: Group, timers: dict[str, Callable[[], float]]) -> tuple[dict[s
     compiled step at 65 ms, then 85 ms, a few seconds apart) weighs on both sides alike."""
     before = {name: timers[name]() for name, _ in group.cells}
     peer = _settled(group.peer)
-    llama = group.llama() if group.llama is _no_llama else _settled(group.llama)
+    llama = {} if group.llama is None else _settled(group.llama)
     after = {name: timers[name]() for name, _ in group.cells}
     return before, peer, llama, after
 

@@ -213,5 +213,5 @@ def test_peers_round_idles_after_each_peer_process(monkeypatch):
     idle = ("idle", peers.SETTLE_S)
     assert events == ["jaxllm", "torch", idle, "llama", idle, "jaxllm"]
     events.clear()
-    peers._round(peers.Group([("c", cell)], run("torch"), peers._no_llama), {"c": cell})
+    peers._round(peers.Group([("c", cell)], run("torch"), None), {"c": cell})
     assert events == ["jaxllm", "torch", idle, "jaxllm"]
