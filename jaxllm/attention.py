@@ -127,9 +127,36 @@ def chunked_causal_attention(
         weights = jnp.exp(scores - top)
         total = jnp.sum(weights, axis=-1, keepdims=True)
         out = einsum("BKGTS,BKSH->BKGTH", weights.astype(dtype).astype(work), v[:, :, :b])
-        outs.append((out / total).astype(dtype))
+        outs.append(normalise(out, total).astype(dtype))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+@jax.custom_vjp
+def normalise(out: jax.Array, total: jax.Array) -> jax.Array:
+    """A block's unnormalised output over its softmax's row sums: out [..., T, H] / total [..., T, 1].
+
+    Its own backward forms the row sums of the cotangent times ``out`` over H as a product
+    (``einsum``). Autodiff's reduction instead started a YNNPACK fusion on XLA:CPU that took in
+    the whole [T, S] pass after it (the scores' gradient), at about 8 GB/s: 2 ms a block for gpt2
+    at B=4, T=256, against 0.26 ms for the same work split (Zen 5 VM). Twelve layers' attention,
+    forward and backward, 134 -> 103-108 ms; the bf16 train step, alternated in one process, 1.328
+    -> 1.305 s (faster in 6 of 8 rounds)."""
+    return out / total
+
+
+def _normalise_fwd(out: jax.Array, total: jax.Array) -> tuple[jax.Array, tuple]:
+    return out / total, (out, total)
+
+
+def _normalise_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    out, total = res
+    inv = 1.0 / total
+    d_total = -jnp.einsum("...h,...h->...", g, out)[..., None] * (inv * inv)
+    return g * inv, d_total
+
+
+normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
 def cached_attention(

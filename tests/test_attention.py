@@ -9,6 +9,7 @@ from jaxllm.attention import (
     attention_implementation,
     causal_blocks,
     chunked_causal_attention,
+    normalise,
 )
 
 B, T, N, K, H = 2, 200, 4, 2, 16
@@ -53,6 +54,18 @@ def test_blocked_pass_gradients_equal_the_reference():
     want = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5)
+
+
+def test_normalise_and_its_gradients_are_the_division():
+    out = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+    total = jnp.exp(jax.random.normal(jax.random.key(1), (2, 3, 5, 1)))
+    g = jax.random.normal(jax.random.key(2), out.shape)
+    got, pull = jax.vjp(normalise, out, total)
+    want, pull_ref = jax.vjp(lambda o, t: o / t, out, total)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    for a, b in zip(pull(g), pull_ref(g), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_a_query_with_no_visible_key_averages_its_blocks_values():
