@@ -140,8 +140,8 @@ def normalise(out: jax.Array, total: jax.Array) -> jax.Array:
     (``einsum``). Autodiff's reduction instead started a YNNPACK fusion on XLA:CPU that took in
     the whole [T, S] pass after it (the scores' gradient), at about 8 GB/s: 2 ms a block for gpt2
     at B=4, T=256, against 0.26 ms for the same work split (Zen 5 VM). Twelve layers' attention,
-    forward and backward, 134 -> 103-108 ms; the bf16 train step, alternated in one process, 1.328
-    -> 1.305 s (faster in 6 of 8 rounds)."""
+    forward and backward, 134 -> 103-108 ms; the bf16 train step, alternated in one process, 1.307
+    -> 1.266 s (faster in 11 of 12 rounds)."""
     return out / total
 
 
