@@ -237,7 +237,7 @@ class Group:
 
     cells: list[tuple[str, Callable[[], Callable[[], float]]]]  # (name, builder of jaxllm's timer)
     peer: Callable[[], dict[str, float]]  # PyTorch's seconds by cell
-    # llama.cpp's by cell (a cell it does not run: absent); None where it runs none of the group's
+    # llama.cpp's by cell (a cell it does not run: absent); None where it runs none of the group's cells
     llama: Callable[[], dict[str, float]] | None
 
 
