@@ -6,7 +6,7 @@ returns an ``XlaCost``.
 
 Every figure is XLA's own cost model applied to the optimized HLO, the same way on every backend
 (``jaxllm.xla_hlo``: XLA's generic model, which gives a CPU program's ``cost_analysis()`` exactly,
-with a GPU's cuBLAS GEMMs costed as the dots they compute and cuDNN's fused attention counted from
+with a GPU's cuBLAS GEMMs costed as the dots and epilogues they compute and cuDNN's fused attention counted from
 its shapes; a GPU's own ``cost_analysis()`` leaves both out), corrected for loops:
 
 XLA's cost analysis counts the body of a while loop ONCE (a 10-step scan reports one step; the

@@ -10,9 +10,10 @@ GPU's PJRT C API client does not implement per-module cost analysis, and XLA's g
 gives a CPU program's own ``cost_analysis()`` exactly. Neither model sees inside custom calls, and
 a GPU program's GEMMs are custom calls: on an H200 (jax 0.11.2) the GPU's own ``cost_analysis()``
 left out every cuBLASLt product (0.38 of gpt2-medium's prefill FLOPs were counted). So before
-costing, each cuBLAS GEMM is rewritten into the ``dot`` it computes, and each cuDNN fused-attention
-call into zeros of its output shapes, its products counted here from its shapes
-(``fused_attention_flops``). If a jax upgrade removes either entry point, ``HloCostError`` says so;
+costing, the libraries' scratch outputs are emptied (``workspaces_as_empty``), each cuBLAS GEMM is
+rewritten into a fusion of the ``dot`` it computes and its epilogue (``gemms_as_dots``), and each
+cuDNN fused-attention call into zeros of its output shapes, its products counted here from its
+shapes (``fused_attention_flops``). If a jax upgrade removes either entry point, ``HloCostError`` says so;
 callers then report XLA's own figures, flagged.
 """
 
@@ -55,10 +56,11 @@ def module_with_entry(hlo_text: str, computation: str) -> str:
     return text
 
 
-_GEMM = re.compile(
-    r"^(\s*)(ROOT )?(%[\w.\-]+) = (\(?)([a-z0-9]+\[[\d,]*\](?:\{[^}]*\})?)[^=]*?"
-    r" custom-call\((%[\w.\-]+), (%[\w.\-]+)[^)]*\).*\"gemm_backend_config\""
+_CUSTOM_CALL = re.compile(
+    r"^(\s*)(ROOT )?(%[\w.\-]+) = (\([^=]*?\)|[a-z0-9]+\[[\d,]*\](?:\{[^}]*\})?) custom-call\("
 )
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)(\[[\d,]*\])(\{[^}]*\})?")
+_GELU_TANH = (0.044715, 0.7978845608028654)  # tanh GELU: x³'s weight and sqrt(2 / pi)
 
 
 def _dims(line: str, name: str) -> str:
@@ -68,34 +70,131 @@ def _dims(line: str, name: str) -> str:
     )
 
 
+def _gemm_config(line: str) -> tuple[float, float, str]:
+    """(alpha, beta, epilogue) of a cuBLAS GEMM's backend config."""
+    alpha = re.search(r'"alpha_real":([-\d.e]+)', line)
+    beta = re.search(r'"beta":([-\d.e]+)', line)
+    epilogue = re.search(r'"epilogue":"(\w+)"', line)
+    return (
+        float(alpha.group(1)) if alpha else 1.0,
+        float(beta.group(1)) if beta else 0.0,
+        epilogue.group(1) if epilogue else "DEFAULT",
+    )
+
+
+class _Ops:
+    """HLO lines of elementwise ops on arrays of one shape, named after one instruction."""
+
+    def __init__(self, name: str, shape: str) -> None:
+        self.name, self.shape, self.lines = name, shape, []
+        self.dtype = _ARRAY.findall(shape)[0][0]
+
+    def op(self, text: str) -> str:
+        name = f"{self.name}.e{len(self.lines)}"
+        self.lines.append(f"  {name} = {self.shape} {text}")
+        return name
+
+    def const(self, value: float) -> str:
+        scalar = f"{self.name}.e{len(self.lines)}"
+        self.lines.append(f"  {scalar} = {self.dtype}[] constant({value!r})")
+        return self.op(f"broadcast({scalar}), dimensions={{}}")
+
+    def gelu(self, x: str) -> str:
+        """x·Φ(x) by tanh, as ``jax.nn.gelu`` writes it (the ops XLA fused into the epilogue)."""
+        cube = self.op(f"multiply({self.op(f'multiply({x}, {x})')}, {x})")
+        inner = self.op(f"add({x}, {self.op(f'multiply({self.const(_GELU_TANH[0])}, {cube})')})")
+        t = self.op(f"tanh({self.op(f'multiply({self.const(_GELU_TANH[1])}, {inner})')})")
+        half = self.op(f"multiply({self.const(0.5)}, {x})")
+        return self.op(f"multiply({half}, {self.op(f'add({self.const(1.0)}, {t})')})")
+
+
+def _epilogue(ops: _Ops, line: str, n_operands: int) -> None:
+    """The GEMM of ``line`` on parameters p0..p{n-1} (cuBLASLt's order: A, B, C if beta is not 0,
+    the bias) into ``ops``: alpha·A·B + beta·C, a bias added along the last axis, ReLU or GELU."""
+    alpha, beta, epilogue = _gemm_config(line)
+    if epilogue not in ("DEFAULT", "BIAS", "RELU", "BIAS_RELU", "GELU", "BIAS_GELU"):
+        raise HloCostError(f"a cuBLAS GEMM with epilogue {epilogue} is not costed: {ops.name}")
+    dims = ", ".join(
+        f"{side}_{kind}_dims={{{_dims(line, f'{side}_{kind}_dimensions')}}}"
+        for side in ("lhs", "rhs")
+        for kind in ("batch", "contracting")
+    )
+    params = [f"{ops.name}.p{i}" for i in range(n_operands)]
+    value = ops.op(f"dot({params[0]}, {params[1]}), {dims}")
+    if alpha != 1.0:
+        value = ops.op(f"multiply({value}, {ops.const(alpha)})")
+    if beta != 0.0:
+        c = params[2] if beta == 1.0 else ops.op(f"multiply({params[2]}, {ops.const(beta)})")
+        value = ops.op(f"add({value}, {c})")
+    if epilogue.startswith("BIAS"):
+        rank = ops.shape.split("]")[0].count(",") + 1
+        bias = ops.op(f"broadcast({params[2 + (beta != 0.0)]}), dimensions={{{rank - 1}}}")
+        value = ops.op(f"add({value}, {bias})")
+    if epilogue.endswith("RELU"):
+        value = ops.op(f"maximum({value}, {ops.const(0.0)})")
+    if epilogue.endswith("GELU"):
+        ops.gelu(value)
+
+
+def _gemm_lines(
+    indent: str, root: str, name: str, shape: str, line: str, shapes: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """(call-site lines, a computation) for one cuBLAS GEMM custom call: the GEMM and its epilogue
+    as one fusion of the ``dot`` it computes and the elementwise ops cuBLAS applies after it
+    (``_epilogue``), so that its bytes are its operands and result, as the library moves them. A
+    tuple's first output is the result, its last the library's workspace, kept as zeros
+    (``workspaces_as_empty`` makes it empty first)."""
+    operands = re.findall(r"%[\w.\-]+", line.split("custom-call(", 1)[1].split(")", 1)[0])
+    arrays = [f"{t}{d}{lay}" for t, d, lay in _ARRAY.findall(shape)]
+    ops = _Ops(name, arrays[0])
+    _epilogue(ops, line, len(operands))
+    head = ", ".join(f"{name[1:]}.p{i}: {shapes[o]}" for i, o in enumerate(operands))
+    computation = [
+        f"{name}.gemm ({head}) -> {arrays[0]} {{",
+        *(f"  {name}.p{i} = {shapes[o]} parameter({i})" for i, o in enumerate(operands)),
+        *ops.lines[:-1],
+        ops.lines[-1].replace("  ", "  ROOT ", 1),
+        "}",
+        "",
+    ]
+    call = f"fusion({', '.join(operands)}), kind=kOutput, calls={name}.gemm"
+    if not shape.startswith("("):
+        return [f"{indent}{root}{name} = {shape} {call}"], computation
+    extra = _zeros(indent, "", f"{name}.w", f"({', '.join(arrays[1:])})")[:-1]
+    parts = [f"{name}.r", *(f"{name}.w.z{i}" for i in range(len(arrays) - 1))]
+    return [
+        f"{indent}{name}.r = {arrays[0]} {call}",
+        *extra,
+        f"{indent}{root}{name} = {shape} tuple({', '.join(parts)})",
+    ], computation
+
+
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = ([a-z0-9]+\[[\d,]*\](?:\{[^}]*\})?) ")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%[\w.\-]+ \(")
+
+
 def gemms_as_dots(hlo_text: str) -> str:
-    """``hlo_text`` with each cuBLAS GEMM custom call replaced by the ``dot`` it computes (its
-    first output; the workspace output is dropped), so that XLA's generic cost model can count it."""
-    out = []
-    for line in hlo_text.splitlines():
-        m = _GEMM.match(line)
-        if m is None:
+    """``hlo_text`` with each cuBLAS GEMM custom call replaced by a fusion of the ``dot`` it computes
+    and its epilogue (``_gemm_lines``), so that XLA's generic cost model can count it."""
+    lines = hlo_text.splitlines()
+    shapes = {m.group(1): m.group(2) for m in map(_DEFINITION.match, lines) if m}
+    out: list[str] = []
+    head = 0  # where the current computation starts in ``out``: new ones go before it
+    for line in lines:
+        if _COMPUTATION.match(line):
+            head = len(out)
+        m = _CUSTOM_CALL.match(line)
+        if m is None or '"gemm_backend_config"' not in line:
             out.append(line)
             continue
-        indent, root, name, tupled, shape, lhs, rhs = m.groups()
-        dims = ", ".join(
-            f"{side}_{kind}_dims={{{_dims(line, f'{side}_{kind}_dimensions')}}}"
-            for side in ("lhs", "rhs")
-            for kind in ("batch", "contracting")
-        )
-        dot = f"{name}.dot" if tupled else name
-        out.append(
-            f"{indent}{'' if tupled else root or ''}{dot} = {shape} dot({lhs}, {rhs}), {dims}"
-        )
-        if tupled:
-            out.append(f"{indent}{root or ''}{name} = ({shape}) tuple({dot})")
+        indent, root, name, shape = m.groups()
+        call, computation = _gemm_lines(indent, root or "", name, shape, line, shapes)
+        out[head:head] = computation
+        head += len(computation)
+        out.extend(call)
     return "\n".join(out)
 
 
-_CUSTOM_CALL = re.compile(
-    r"^(\s*)(ROOT )?(%[\w.\-]+) = (\([^=]*?\)|[a-z0-9]+\[[\d,]*\](?:\{[^}]*\})?) custom-call\("
-)
-_ARRAY = re.compile(r"([a-z][a-z0-9]*)(\[[\d,]*\])(\{[^}]*\})?")
 _ATTENTION = '"cudnn_fmha_backend_config"'
 
 
@@ -160,13 +259,29 @@ def library_workspace_bytes(hlo_text: str) -> int:
     """The largest scratch buffer a cuBLAS or cuDNN call of the program asks for (its last, byte
     typed output; 0 on a CPU): part of XLA's temporaries on a GPU (32 MiB for a cuBLASLt GEMM on an
     H200), held for the libraries rather than for any value of the model."""
-    sizes = [0]
+    return max(_workspace_shapes(hlo_text).values(), default=0)
+
+
+def _workspace_shapes(hlo_text: str) -> dict[str, int]:
+    """The byte-typed scratch shapes (``s8[N]``) that the cuBLAS and cuDNN calls of a program ask
+    for (each call's last output), with their sizes in bytes."""
+    shapes = {}
     for line in hlo_text.splitlines():
         m = _CUSTOM_CALL.match(line)
         if m is not None and 'custom_call_target="__cu' in line:
             dtype, dims, _ = _ARRAY.findall(m.group(4))[-1]
-            sizes += [int(dims[1:-1])] if dtype in ("s8", "u8") else []
-    return max(sizes)
+            if dtype in ("s8", "u8"):
+                shapes[f"{dtype}{dims}"] = int(dims[1:-1])
+    return shapes
+
+
+def workspaces_as_empty(hlo_text: str) -> str:
+    """``hlo_text`` with the libraries' scratch shapes (``_workspace_shapes``) empty wherever they
+    appear (a call's outputs, the fusions and tuples that pass them on): scratch is not traffic of
+    the model, and a fusion that holds a GEMM would otherwise count its 32 MiB as written."""
+    for shape in _workspace_shapes(hlo_text):
+        hlo_text = re.sub(rf"{re.escape(shape)}(?=[{{),])", f"{shape[:2]}[0]", hlo_text)
+    return hlo_text
 
 
 def computation_costs(hlo_text: str, computation: str) -> Any:
@@ -175,7 +290,8 @@ def computation_costs(hlo_text: str, computation: str) -> Any:
     costed as dots and cuDNN fused attention as zeros (its FLOPs: ``fused_attention_flops``)."""
     from_text, cost_analysis = _entry_points()
     try:
-        text = attention_as_zeros(gemms_as_dots(module_with_entry(hlo_text, computation)))
+        text = module_with_entry(workspaces_as_empty(hlo_text), computation)
+        text = attention_as_zeros(gemms_as_dots(text))
         return cost_analysis(jax.devices("cpu")[0].client, from_text(text))
     except HloCostError:
         raise

@@ -218,6 +218,65 @@ def test_a_gpus_gemms_and_fused_attention_are_counted(fixture, gpu_own, count, m
     assert library_workspace_bytes(text) == (34_078_976 if "train" in fixture else 33_554_432)
 
 
+def test_a_gpu_loop_of_gemms_in_slicing_fusions_is_costed():
+    # tests/test_train.py's scanned step (3 layers, remat), compiled on an H200 with the options
+    # the unrolled GPU train step gets (cuBLAS GEMMs: scripts/gpu_cost_check.py, round 20). Its
+    # loops hold GEMMs inside dynamic-slice fusions, their 32 MiB workspaces passed on as outputs,
+    # and GEMMs with bias, GELU and accumulating (beta = 1) epilogues.
+    text = _fixture("h200_rolled_train_step_cublas.hlo.gz")
+    corrected, note, loops = correct_loops(text, XLA_OWN)
+    assert note == "" and loops == (3, 3)
+    # The same step under XLA's own options (Triton fusions, no custom calls), costed on the H200
+    # by the same code: 12,888,021 FLOPs (docs/results/nvidia-h200/round20/cost_check.jsonl).
+    assert corrected["flops"] == pytest.approx(12_888_021, rel=0.01)
+    assert corrected["bytes accessed"] < 33_554_432  # no workspace counted as traffic
+
+
+def _gemm_module(epilogue: str, beta: int) -> str:
+    """One cuBLASLt GEMM [64, 32] x [32, 16] in HLO text, with C and a bias as operands."""
+    config = (
+        f'{{"gemm_backend_config":{{"alpha_real":1,"beta":{beta},"epilogue":"{epilogue}",'
+        '"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
+        '"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}'
+    )
+    c = ", %c" if beta else ""
+    return "\n".join(
+        [
+            "HloModule m",
+            "",
+            "ENTRY %main (x: f32[64,32], w: f32[32,16], c: f32[64,16], b: f32[16]) -> f32[64,16] {",
+            "  %x = f32[64,32]{1,0} parameter(0)",
+            "  %w = f32[32,16]{1,0} parameter(1)",
+            "  %c = f32[64,16]{1,0} parameter(2)",
+            "  %b = f32[16]{0} parameter(3)",
+            f"  %cc = (f32[64,16]{{1,0}}, s8[1024]{{0}}) custom-call(%x, %w{c}, %b), "
+            f'custom_call_target="__cublas$lt$matmul", backend_config={config}',
+            "  ROOT %y = f32[64,16]{1,0} get-tuple-element(%cc), index=0",
+            "}",
+        ]
+    )
+
+
+@pytest.mark.parametrize(("epilogue", "beta"), [("BIAS", 0), ("BIAS_GELU", 1), ("BIAS_RELU", 1)])
+def test_cublas_epilogues_are_costed_as_the_ops_they_replace(epilogue, beta):
+    # Truth: XLA's count of the same arithmetic written in jax (on this backend).
+    def f(x, w, c, b):
+        y = x @ w + (c if beta else 0.0) + b[None, :]
+        return {"BIAS": y, "BIAS_GELU": jax.nn.gelu(y), "BIAS_RELU": jax.nn.relu(y)}[epilogue]
+
+    # Compiled for the CPU, whose cost_analysis() is XLA's generic model (a GPU's counts no GEMM).
+    cpu = jax.devices("cpu")[0]
+    args = [jax.device_put(jnp.zeros(s), cpu) for s in ((64, 32), (32, 16), (64, 16), (16,))]
+    truth = normalize_costs(jax.jit(f).lower(*args).compile().cost_analysis())
+    costs = normalize_costs(computation_costs(_gemm_module(epilogue, beta), "main"))
+    assert costs["flops"] == truth["flops"]
+    assert costs["transcendentals"] == truth["transcendentals"]
+    # One fused pass: x, w, C when accumulated, the bias and the result (no workspace), in bytes;
+    # and as XLA counts the call's tuple: its two 8-byte pointers and the emptied workspace's zero.
+    one_pass = 4 * (64 * 32 + 32 * 16 + beta * 64 * 16 + 16 + 64 * 16)
+    assert costs["bytes accessed"] == one_pass + 2 * 8 + 1
+
+
 def test_fused_attention_flops_from_the_calls_shapes():
     lines = [
         line
@@ -249,5 +308,5 @@ def test_cublas_gemms_are_costed_as_the_dots_they_compute():
             "}",
         ]
     )
-    assert "dot(%x, %w)" in gemms_as_dots(text)
+    assert "fusion(%x, %w), kind=kOutput" in gemms_as_dots(text)
     assert computation_costs(text, "main")["flops"] == 2 * 64 * 32 * 16
