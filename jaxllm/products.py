@@ -260,36 +260,46 @@ def widens_single_rows(dtype: jnp.dtype) -> bool:
     return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
 
 
+def single_row_as_two(dtype: jnp.dtype) -> bool:
+    """Whether ``project`` computes a product of one row as one of two rows (the row twice, the
+    first result kept), so that XLA compiles a matrix product rather than a vector's.
+
+    On a GPU, always: XLA:GPU rewrites a vector-matrix product of fewer than 10^7 weight elements
+    as an elementwise product written out in full and a separate sum
+    (xla/service/gpu/transforms/dot_strength_reduction.cc), where two rows stay a GEMM. On an H200
+    (round 20, bf16 weights, 1024 tokens cached, a step inside ``generate``): llama3.2-1b at B=1
+    1.86 -> 1.42 ms, gpt2-medium 1.52 -> 1.19 ms. On a CPU, for narrow dtypes: there one row
+    takes a path that widens the whole weight to float32 on every call (``widens_single_rows``)."""
+    return jax.default_backend() != "cpu" or widens_single_rows(dtype)
+
+
 def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """``einsum(eqn, x, kernel)`` in ``dtype``, accumulated in float32; x's two leading axes are
-    B and T.
+    B and T. A single row (B = T = 1: a decode step of one sequence) is computed as two where
+    ``single_row_as_two`` says so (on a CPU, gpt2 bf16 decode B=1: 48.9 -> 38.7 ms).
 
     On a CPU the product asks XLA for a float32 result, rounded after: the f32 accumulation took
     gpt2's bf16 decode step at B=8 from 83 to 63 ms there. A narrow product of more than
-    ``WIDEN_ROWS`` rows runs on widened operands (``operand_dtype``). And a narrow
-    product of a single row (B = T = 1: a decode step of one sequence) takes a path that converts
-    the whole weight to float32 on every call; two rows take the GEMM path. So one row is computed
-    as two (measured, gpt2 bf16 decode B=1: 48.9 -> 38.7 ms).
+    ``WIDEN_ROWS`` rows runs on widened operands (``operand_dtype``).
 
-    A GPU's GEMMs accumulate in float32 whatever the result type, so there a product of several
-    rows is asked in ``dtype``: a float32 result would make its gradient float32 too (the transpose
-    of the rounding), and the backward products run on float32 operands. On an H200, gpt2-medium's
-    bf16 train step (B=8, T=1024) ran its backward products as TF32 GEMMs and spent 9 ms of 109
-    converting; asked in bf16, the step took 70 ms (jax 0.11.2). A single row stays float32: XLA
-    computes it as a multiply and a reduction, which in bf16 missed the float32-accumulated product
-    by 3% (tests/test_model.py, on the H200).
+    A GPU's GEMMs accumulate in float32 whatever the result type, so there the product is asked in
+    ``dtype``: a float32 result would make its gradient float32 too (the transpose of the
+    rounding), and the backward products run on float32 operands. On an H200, gpt2-medium's bf16
+    train step (B=8, T=1024) ran its backward products as TF32 GEMMs and spent 9 ms of 109
+    converting; asked in bf16, the step took 70 ms (jax 0.11.2).
     """
-    if jax.default_backend() != "cpu" and x.shape[0] * x.shape[1] > 1:
-        return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
-    single = widens_single_rows(dtype) and x.shape[:2] == (1, 1)
+    single = x.shape[:2] == (1, 1) and single_row_as_two(dtype)
     if single:
         x = jnp.concatenate([x, x])
-    rows = x.shape[0] * x.shape[1]
-    x, kernel = operands(dtype, rows, x, kernel)
-    if rows > 1 and library_products(x.dtype):
-        y = _library_project(eqn, x, kernel)
+    if jax.default_backend() != "cpu":
+        y = jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
     else:
-        y = _einsum32(eqn, x, kernel)
+        rows = x.shape[0] * x.shape[1]
+        x, kernel = operands(dtype, rows, x, kernel)
+        if rows > 1 and library_products(x.dtype):
+            y = _library_project(eqn, x, kernel)
+        else:
+            y = _einsum32(eqn, x, kernel)
     return (y[:1] if single else y).astype(dtype)
 
 

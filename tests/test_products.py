@@ -155,6 +155,26 @@ def test_a_single_bf16_row_is_projected_without_widening_the_weight(order):
         assert memory.temp_size_in_bytes < w.size * 4
 
 
+@pytest.mark.parametrize(
+    ("backend", "dtype", "rows"),
+    [("gpu", "bfloat16", 2), ("gpu", "float32", 2), ("cpu", "float32", 1)],
+)
+def test_one_row_is_computed_as_two_on_a_gpu(monkeypatch, backend, dtype, rows):
+    """A decode step's one row: on a GPU the program's product takes the row twice (XLA:GPU writes
+    a vector's product out elementwise); on a CPU a float32 row stays one. The result is the one
+    row's product either way."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x = jax.random.normal(jax.random.key(0), (1, 1, 64)).astype(dtype)
+    w = jax.random.normal(jax.random.key(1), (64, 256)).astype(dtype)
+    fn = functools.partial(project, "BTD,DF->BTF", dtype=dtype)
+    dots = [e for e in jax.make_jaxpr(fn)(x, w).eqns if e.primitive.name == "dot_general"]
+    assert [d.invars[0].aval.shape[0] for d in dots] == [rows]
+    want = jnp.einsum("BTD,DF->BTF", x.astype(jnp.float32), w.astype(jnp.float32))
+    y = fn(x, w)
+    assert y.dtype == dtype and y.shape == (1, 1, 256)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
+
+
 def test_an_output_major_kernel_must_take_the_inputs():
     """A kernel whose trailing axes are not x's contracted ones is refused, naming both shapes."""
     with pytest.raises(ValueError, match=r"kernel \(8, 4\) does not take inputs \(2, 3, 8\)"):
