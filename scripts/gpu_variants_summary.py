@@ -37,7 +37,7 @@ def _torch(rows: list[dict[str, Any]], kind: str, **match: Any) -> float | None:
 
 def _label(row: dict[str, Any]) -> str:
     """The variant's name, XLA options (or flags) and code variants (``gpu_profile.py`` flags)."""
-    how = row.get("options", row.get("xla_flags") or {})
+    how = row.get("options") or row.get("xla_flags") or {}
     parts = [json.dumps(how) if how not in ("", {}) else "XLA defaults", *row.get("code", [])]
     return f"`{row['label']}` ({', '.join(parts)})"
 
