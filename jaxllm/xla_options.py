@@ -38,10 +38,10 @@ def train_options(config: ModelConfig, backend: str | None = None) -> dict[str, 
     the host (about 9 ms for this step's 1,500 kernels in round 9's profile) while the device
     waits; without graphs the two timings agree within 2 ms. Measured on this one H200 and model
     only: a step short enough to be bound by kernel launches may prefer graphs (not measured).
-    A rolled step keeps XLA's options: under these, the
-    H200's compile of a scanned test step was no longer costed by XLA's generic model (1.0e6
-    FLOPs against 2.4e7 unrolled; cause not found), though cuBLAS alone (set in ``XLA_FLAGS``)
-    took gpt2-medium's rolled step from 68.1 to 61.2 ms.
+    A rolled step keeps XLA's options: these were not timed on one, though cuBLAS alone (set in
+    ``XLA_FLAGS``) took gpt2-medium's rolled step from 68.1 to 61.2 ms. (Round 13 kept them off
+    rolled steps because ``jaxllm.cost`` could not cost one compiled under them; round 20 found and
+    fixed why: ``jaxllm.xla_hlo.gemms_as_dots``.)
     """
     if (backend or jax.default_backend()) != "gpu" or rolls_layers(config):
         return {}

@@ -13,8 +13,10 @@ Prints one JSON line:
   of the chained steps), and ``span_s``, first kernel start to last kernel end, a step;
 - ``generate_s`` (``--generate``, decode): a step inside ``jaxllm.generate``'s on-device loop.
 ``--options JSON``: the train step's XLA compile options instead of ``xla_options.train_options``.
-``--hlo FILE`` writes the compiled program's HLO. ``--single-bf16``: one-row products in bf16; ``--two-rows``: one row computed as two;
-``--out-in``: kernels served output-major (code variants).
+``--hlo FILE`` writes the compiled program's HLO. Code variants: ``--out-in``, kernels served
+output-major; ``--rolled`` (train), the layers run as a loop (``scan_unroll=1``; XLA's options
+unless ``--options`` says otherwise). Round 13's ``--single-bf16`` and round 20's ``--two-rows``
+are gone: the first was not kept, the second ships (``products.single_row_as_two``).
 ``--trace FILE`` writes the profile's kernels (device) and events (host) by total time.
 """
 
@@ -122,36 +124,6 @@ def generate_step_s(config, seq: int, batch: int) -> float:
     return g.decode_s / max(g.decode_steps, 1)
 
 
-def single_rows_in_dtype() -> None:
-    """The variant ``--single-bf16``: a product of one row asked in the compute dtype on a GPU too
-    (``jaxllm.products.project`` keeps it float32 there)."""
-    import jaxllm.model
-    from jaxllm import products
-
-    def project(eqn, x, kernel, dtype):
-        if x.shape[0] * x.shape[1] == 1:
-            return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
-        return products.project(eqn, x, kernel, dtype)
-
-    jaxllm.model.project = project
-
-
-def single_rows_as_two() -> None:
-    """The variant ``--two-rows``: a product of one row computed as two (the row twice, the first
-    result kept), so that its left operand is no vector: XLA:GPU rewrites a vector-matrix product
-    of fewer than 10^7 weight elements as a written-out elementwise product and a sum
-    (xla/service/gpu/transforms/dot_strength_reduction.cc), a matrix product not."""
-    import jaxllm.model
-    from jaxllm import products
-
-    def project(eqn, x, kernel, dtype):
-        if x.shape[0] * x.shape[1] == 1:
-            return products.project(eqn, jnp.concatenate([x, x]), kernel, dtype)[:1]
-        return products.project(eqn, x, kernel, dtype)
-
-    jaxllm.model.project = project
-
-
 def output_major_serving() -> None:
     """The variant ``--out-in``: served kernels output-major ([out, in], as on one CPU device), so
     that a one-row product XLA turns into a multiply and a sum sums along the weight's rows; every
@@ -166,12 +138,8 @@ def output_major_serving() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if "--single-bf16" in argv:
-        single_rows_in_dtype()
     if "--out-in" in argv:
         output_major_serving()
-    if "--two-rows" in argv:
-        single_rows_as_two()
     label, phase, preset, batch, seq = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
     trace = Path(argv[argv.index("--trace") + 1]) if "--trace" in argv else None
     hlo = Path(argv[argv.index("--hlo") + 1]) if "--hlo" in argv else None
@@ -183,6 +151,7 @@ def main(argv: list[str]) -> None:
         config = config.replace(param_dtype="bfloat16")
     else:
         config = train.training_config(config)  # as `jaxllm train` and `analyze` compile it
+        config = config.replace(scan_unroll=1) if "--rolled" in argv else config
     program = phases.build(config, phase, batch, seq)
     start = time.perf_counter()
     compiled = program.jitted.lower(*program.abstract_args).compile()
@@ -195,7 +164,7 @@ def main(argv: list[str]) -> None:
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         compile_s=round(time.perf_counter() - start, 1),
         options=xla_options.train_options(config) if phase == "train" else {},
-        code=[a for a in ("--single-bf16", "--two-rows", "--out-in") if a in argv],
+        code=[a for a in ("--out-in", "--rolled") if a in argv],
     )
     if hlo is not None:
         hlo.write_text(compiled.as_text())
