@@ -355,9 +355,13 @@ def main(argv: list[str] | None = None) -> None:
         names = ", ".join(log.name for log in args.from_log)
         _write(args, times, f"rebuilt from the logs of runs ({names})")
         return
+    every = groups(args)
+    names = [n for group in every for n, _ in group.cells]
+    if args.only and not any(w in n for n in names for w in args.only):
+        parser.error(f"--only {' '.join(args.only)} names no cell; the cells: {', '.join(names)}")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     todo = []
-    for group in groups(args):
+    for group in every:
         cells = [(n, b) for n, b in group.cells if not args.only or any(w in n for w in args.only)]
         if cells:
             todo.append((dataclasses.replace(group, cells=cells), {n: b() for n, b in cells}))

@@ -215,3 +215,12 @@ def test_peers_round_idles_after_each_peer_process(monkeypatch):
     events.clear()
     peers._round(peers.Group([("c", cell)], run("torch"), None), {"c": cell})
     assert events == ["jaxllm", "torch", idle, "jaxllm"]
+
+
+def test_peers_only_that_names_no_cell_is_refused(monkeypatch, tmp_path, capsys):
+    peers = load("peers")
+    monkeypatch.setattr(peers.launch, "preloaded", lambda argv: None)  # no re-exec under tcmalloc
+    with pytest.raises(SystemExit):
+        peers.main(["--only", "train bf16", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--only train bf16 names no cell" in err and "train bfloat16 B=4 T=256" in err
