@@ -6,8 +6,8 @@ returns an ``XlaCost``.
 
 Every figure is XLA's own cost model applied to the optimized HLO, the same way on every backend
 (``jaxllm.xla_hlo``: XLA's generic model, which gives a CPU program's ``cost_analysis()`` exactly,
-with a GPU's cuBLAS GEMMs costed as the dots and epilogues they compute and cuDNN's fused attention counted from
-its shapes; a GPU's own ``cost_analysis()`` leaves both out), corrected for loops:
+with a GPU's cuBLAS GEMMs costed as the dots and epilogues they compute and cuDNN's fused attention
+counted from its shapes; a GPU's own ``cost_analysis()`` leaves both out), corrected for loops:
 
 XLA's cost analysis counts the body of a while loop ONCE (a 10-step scan reports one step; the
 gradient of 10 scanned layers reports 3 layer-forwards). The optimized HLO marks static loops with

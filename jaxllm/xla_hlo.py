@@ -13,8 +13,8 @@ left out every cuBLASLt product (0.38 of gpt2-medium's prefill FLOPs were counte
 costing, the libraries' scratch outputs are emptied (``workspaces_as_empty``), each cuBLAS GEMM is
 rewritten into a fusion of the ``dot`` it computes and its epilogue (``gemms_as_dots``), and each
 cuDNN fused-attention call into zeros of its output shapes, its products counted here from its
-shapes (``fused_attention_flops``). If a jax upgrade removes either entry point, ``HloCostError`` says so;
-callers then report XLA's own figures, flagged.
+shapes (``fused_attention_flops``). If a jax upgrade removes either entry point, ``HloCostError``
+says so; callers then report XLA's own figures, flagged.
 """
 
 from __future__ import annotations
