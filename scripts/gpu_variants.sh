@@ -53,11 +53,12 @@ an() {  # label, then `jaxllm analyze` arguments: the user-facing figures (XLA's
 BF="--override dtype=bfloat16"
 an train_m_bf16 --preset gpt2-medium $BF --phase train --batch 8 --seq 1024
 an dec_l1b_b1 --preset llama3.2-1b $BF --override param_dtype=bfloat16 --phase decode --batch 1 --seq 1024
-# The next decode lever: attention over the cache with the new keys written first (no scores
-# concatenated), at B=1 and B=128.
+# The next decode lever, round 20's 11.3 us fusion of the new key's score and the scores'
+# concatenation: no concatenated scores, at B=1 and B=128.
+v dec_split $DEC --generate --split-softmax
 v dec_written $DEC --generate --written
 v dec_m_b128 $MED 128 1024 --generate
-v dec_m_b128_written $MED 128 1024 --generate --written
+v dec_m_b128_split $MED 128 1024 --generate --split-softmax
 # A rolled step under XLA's options (as shipped) and under cuBLAS's (round 13: 68.1 -> 61.2 ms by
 # XLA_FLAGS; kept off rolled steps until round 20 fixed their cost).
 v train_rolled $TRAIN --rolled
