@@ -264,12 +264,13 @@ def single_row_as_two(dtype: jnp.dtype) -> bool:
     """Whether ``project`` computes a product of one row as one of two rows (the row twice, the
     first result kept), so that XLA compiles a matrix product rather than a vector's.
 
-    On a GPU, always: XLA:GPU rewrites a vector-matrix product of fewer than 10^7 weight elements
-    as an elementwise product written out in full and a separate sum
-    (xla/service/gpu/transforms/dot_strength_reduction.cc), where two rows stay a GEMM. On an H200
-    (round 20, bf16 weights, 1024 tokens cached, a step inside ``generate``): llama3.2-1b at B=1
-    1.86 -> 1.42 ms, gpt2-medium 1.52 -> 1.19 ms. On a CPU, for narrow dtypes: there one row
-    takes a path that widens the whole weight to float32 on every call (``widens_single_rows``)."""
+    Off a CPU, always (measured on a GPU; no TPU was measured): XLA:GPU rewrites a vector-matrix
+    product of fewer than 10^7 weight elements as an elementwise product written out in full and a
+    separate sum (xla/service/gpu/transforms/dot_strength_reduction.cc), where two rows stay a
+    GEMM. On an H200 (round 20, bf16 weights, 1024 tokens cached, a step inside ``generate``, one
+    pass): llama3.2-1b at B=1 1.86 -> 1.42 ms, gpt2-medium 1.52 -> 1.19 ms. On a CPU, for narrow
+    dtypes: there one row takes a path that widens the whole weight to float32 on every call
+    (``widens_single_rows``)."""
     return jax.default_backend() != "cpu" or widens_single_rows(dtype)
 
 
