@@ -355,14 +355,18 @@ def main(argv: list[str] | None = None) -> None:
         names = ", ".join(log.name for log in args.from_log)
         _write(args, times, f"rebuilt from the logs of runs ({names})")
         return
+
+    def chosen(name: str) -> bool:
+        return not args.only or any(w in name for w in args.only)
+
     every = groups(args)
     names = [n for group in every for n, _ in group.cells]
-    if args.only and not any(w in n for n in names for w in args.only):
+    if not any(map(chosen, names)):
         parser.error(f"--only {' '.join(args.only)} names no cell; the cells: {', '.join(names)}")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     todo = []
     for group in every:
-        cells = [(n, b) for n, b in group.cells if not args.only or any(w in n for w in args.only)]
+        cells = [(n, b) for n, b in group.cells if chosen(n)]
         if cells:
             todo.append((dataclasses.replace(group, cells=cells), {n: b() for n, b in cells}))
     times: Times = {}

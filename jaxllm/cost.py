@@ -29,6 +29,7 @@ cost at all keeps XLA's own ``cost_analysis()``, flagged the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -38,6 +39,7 @@ from typing import Any
 from jaxllm.xla_hlo import (
     HloCostError,
     computation_costs,
+    costable,
     custom_calls,
     fused_attention_flops,
 )
@@ -157,6 +159,11 @@ class _LoopCorrector:
         self._loops: dict[str, bool] = {}
         self.unknown = 0  # while ops without a trip count met on the way
 
+    @functools.cached_property
+    def _costable(self) -> str:
+        """The module rewritten for XLA's generic model, once (``xla_hlo.costable``)."""
+        return costable(self.text)
+
     def whiles(self) -> list[_Site]:
         return [s for sites in self.sites.values() for s in sites if s.opcode == "while"]
 
@@ -174,7 +181,7 @@ class _LoopCorrector:
         """Costs of ``computation`` as XLA's model counts them: each loop body once."""
         if computation not in self._raw:
             try:
-                costs = normalize_costs(computation_costs(self.text, computation))
+                costs = normalize_costs(computation_costs(self._costable, computation))
             except ValueError as err:
                 targets = ", ".join(sorted(custom_calls(self.text))) or "none"
                 raise ValueError(f"{err} (custom calls in the program: {targets})") from err

@@ -10,10 +10,10 @@ GPU's PJRT C API client does not implement per-module cost analysis, and XLA's g
 gives a CPU program's own ``cost_analysis()`` exactly. Neither model sees inside custom calls, and
 a GPU program's GEMMs are custom calls: on an H200 (jax 0.11.2) the GPU's own ``cost_analysis()``
 left out every cuBLASLt product (0.38 of gpt2-medium's prefill FLOPs were counted). So before
-costing, the libraries' scratch outputs are emptied (``workspaces_as_empty``), each cuBLAS GEMM is
-rewritten into a fusion of the ``dot`` it computes and its epilogue (``gemms_as_dots``), and each
-cuDNN fused-attention call into zeros of its output shapes, its products counted here from its
-shapes (``fused_attention_flops``). If a jax upgrade removes either entry point, ``HloCostError``
+costing, once per module (``costable``), the libraries' scratch outputs are emptied
+(``workspaces_as_empty``), each cuBLAS GEMM is rewritten into a fusion of the ``dot`` it computes
+and its epilogue (``gemms_as_dots``), and each cuDNN fused-attention call into zeros of its output
+shapes, its products counted here from its shapes (``fused_attention_flops``). If a jax upgrade removes either entry point, ``HloCostError``
 says so; callers then report XLA's own figures, flagged.
 """
 
@@ -284,14 +284,23 @@ def workspaces_as_empty(hlo_text: str) -> str:
     return hlo_text
 
 
+def costable(hlo_text: str) -> str:
+    """An optimized HLO module as XLA's generic model can cost it, rewritten once for all of its
+    computations: scratch emptied (``workspaces_as_empty``), cuBLAS GEMMs as fusions of their dot
+    and epilogue (``gemms_as_dots``), cuDNN fused attention as zeros (its FLOPs:
+    ``fused_attention_flops``)."""
+    try:
+        return attention_as_zeros(gemms_as_dots(workspaces_as_empty(hlo_text)))
+    except (KeyError, IndexError) as err:  # an operand or shape the rewrite could not read
+        raise HloCostError(f"a library call could not be rewritten: {err!r}") from err
+
+
 def computation_costs(hlo_text: str, computation: str) -> Any:
-    """XLA's (generic) cost analysis of ``computation`` of an optimized HLO module, as
-    ``cost_analysis()`` reports it for a program made of that computation alone, with cuBLAS GEMMs
-    costed as dots and cuDNN fused attention as zeros (its FLOPs: ``fused_attention_flops``)."""
+    """XLA's (generic) cost analysis of ``computation`` of a ``costable`` module, as
+    ``cost_analysis()`` reports it for a program made of that computation alone."""
     from_text, cost_analysis = _entry_points()
     try:
-        text = module_with_entry(workspaces_as_empty(hlo_text), computation)
-        text = attention_as_zeros(gemms_as_dots(text))
+        text = module_with_entry(hlo_text, computation)
         return cost_analysis(jax.devices("cpu")[0].client, from_text(text))
     except HloCostError:
         raise

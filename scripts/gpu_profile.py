@@ -126,6 +126,18 @@ def generate_step_s(config, seq: int, batch: int) -> float:
     return g.decode_s / max(g.decode_steps, 1)
 
 
+def _grouped_queries(q: jax.Array, heads: int, dtype: jnp.dtype) -> jax.Array:
+    """q [B, T, N, H] scaled by 1/sqrt(H), in ``dtype``, as [B, T, K, N/K, H] for K kv heads."""
+    B, T, N, H = q.shape
+    return q.astype(dtype).reshape(B, T, heads, N // heads, H) * jnp.asarray(H**-0.5, dtype)
+
+
+def _by_query(out: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, K·G, H]."""
+    B, K, G, T, H = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
 def written_attention(q, k_new, v_new, kv, pad, offset):
     """The variant ``--written``: a decode step's attention over the cache with its new keys and
     values written in first, one product over the S slots, where ``jaxllm.attention.cached_attention``
@@ -133,23 +145,17 @@ def written_attention(q, k_new, v_new, kv, pad, offset):
     20: a fusion of 11.3 us a layer in llama3.2-1b's B=1 step, the new key's rotary embedding, its
     score and the concatenation). One write offset for every row (``generate``'s step). On the
     2-core CPU, gpt2 f32: B=1 over 96 slots 11.2 -> 11.6 ms, over 1008 13.1 -> 19.4 ms."""
-    import math
-
-    B, T, N, H = q.shape
-    K = k_new.shape[1]
-    k_old, v_old = kv
     k, v = (
         jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, offset, 0))
-        for old, new in ((k_old, k_new), (v_old, v_new))
+        for old, new in zip(kv, (k_new, v_new), strict=True)
     )
-    q = q.astype(k.dtype).reshape(B, T, K, N // K, H) * jnp.asarray(1 / math.sqrt(H), k.dtype)
+    q = _grouped_queries(q, k.shape[1], k.dtype)
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k).astype(jnp.float32)
-    k_slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(T)[:, None]
+    k_slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(q.shape[1])[:, None]
     mask = (k_slot <= q_slot)[None] & (k_slot >= pad[:, None, None])  # [B, T, S]
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return _by_query(jnp.einsum("BKGTS,BKSH->BKGTH", probs, v))
 
 
 def split_softmax_attention(q, k_new, v_new, kv, pad, offset):
@@ -158,36 +164,29 @@ def split_softmax_attention(q, k_new, v_new, kv, pad, offset):
     not over concatenated scores, so that no fusion holds the new key's score and the
     concatenation. On the 2-core CPU, gpt2, the two forms alternated: within 2% (f32 B=1 over 96
     slots 11.28 -> 11.22 ms, bf16 B=8 13.96 -> 13.91, f32 B=32 over 1008 86.4 -> 84.8)."""
-    import math
-
     from jaxllm.attention import attention_mask
 
-    B, T, N, H = q.shape
-    K = k_new.shape[1]
     k_old, v_old = kv
     dtype = k_old.dtype
-    q = q.astype(dtype).reshape(B, T, K, N // K, H) * jnp.asarray(1 / math.sqrt(H), dtype)
-    low = jnp.finfo(jnp.float32).min
-    blocks = [(k_old, v_old, False), (k_new.astype(dtype), v_new.astype(dtype), True)]
-    scores = [
-        jnp.where(
-            attention_mask(pad, offset, T, k.shape[2], new=new),
-            jnp.einsum("BTKGH,BKSH->BKGTS", q, k).astype(jnp.float32),
-            low,
-        )
-        for k, _, new in blocks
-    ]
-    top = jnp.maximum(*(s.max(-1) for s in scores))[..., None]
-    (w_old, w_new) = (jnp.exp(s - top) for s in scores)
+    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
+    q = _grouped_queries(q, k_old.shape[1], dtype)
+    T = q.shape[1]
+
+    def scores(k: jax.Array, new: bool) -> jax.Array:
+        visible = attention_mask(pad, offset, T, k.shape[2], new=new)
+        logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k).astype(jnp.float32)
+        return jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
 
     def weigh(w: jax.Array, v: jax.Array) -> jax.Array:
         return jnp.einsum(
             "BKGTS,BKSH->BKGTH", w.astype(dtype), v, preferred_element_type=jnp.float32
         )
 
-    out = weigh(w_old, v_old) + weigh(w_new, blocks[1][1])
-    out = (out / (w_old.sum(-1) + w_new.sum(-1))[..., None]).astype(dtype)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    s_old, s_new = scores(k_old, False), scores(k_new, True)
+    top = jnp.maximum(s_old.max(-1), s_new.max(-1))[..., None]
+    w_old, w_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+    out = (weigh(w_old, v_old) + weigh(w_new, v_new)) / (w_old.sum(-1) + w_new.sum(-1))[..., None]
+    return _by_query(out.astype(dtype))
 
 
 def output_major_serving() -> None:

@@ -17,6 +17,7 @@ from jaxllm.cost import (
 )
 from jaxllm.xla_hlo import (
     computation_costs,
+    costable,
     fused_attention_flops,
     gemms_as_dots,
     library_workspace_bytes,
@@ -171,7 +172,7 @@ def test_a_gpu_train_step_is_corrected_by_the_same_code_on_the_cpu():
     with gzip.open(FIXTURES / "h200_tiny_train_step.hlo.gz", "rt") as f:
         text = f.read()
     entry, _ = call_graph(text)
-    raw = normalize_costs(computation_costs(text, entry))
+    raw = normalize_costs(computation_costs(costable(text), entry))
     assert raw["flops"] == 5_254_123  # cost_analysis() on the H200: 5254123 flops
     corrected, note, loops = correct_loops(text, raw)
     assert note == "" and loops == (2, 2)
@@ -268,7 +269,7 @@ def test_cublas_epilogues_are_costed_as_the_ops_they_replace(epilogue, beta):
     cpu = jax.devices("cpu")[0]
     args = [jax.device_put(jnp.zeros(s), cpu) for s in ((64, 32), (32, 16), (64, 16), (16,))]
     truth = normalize_costs(jax.jit(f).lower(*args).compile().cost_analysis())
-    costs = normalize_costs(computation_costs(_gemm_module(epilogue, beta), "main"))
+    costs = normalize_costs(computation_costs(costable(_gemm_module(epilogue, beta)), "main"))
     assert costs["flops"] == truth["flops"]
     assert costs["transcendentals"] == truth["transcendentals"]
     # One fused pass: x, w, C when accumulated, the bias and the result (no workspace), in bytes;
@@ -309,4 +310,4 @@ def test_cublas_gemms_are_costed_as_the_dots_they_compute():
         ]
     )
     assert "fusion(%x, %w), kind=kOutput" in gemms_as_dots(text)
-    assert computation_costs(text, "main")["flops"] == 2 * 64 * 32 * 16
+    assert computation_costs(costable(text), "main")["flops"] == 2 * 64 * 32 * 16
