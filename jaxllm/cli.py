@@ -323,6 +323,46 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from jaxllm import opprofile, phases, train
+
+    config = config_from_args(args)
+    phases.check_sizes(config, args.phase, args.batch, args.seq)
+    if args.phase == "train":  # the program `jaxllm train` compiles here, as analyze profiles it
+        config = train.training_config(config, args.override)
+    result = opprofile.profile(phases.build(config, args.phase, args.batch, args.seq), args.calls)
+    if args.json:
+        ops = [dataclasses.asdict(op) for op in result.ops[: args.top]]
+        row = dataclasses.asdict(result) | {"ops": ops, "op_s": result.op_s}
+        print(json.dumps(row | {"by_kind": result.by_kind()}))
+    else:
+        print("\n".join(opprofile.table(result, args.top)))
+    return 0
+
+
+def _profile_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="where one phase's time goes, op by op (a profile of a few calls)",
+        description="Runs --calls calls of the phase `analyze` compiles under JAX's profiler and "
+        "shares each instant of wall time among the ops running then (two CPU threads' ops are not "
+        "counted twice): time a call by op kind and the ops of most time, with their HLO lines.",
+    )
+    add_model_args(p)
+    p.add_argument("--phase", required=True, help="train, prefill or decode")
+    p.add_argument("--batch", type=_positive, required=True, help="B: sequences per call")
+    p.add_argument(
+        "--seq",
+        type=_positive,
+        required=True,
+        help="T: tokens per sequence (decode: the context the step completes, <= max_len)",
+    )
+    p.add_argument("--calls", type=_positive, default=5, help="calls profiled (default: 5)")
+    p.add_argument("--top", type=_positive, default=15, help="kinds and ops listed (default: 15)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_profile)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from jaxllm import bench, hardware, tables
 
@@ -722,6 +762,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _info_parser,
     _analyze_parser,
+    _profile_parser,
     _bench_parser,
     _calibrate_parser,
     _train_parser,

@@ -1,0 +1,197 @@
+"""Where a compiled phase's time goes, op by op (``jaxllm profile``).
+
+A few calls of the phase run back to back under JAX's profiler, each fed the state or cache
+the last one returned (the steady state of a training or decoding loop). Each instant of the
+trace's wall time is shared evenly among the ops running then (``shared_wall``), so ops that two
+CPU threads run side by side are not counted twice, and the shares of a call add up to the time
+some op was running. On a CPU the ops are XLA's thunks on the host's threads (fusions, YNNPACK's library
+calls as ``ynn_fusion``, XLA's own product loops as ``dot``); on a GPU, the device's kernels.
+Each op is listed with the line of the compiled HLO that names it (its shape and operands) where
+one does; a GPU's library kernels (cuBLAS, cuDNN) carry their own names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import phases
+from jaxllm.errors import positive_int
+
+Span = tuple[float, float, str]  # start, end (µs), op name
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    name: str  # the op (an HLO instruction's name on a CPU, a kernel's on a GPU)
+    kind: str  # the name without its number: ``ynn_fusion.12`` -> ``ynn_fusion``
+    seconds: float  # its share of the wall time, per call
+    hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpProfile:
+    phase: str
+    batch: int
+    seq: int
+    calls: int
+    span_s: float  # first op's start to the last op's end, per call
+    ops: list[OpTime]  # most time first
+
+    @property
+    def op_s(self) -> float:
+        """Seconds per call that some op was running."""
+        return sum(op.seconds for op in self.ops)
+
+    def by_kind(self) -> dict[str, float]:
+        """Seconds per call by op kind, most first."""
+        kinds: dict[str, float] = defaultdict(float)
+        for op in self.ops:
+            kinds[op.kind] += op.seconds
+        return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def shared_wall(spans: list[Span]) -> dict[str, float]:
+    """Each op's share of wall time (µs) from its spans: every instant divided evenly among the
+    spans open then (two spans of one name open at once count twice)."""
+    edges = sorted([(a, 1, n) for a, _, n in spans] + [(b, -1, n) for _, b, n in spans])
+    share: dict[str, float] = defaultdict(float)
+    running: dict[str, int] = defaultdict(int)
+    last = 0.0
+    for t, step, name in edges:
+        if running:
+            width = (t - last) / sum(running.values())
+            for n, count in running.items():
+                share[n] += width * count
+        last = t
+        running[name] += step
+        if running[name] == 0:
+            del running[name]
+    return dict(share)
+
+
+def op_spans(events: list[dict[str, Any]], ops: set[str] | None) -> list[Span]:
+    """The ops among a Perfetto trace's complete events: on a CPU (``ops``: names of the compiled
+    module's instructions) the host's events so named, the runtime's around them left out; on a GPU
+    (``ops`` None) every event of a device's process, its kernels."""
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    spans = []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        keep = "/device:" in names.get(e["pid"], "") if ops is None else e["name"] in ops
+        if keep:
+            spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]))
+    return spans
+
+
+# Ops whose time is that of the ops they run (a loop's body, a branch, a call): left out.
+CONTAINERS = frozenset({"while", "conditional", "call"})
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+    opcode: str
+    text: str  # shape, opcode and operands, then the JAX operation it came from
+
+
+def _operands(rest: str) -> str:
+    """The text up to the parenthesis closing the one before ``rest``."""
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return rest[:i]
+    return rest
+
+
+def hlo_ops(text: str) -> dict[str, HloOp]:
+    """Instruction name -> its opcode and a short definition, from a compiled module's text: the
+    result's shape (layouts dropped), opcode and operands, then ``op_name`` of its metadata."""
+    ops: dict[str, HloOp] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$", line)
+        if m and m.group(1) not in ops:
+            shape = re.sub(r"\{[^}]*\}", "", m.group(2))
+            source = re.search(r'op_name="([^"]*)"', line)
+            origin = f" <- ...{source.group(1)[-80:]}" if source else ""
+            definition = f"{shape} {m.group(3)}({_operands(m.group(4))}){origin}"
+            ops[m.group(1)] = HloOp(m.group(3), definition)
+    return ops
+
+
+def _chain(compiled: Any, phase: str, first: tuple, calls: int) -> Any:
+    """``calls`` calls dispatched back to back, each fed what the last returned in place of the
+    argument it donates: the train state, or the cache (its index set back to the first call's, so
+    that every decode step completes the same context). Returns the last call's outputs."""
+    index = None if phase == "train" else int(first[1].index)
+    args = first
+    for _ in range(calls):
+        out = compiled(*args)
+        if index is None:
+            args = (out[0], *args[1:])
+        else:
+            args = (args[0], out[1].replace(index=jnp.int32(index)), *args[2:])
+    return out
+
+
+def _traced(compiled: Any, phase: str, first: tuple, calls: int) -> list[dict[str, Any]]:
+    """The trace events of ``_chain``."""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(_chain(compiled, phase, first, calls))
+        with gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))) as f:
+            return json.load(f)["traceEvents"]
+
+
+def profile(program: phases.Program, calls: int) -> OpProfile:
+    """``calls`` chained calls of ``program`` (``_chain``; one untimed call first), its ops'
+    shares of the wall time per call."""
+    positive_int("calls", calls)
+    compiled = program.jitted.lower(*program.abstract_args).compile()
+    make = program.make_args(jax.random.key(0))
+    jax.block_until_ready(compiled(*make()))
+    first = jax.block_until_ready(make())
+    hlo = hlo_ops(compiled.as_text())
+    leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
+    on_host = jax.default_backend() == "cpu"
+    spans = op_spans(_traced(compiled, program.phase, first, calls), leaves if on_host else None)
+    ops = [
+        OpTime(
+            name,
+            re.sub(r"\.\d+$", "", name),
+            us / 1e6 / calls,
+            hlo[name].text if name in hlo else "",
+        )
+        for name, us in sorted(shared_wall(spans).items(), key=lambda kv: -kv[1])
+    ]
+    span = (max(b for _, b, _ in spans) - min(a for a, _, _ in spans)) if spans else 0.0
+    return OpProfile(program.phase, program.batch, program.seq, calls, span / 1e6 / calls, ops)
+
+
+def table(result: OpProfile, top: int) -> list[str]:
+    """Lines: the totals, the ``top`` op kinds, then the ``top`` ops with their HLO lines."""
+    op_s = result.op_s
+    lines = [
+        f"{result.phase} B={result.batch} seq={result.seq}, {result.calls} calls: "
+        f"{op_s * 1e3:.3f} ms of op time a call in a span of {result.span_s * 1e3:.3f} ms",
+        "",
+        "| op kind | ms a call | share |",
+        "|---|---|---|",
+    ]
+    for kind, s in list(result.by_kind().items())[:top]:
+        lines.append(f"| {kind} | {s * 1e3:.3f} | {s / op_s:.1%} |")
+    lines += ["", "| op | ms a call | HLO |", "|---|---|---|"]
+    for op in result.ops[:top]:
+        hlo = f"`{op.hlo[:200]}`".replace("|", "\\|") if op.hlo else ""
+        lines.append(f"| {op.name} | {op.seconds * 1e3:.3f} | {hlo} |")
+    return lines

@@ -1,0 +1,121 @@
+"""``jaxllm profile`` (``jaxllm.opprofile``): wall time shared among the ops running at each instant,
+against shares worked out by hand, and a real phase's ops against its compiled module."""
+
+import json
+import re
+
+import jax
+import pytest
+
+from jaxllm import opprofile, phases
+from jaxllm.cli import main
+from jaxllm.config import PRESETS
+
+
+def test_overlapping_ops_share_the_instants_they_overlap():
+    # a alone for 5 µs, a and b together for 5 (2.5 each), b alone for 5; c later, alone.
+    spans = [(0.0, 10.0, "a"), (5.0, 15.0, "b"), (20.0, 21.0, "c")]
+    assert opprofile.shared_wall(spans) == pytest.approx({"a": 7.5, "b": 7.5, "c": 1.0})
+
+
+def test_shares_add_up_to_the_busy_wall_time():
+    # One name open twice at once (two threads running instances of it), beside another op.
+    spans = [(0.0, 4.0, "x"), (1.0, 3.0, "x"), (2.0, 6.0, "y")]
+    share = opprofile.shared_wall(spans)
+    # [0,1) x; [1,2) x,x; [2,3) x,x,y: x 2/3, y 1/3; [3,4) x,y; [4,6) y.
+    assert share == pytest.approx({"x": 1 + 1 + 2 / 3 + 0.5, "y": 1 / 3 + 0.5 + 2})
+    assert sum(share.values()) == pytest.approx(6.0)
+
+
+def _process(pid, name):
+    return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+
+
+def _event(pid, name, ts, dur):
+    return {"ph": "X", "pid": pid, "name": name, "ts": ts, "dur": dur}
+
+
+EVENTS = [
+    _process(1, "/host:CPU"),
+    _process(2, "/device:GPU:0"),
+    _event(1, "ynn_fusion.3", 0, 5),
+    _event(1, "ThunkExecutor::Execute", 0, 9),
+    _event(1, "$cli.py:12 main", 0, 9),
+    _event(2, "loop_add_fusion", 3, 2),
+    {"ph": "i", "pid": 1, "name": "dot.1", "ts": 1},
+]
+
+
+def test_host_ops_are_the_events_named_as_the_modules_instructions():
+    ops = {"ynn_fusion.3", "dot.1", "tuple.2"}
+    assert opprofile.op_spans(EVENTS, ops) == [(0.0, 5.0, "ynn_fusion.3")]
+
+
+def test_device_ops_are_the_device_processes_events():
+    assert opprofile.op_spans(EVENTS, None) == [(3.0, 5.0, "loop_add_fusion")]
+
+
+def test_hlo_ops_name_shape_opcode_operands_and_source():
+    text = (
+        "  %dot.7 = f32[8,12,128,1]{3,2,1,0} dot(%cache_k_4_.1, %bitcast.2), lhs_batch_dims={0,1}, "
+        'metadata={op_name="jit(decode_step)/attn/dot_general" stack_frame_id=3}\n'
+        "  %while.3 = (s32[], f32[2,16]{1,0}, /*index=2*/f32[2]{0}) while(%tuple.1), "
+        "condition=%cond, body=%body\n"
+    )
+    ops = opprofile.hlo_ops(text)
+    assert ops["dot.7"] == opprofile.HloOp(
+        "dot",
+        "f32[8,12,128,1] dot(%cache_k_4_.1, %bitcast.2) <- ...jit(decode_step)/attn/dot_general",
+    )
+    assert ops["while.3"] == opprofile.HloOp(
+        "while", "(s32[], f32[2,16], /*index=2*/f32[2]) while(%tuple.1)"
+    )
+
+
+@pytest.mark.parametrize("phase", phases.PHASES)
+def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
+    program = phases.build(PRESETS["tiny"], phase, 2, 16)
+    result = opprofile.profile(program, calls=3)  # chained: each call donates what the next takes
+    if jax.default_backend() != "cpu":
+        pytest.skip("a GPU's ops are kernels, not the module's instruction names")
+    text = program.jitted.lower(*program.abstract_args).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    # Every product of the step runs in every call: XLA's own loops (dot) and YNNPACK's fusions.
+    products = set(re.findall(r"%([\w.\-]+) = \S+ dot\(", entry))
+    products |= set(re.findall(r"%(ynn_fusion[\w.\-]*) = ", entry))
+    profiled = {op.name for op in result.ops}
+    assert products and products <= profiled, products - profiled
+    # No runtime event among them, and no loop: its time is its body's ops'.
+    loops = set(re.findall(r"%([\w.\-]+) = .*? while\(", text))
+    assert profiled <= set(re.findall(r"%([\w.\-]+) = ", text)) - loops
+    assert all(op.hlo for op in result.ops)
+    seconds = [op.seconds for op in result.ops]
+    assert seconds == sorted(seconds, reverse=True)
+    # Shares count each instant once: no more than the span from the first op to the last.
+    assert 0 < result.op_s <= result.span_s * (1 + 1e-9)
+    assert sum(result.by_kind().values()) == pytest.approx(result.op_s)
+
+
+def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
+    args = ["profile", "--preset", "tiny", "--phase", "decode", "--batch", "2", "--seq", "16"]
+    assert main([*args, "--calls", "2", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("decode B=2 seq=16, 2 calls:")
+    assert "| op kind | ms a call | share |" in out and "| op | ms a call | HLO |" in out
+    assert main([*args, "--calls", "2", "--top", "3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["ops"]) == 3 and row["calls"] == 2
+    assert sum(row["by_kind"].values()) == pytest.approx(row["op_s"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--phase", "serve", "--batch", "2", "--seq", "16"], "unknown phase 'serve'"),
+        (["--phase", "decode", "--batch", "2", "--seq", "9999"], "--seq 9999 is beyond"),
+        (["--phase", "decode", "--batch", "2", "--seq", "16", "--calls", "0"], "got '0'"),
+    ],
+)
+def test_profile_cli_refuses_bad_input_naming_it(extra, message, capsys):
+    assert main(["profile", "--preset", "tiny", *extra]) == 2
+    assert message in capsys.readouterr().err
