@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import re
 import tempfile
 from collections import defaultdict
@@ -36,6 +37,12 @@ class OpTime:
     kind: str  # the name without its number: ``ynn_fusion.12`` -> ``ynn_fusion``
     seconds: float  # its share of the wall time, per call
     hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
+    nbytes: int  # its operands' and result's bytes (``op_bytes``), 0 where not in the module
+
+    @property
+    def bytes_per_s(self) -> float:
+        """``nbytes`` over its share of the wall time: its bandwidth, if it read each once."""
+        return self.nbytes / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +109,36 @@ CONTAINERS = frozenset({"while", "conditional", "call"})
 class HloOp:
     opcode: str
     text: str  # shape, opcode and operands, then the JAX operation it came from
+    nbytes: int  # its result's bytes (a tuple's, summed)
+    operands: tuple[str, ...]  # the instructions it takes
+
+
+# Bytes of an element, by HLO type name.
+ELEMENT_BYTES = {
+    **dict.fromkeys(("pred", "s8", "u8", "f8e4m3fn", "f8e5m2"), 1),
+    **dict.fromkeys(("bf16", "f16", "s16", "u16"), 2),
+    **dict.fromkeys(("f32", "s32", "u32"), 4),
+    **dict.fromkeys(("f64", "s64", "u64", "c64"), 8),
+    "c128": 16,
+}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of the arrays of an HLO shape, ``bf16[8,3072]`` or a tuple of them (layouts
+    dropped); 0 for types of no storage (``token[]``)."""
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+        elements = math.prod(int(d) for d in dims.split(",") if d)
+        total += ELEMENT_BYTES.get(dtype, 0) * elements
+    return total
+
+
+def op_bytes(hlo: dict[str, HloOp], name: str) -> int:
+    """Bytes an op reads and writes if it touches each operand and its result once: their sizes,
+    each operand counted once. An upper bound for an op that reads part of an operand (a slice of
+    stacked weights), exact for one that streams them."""
+    op = hlo[name]
+    return op.nbytes + sum(hlo[o].nbytes for o in set(op.operands) if o in hlo)
 
 
 def _operands(rest: str) -> str:
@@ -124,8 +161,10 @@ def hlo_ops(text: str) -> dict[str, HloOp]:
             shape = re.sub(r"\{[^}]*\}", "", m.group(2))
             source = re.search(r'op_name="([^"]*)"', line)
             origin = f" <- ...{source.group(1)[-80:]}" if source else ""
-            definition = f"{shape} {m.group(3)}({_operands(m.group(4))}){origin}"
-            ops[m.group(1)] = HloOp(m.group(3), definition)
+            operands = _operands(m.group(4))
+            definition = f"{shape} {m.group(3)}({operands}){origin}"
+            names = tuple(re.findall(r"%([\w.\-]+)", operands))
+            ops[m.group(1)] = HloOp(m.group(3), definition, shape_bytes(shape), names)
     return ops
 
 
@@ -171,6 +210,7 @@ def profile(program: phases.Program, calls: int) -> OpProfile:
             re.sub(r"\.\d+$", "", name),
             us / 1e6 / calls,
             hlo[name].text if name in hlo else "",
+            op_bytes(hlo, name) if name in hlo else 0,
         )
         for name, us in sorted(shared_wall(spans).items(), key=lambda kv: -kv[1])
     ]
@@ -179,7 +219,8 @@ def profile(program: phases.Program, calls: int) -> OpProfile:
 
 
 def table(result: OpProfile, top: int) -> list[str]:
-    """Lines: the totals, the ``top`` op kinds, then the ``top`` ops with their HLO lines."""
+    """Lines: the totals, the ``top`` op kinds, then the ``top`` ops with their bytes (``op_bytes``:
+    operands and result, each once), the bandwidth that makes and their HLO definitions."""
     op_s = result.op_s
     lines = [
         f"{result.phase} B={result.batch} seq={result.seq}, {result.calls} calls: "
@@ -190,8 +231,9 @@ def table(result: OpProfile, top: int) -> list[str]:
     ]
     for kind, s in list(result.by_kind().items())[:top]:
         lines.append(f"| {kind} | {s * 1e3:.3f} | {s / op_s:.1%} |")
-    lines += ["", "| op | ms a call | HLO |", "|---|---|---|"]
+    lines += ["", "| op | ms a call | MB | GB/s | HLO |", "|---|---|---|---|---|"]
     for op in result.ops[:top]:
         hlo = f"`{op.hlo[:200]}`".replace("|", "\\|") if op.hlo else ""
-        lines.append(f"| {op.name} | {op.seconds * 1e3:.3f} | {hlo} |")
+        rate = f"{op.nbytes / 1e6:.2f} | {op.bytes_per_s / 1e9:.1f}" if op.nbytes else " | "
+        lines.append(f"| {op.name} | {op.seconds * 1e3:.3f} | {rate} | {hlo} |")
     return lines

@@ -55,6 +55,12 @@ an() {  # label, then `jaxllm analyze` arguments: the user-facing figures (XLA's
 BF="--override dtype=bfloat16"
 an train_m_bf16 --preset gpt2-medium $BF --phase train --batch 8 --seq 1024
 an dec_l1b_b1 --preset llama3.2-1b $BF --override param_dtype=bfloat16 --phase decode --batch 1 --seq 1024
+if [ "$(left)" -gt 40 ]; then  # `jaxllm profile` (round 21) on a GPU: the step's kernels by time
+  step "profile dec_l1b_b1"
+  timeout -s ABRT 40 python3 -X faulthandler -m jaxllm profile --preset llama3.2-1b $BF \
+    --override param_dtype=bfloat16 --phase decode --batch 1 --seq 1024 --calls 10 --top 25 \
+    > $R/profile_dec_l1b_b1.md 2> $R/profile_dec_l1b_b1.err; echo "rc=$?"; head -30 $R/profile_dec_l1b_b1.md
+fi
 v dec_written $DEC --generate --written
 v dec_m_b8 $MED 8 1024 --generate
 v dec_m_b128 $MED 128 1024 --generate

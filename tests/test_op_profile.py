@@ -63,13 +63,30 @@ def test_hlo_ops_name_shape_opcode_operands_and_source():
         "condition=%cond, body=%body\n"
     )
     ops = opprofile.hlo_ops(text)
-    assert ops["dot.7"] == opprofile.HloOp(
-        "dot",
-        "f32[8,12,128,1] dot(%cache_k_4_.1, %bitcast.2) <- ...jit(decode_step)/attn/dot_general",
+    text_7 = (
+        "f32[8,12,128,1] dot(%cache_k_4_.1, %bitcast.2) <- ...jit(decode_step)/attn/dot_general"
     )
-    assert ops["while.3"] == opprofile.HloOp(
-        "while", "(s32[], f32[2,16], /*index=2*/f32[2]) while(%tuple.1)"
+    bytes_7 = 4 * 8 * 12 * 128
+    assert ops["dot.7"] == opprofile.HloOp("dot", text_7, bytes_7, ("cache_k_4_.1", "bitcast.2"))
+    text_3 = "(s32[], f32[2,16], /*index=2*/f32[2]) while(%tuple.1)"
+    assert ops["while.3"] == opprofile.HloOp("while", text_3, 4 + 4 * 32 + 4 * 2, ("tuple.1",))
+
+
+def test_shape_bytes_count_arrays_and_tuples():
+    assert opprofile.shape_bytes("bf16[8,3072]") == 2 * 8 * 3072
+    assert opprofile.shape_bytes("(s32[], f32[2,16], /*index=2*/pred[3])") == 4 + 4 * 32 + 3
+    assert opprofile.shape_bytes("token[]") == 0
+
+
+def test_op_bytes_are_its_result_and_each_operand_once():
+    text = (
+        "  %w = bf16[3072,768]{1,0} parameter(0)\n"
+        "  %x = bf16[8,768]{1,0} parameter(1)\n"
+        "  %ynn_fusion.4 = f32[8,3072]{1,0} fusion(%x, %w, %x), kind=kCustom\n"
     )
+    hlo = opprofile.hlo_ops(text)
+    assert hlo["ynn_fusion.4"].operands == ("x", "w", "x")
+    assert opprofile.op_bytes(hlo, "ynn_fusion.4") == 4 * 8 * 3072 + 2 * 3072 * 768 + 2 * 8 * 768
 
 
 @pytest.mark.parametrize("phase", phases.PHASES)
@@ -88,7 +105,7 @@ def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
     # No runtime event among them, and no loop: its time is its body's ops'.
     loops = set(re.findall(r"%([\w.\-]+) = .*? while\(", text))
     assert profiled <= set(re.findall(r"%([\w.\-]+) = ", text)) - loops
-    assert all(op.hlo for op in result.ops)
+    assert all(op.hlo and op.nbytes > 0 for op in result.ops)
     seconds = [op.seconds for op in result.ops]
     assert seconds == sorted(seconds, reverse=True)
     # Shares count each instant once: no more than the span from the first op to the last.
@@ -101,10 +118,13 @@ def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
     assert main([*args, "--calls", "2", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("decode B=2 seq=16, 2 calls:")
-    assert "| op kind | ms a call | share |" in out and "| op | ms a call | HLO |" in out
+    assert (
+        "| op kind | ms a call | share |" in out and "| op | ms a call | MB | GB/s | HLO |" in out
+    )
     assert main([*args, "--calls", "2", "--top", "3", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert len(row["ops"]) == 3 and row["calls"] == 2
+    assert all(op["nbytes"] > 0 for op in row["ops"])
     assert sum(row["by_kind"].values()) == pytest.approx(row["op_s"])
 
 
