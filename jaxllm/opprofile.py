@@ -168,10 +168,11 @@ def hlo_ops(text: str) -> dict[str, HloOp]:
     return ops
 
 
-def _chain(compiled: Any, phase: str, first: tuple, calls: int) -> Any:
+def _chain(compiled: Any, phase: str, first: tuple, calls: int) -> tuple[Any, tuple]:
     """``calls`` calls dispatched back to back, each fed what the last returned in place of the
     argument it donates: the train state, or the cache (its index set back to the first call's, so
-    that every decode step completes the same context). Returns the last call's outputs."""
+    that every decode step completes the same context). Returns the last call's outputs and the
+    arguments of a next call."""
     index = None if phase == "train" else int(first[1].index)
     args = first
     for _ in range(calls):
@@ -180,26 +181,27 @@ def _chain(compiled: Any, phase: str, first: tuple, calls: int) -> Any:
             args = (out[0], *args[1:])
         else:
             args = (args[0], out[1].replace(index=jnp.int32(index)), *args[2:])
-    return out
+    return out, args
 
 
 def _traced(compiled: Any, phase: str, first: tuple, calls: int) -> list[dict[str, Any]]:
     """The trace events of ``_chain``."""
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            jax.block_until_ready(_chain(compiled, phase, first, calls))
+            jax.block_until_ready(_chain(compiled, phase, first, calls)[0])
         with gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))) as f:
             return json.load(f)["traceEvents"]
 
 
 def profile(program: phases.Program, calls: int) -> OpProfile:
-    """``calls`` chained calls of ``program`` (``_chain``; one untimed call first), its ops'
+    """``calls`` chained calls of ``program`` (``_chain``), after as many untimed ones in the same
+    chain (the first calls of a fresh state fault its temporaries' pages in: a gpt2 train step's
+    loss pass took 5x its steady time in a profile of three calls that began cold), its ops'
     shares of the wall time per call."""
     positive_int("calls", calls)
     compiled = program.jitted.lower(*program.abstract_args).compile()
-    make = program.make_args(jax.random.key(0))
-    jax.block_until_ready(compiled(*make()))
-    first = jax.block_until_ready(make())
+    out, first = _chain(compiled, program.phase, program.make_args(jax.random.key(0))(), calls)
+    jax.block_until_ready(out)
     hlo = hlo_ops(compiled.as_text())
     leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
     on_host = jax.default_backend() == "cpu"
