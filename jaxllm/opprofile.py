@@ -18,6 +18,7 @@ import json
 import math
 import re
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ class OpProfile:
     batch: int
     seq: int
     calls: int
-    span_s: float  # first op's start to the last op's end, per call
+    span_s: float  # first op's start to the last op's end, per call, under the profiler
+    wall_s: float  # seconds a call of the same chain without the profiler
     ops: list[OpTime]  # most time first
 
     @property
@@ -194,14 +196,20 @@ def _traced(compiled: Any, phase: str, first: tuple, calls: int) -> list[dict[st
 
 
 def profile(program: phases.Program, calls: int) -> OpProfile:
-    """``calls`` chained calls of ``program`` (``_chain``), after as many untimed ones in the same
-    chain (the first calls of a fresh state fault its temporaries' pages in: a gpt2 train step's
-    loss pass took 5x its steady time in a profile of three calls that began cold), its ops'
-    shares of the wall time per call."""
+    """``calls`` chained calls of ``program`` (``_chain``) under the profiler, its ops' shares of
+    the wall time per call. Before them, in the same chain: as many calls untimed (the first calls
+    of a fresh state fault its temporaries' pages in: a gpt2 train step's loss pass took 5x its
+    steady time in a profile of three calls that began cold), then as many timed without the
+    profiler, which adds to each op's time (gpt2's bf16 decode step, about 540 ops: 6.29 -> 6.66
+    ms at B=1, 14.76 -> 15.27 ms at B=8; 2-core Zen 5 VM)."""
     positive_int("calls", calls)
     compiled = program.jitted.lower(*program.abstract_args).compile()
     out, first = _chain(compiled, program.phase, program.make_args(jax.random.key(0))(), calls)
     jax.block_until_ready(out)
+    start = time.perf_counter()
+    out, first = _chain(compiled, program.phase, first, calls)
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - start) / calls
     hlo = hlo_ops(compiled.as_text())
     leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
     on_host = jax.default_backend() == "cpu"
@@ -217,7 +225,8 @@ def profile(program: phases.Program, calls: int) -> OpProfile:
         for name, us in sorted(shared_wall(spans).items(), key=lambda kv: -kv[1])
     ]
     span = (max(b for _, b, _ in spans) - min(a for a, _, _ in spans)) if spans else 0.0
-    return OpProfile(program.phase, program.batch, program.seq, calls, span / 1e6 / calls, ops)
+    span_s = span / 1e6 / calls
+    return OpProfile(program.phase, program.batch, program.seq, calls, span_s, wall, ops)
 
 
 def table(result: OpProfile, top: int) -> list[str]:
@@ -226,7 +235,8 @@ def table(result: OpProfile, top: int) -> list[str]:
     op_s = result.op_s
     lines = [
         f"{result.phase} B={result.batch} seq={result.seq}, {result.calls} calls: "
-        f"{op_s * 1e3:.3f} ms of op time a call in a span of {result.span_s * 1e3:.3f} ms",
+        f"{op_s * 1e3:.3f} ms of op time a call in a span of {result.span_s * 1e3:.3f} ms "
+        f"under the profiler; {result.wall_s * 1e3:.3f} ms a call without it",
         "",
         "| op kind | ms a call | share |",
         "|---|---|---|",

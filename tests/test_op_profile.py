@@ -110,6 +110,7 @@ def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
     assert seconds == sorted(seconds, reverse=True)
     # Shares count each instant once: no more than the span from the first op to the last.
     assert 0 < result.op_s <= result.span_s * (1 + 1e-9)
+    assert result.wall_s > 0
     assert sum(result.by_kind().values()) == pytest.approx(result.op_s)
 
 
@@ -117,13 +118,13 @@ def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
     args = ["profile", "--preset", "tiny", "--phase", "decode", "--batch", "2", "--seq", "16"]
     assert main([*args, "--calls", "2", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("decode B=2 seq=16, 2 calls:")
+    assert out.startswith("decode B=2 seq=16, 2 calls:") and "a call without it" in out
     assert (
         "| op kind | ms a call | share |" in out and "| op | ms a call | MB | GB/s | HLO |" in out
     )
     assert main([*args, "--calls", "2", "--top", "3", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert len(row["ops"]) == 3 and row["calls"] == 2
+    assert len(row["ops"]) == 3 and row["calls"] == 2 and row["wall_s"] > 0
     assert all(op["nbytes"] > 0 for op in row["ops"])
     assert sum(row["by_kind"].values()) == pytest.approx(row["op_s"])
 
