@@ -19,7 +19,7 @@ import math
 import re
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,18 @@ class OpTime:
     kind: str  # the name without its number: ``ynn_fusion.12`` -> ``ynn_fusion``
     seconds: float  # its share of the wall time, per call
     hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
-    nbytes: int  # its operands' and result's bytes (``op_bytes``), 0 where not in the module
+    nbytes: int  # per call, its operands' and result's bytes (``op_bytes``) each run; 0 if unknown
+    flops: int  # per call, its matrix products' FLOPs (``op_flops``) each run; 0 for none
 
     @property
     def bytes_per_s(self) -> float:
         """``nbytes`` over its share of the wall time: its bandwidth, if it read each once."""
         return self.nbytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def flops_per_s(self) -> float:
+        """``flops`` over its share of the wall time."""
+        return self.flops / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,11 @@ class OpProfile:
     def op_s(self) -> float:
         """Seconds per call that some op was running."""
         return sum(op.seconds for op in self.ops)
+
+    def products(self) -> tuple[float, int]:
+        """Seconds and FLOPs a call of the ops that run matrix products (``OpTime.flops``)."""
+        ops = [op for op in self.ops if op.flops]
+        return sum(op.seconds for op in ops), sum(op.flops for op in ops)
 
     def by_kind(self) -> dict[str, float]:
         """Seconds per call by op kind, most first."""
@@ -113,6 +124,10 @@ class HloOp:
     text: str  # shape, opcode and operands, then the JAX operation it came from
     nbytes: int  # its result's bytes (a tuple's, summed)
     operands: tuple[str, ...]  # the instructions it takes
+    dims: tuple[int, ...] = ()  # its result's dimensions (an array's; () for a tuple or scalar)
+    computation: str = ""  # the computation it is in
+    calls: str = ""  # a fusion's computation
+    contracting: tuple[int, ...] = ()  # a dot's contracting dimensions of its left operand
 
 
 # Bytes of an element, by HLO type name.
@@ -153,21 +168,64 @@ def _operands(rest: str) -> str:
     return rest
 
 
+def _ints(text: str | None) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d) if text else ()
+
+
 def hlo_ops(text: str) -> dict[str, HloOp]:
-    """Instruction name -> its opcode and a short definition, from a compiled module's text: the
-    result's shape (layouts dropped), opcode and operands, then ``op_name`` of its metadata."""
+    """Instruction name -> its opcode, a short definition (the result's shape with layouts dropped,
+    opcode and operands, then ``op_name`` of its metadata) and what ``op_flops`` needs, from a
+    compiled module's text."""
     ops: dict[str, HloOp] = {}
+    computation = ""
     for line in text.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if head:
+            computation = head.group(1)
+            continue
         m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$", line)
         if m and m.group(1) not in ops:
             shape = re.sub(r"\{[^}]*\}", "", m.group(2))
             source = re.search(r'op_name="([^"]*)"', line)
             origin = f" <- ...{source.group(1)[-80:]}" if source else ""
             operands = _operands(m.group(4))
-            definition = f"{shape} {m.group(3)}({operands}){origin}"
-            names = tuple(re.findall(r"%([\w.\-]+)", operands))
-            ops[m.group(1)] = HloOp(m.group(3), definition, shape_bytes(shape), names)
+            array = re.fullmatch(r"\w+\[([\d,]*)\]", shape)
+            calls = re.search(r"calls=%([\w.\-]+)", line)
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+            ops[m.group(1)] = HloOp(
+                m.group(3),
+                f"{shape} {m.group(3)}({operands}){origin}",
+                shape_bytes(shape),
+                tuple(re.findall(r"%([\w.\-]+)", operands)),
+                _ints(array.group(1)) if array else (),
+                computation,
+                calls.group(1) if calls else "",
+                _ints(contracting.group(1)) if contracting else (),
+            )
     return ops
+
+
+def _dot_flops(hlo: dict[str, HloOp], op: HloOp) -> int:
+    """2 x a dot's result elements x its contracted size (0 where its left operand is unknown)."""
+    if not op.operands or op.operands[0] not in hlo:
+        return 0
+    lhs = hlo[op.operands[0]].dims
+    return 2 * math.prod(op.dims) * math.prod(lhs[d] for d in op.contracting if d < len(lhs))
+
+
+def op_flops(hlo: dict[str, HloOp]) -> dict[str, int]:
+    """The FLOPs of the ops that run matrix products (2 per multiply-add): a dot's own, a fusion's
+    the dots' of its computation. Other ops are left out, and so are library calls that carry no
+    dot (a GPU's cuBLAS custom calls)."""
+    inside: dict[str, int] = defaultdict(int)  # computation -> its dots' FLOPs
+    for op in hlo.values():
+        if op.opcode == "dot":
+            inside[op.computation] += _dot_flops(hlo, op)
+    flops = {name: _dot_flops(hlo, op) for name, op in hlo.items() if op.opcode == "dot"}
+    for name, op in hlo.items():
+        if op.opcode == "fusion" and inside.get(op.calls):
+            flops[name] = inside[op.calls]
+    return flops
 
 
 def _chain(compiled: Any, phase: str, first: tuple, calls: int) -> tuple[Any, tuple]:
@@ -214,19 +272,33 @@ def profile(program: phases.Program, calls: int) -> OpProfile:
     leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
     on_host = jax.default_backend() == "cpu"
     spans = op_spans(_traced(compiled, program.phase, first, calls), leaves if on_host else None)
-    ops = [
-        OpTime(
-            name,
-            re.sub(r"\.\d+$", "", name),
-            us / 1e6 / calls,
-            hlo[name].text if name in hlo else "",
-            op_bytes(hlo, name) if name in hlo else 0,
-        )
-        for name, us in sorted(shared_wall(spans).items(), key=lambda kv: -kv[1])
-    ]
     span = (max(b for _, b, _ in spans) - min(a for a, _, _ in spans)) if spans else 0.0
     span_s = span / 1e6 / calls
+    ops = op_times(hlo, spans, calls)
     return OpProfile(program.phase, program.batch, program.seq, calls, span_s, wall, ops)
+
+
+def op_times(hlo: dict[str, HloOp], spans: list[Span], calls: int) -> list[OpTime]:
+    """The ops of ``spans`` (``calls`` calls' worth), most time first: each one's share of the wall
+    time, bytes and FLOPs per call. An op inside a loop runs several times a call: its bytes and
+    FLOPs count every run (its spans a call)."""
+    flops = op_flops(hlo)
+    runs = Counter(name for _, _, name in spans)
+    ops = []
+    for name, us in sorted(shared_wall(spans).items(), key=lambda kv: -kv[1]):
+        per_call = runs[name] / calls
+        op = hlo.get(name)
+        ops.append(
+            OpTime(
+                name,
+                re.sub(r"\.\d+$", "", name),
+                us / 1e6 / calls,
+                op.text if op else "",
+                round(op_bytes(hlo, name) * per_call) if op else 0,
+                round(flops.get(name, 0) * per_call),
+            )
+        )
+    return ops
 
 
 def table(result: OpProfile, top: int) -> list[str]:
@@ -237,15 +309,24 @@ def table(result: OpProfile, top: int) -> list[str]:
         f"{result.phase} B={result.batch} seq={result.seq}, {result.calls} calls: "
         f"{op_s * 1e3:.3f} ms of op time a call in a span of {result.span_s * 1e3:.3f} ms "
         f"under the profiler; {result.wall_s * 1e3:.3f} ms a call without it",
+    ]
+    seconds, flops = result.products()
+    if flops:
+        lines.append(
+            f"matrix products: {seconds * 1e3:.3f} ms a call ({seconds / op_s:.0%} of the op time), "
+            f"{flops / 1e9:.3f} GFLOP, {flops / seconds / 1e9:.1f} GFLOP/s"
+        )
+    lines += [
         "",
         "| op kind | ms a call | share |",
         "|---|---|---|",
     ]
     for kind, s in list(result.by_kind().items())[:top]:
         lines.append(f"| {kind} | {s * 1e3:.3f} | {s / op_s:.1%} |")
-    lines += ["", "| op | ms a call | MB | GB/s | HLO |", "|---|---|---|---|---|"]
+    lines += ["", "| op | ms a call | MB | GB/s | GFLOP/s | HLO |", "|---|---|---|---|---|---|"]
     for op in result.ops[:top]:
         hlo = f"`{op.hlo[:200]}`".replace("|", "\\|") if op.hlo else ""
         rate = f"{op.nbytes / 1e6:.2f} | {op.bytes_per_s / 1e9:.1f}" if op.nbytes else " | "
-        lines.append(f"| {op.name} | {op.seconds * 1e3:.3f} | {rate} | {hlo} |")
+        compute = f"{op.flops_per_s / 1e9:.0f}" if op.flops else ""
+        lines.append(f"| {op.name} | {op.seconds * 1e3:.3f} | {rate} | {compute} | {hlo} |")
     return lines

@@ -63,13 +63,19 @@ def test_hlo_ops_name_shape_opcode_operands_and_source():
         "condition=%cond, body=%body\n"
     )
     ops = opprofile.hlo_ops(text)
-    text_7 = (
+    dot, loop = ops["dot.7"], ops["while.3"]
+    assert dot.text == (
         "f32[8,12,128,1] dot(%cache_k_4_.1, %bitcast.2) <- ...jit(decode_step)/attn/dot_general"
     )
-    bytes_7 = 4 * 8 * 12 * 128
-    assert ops["dot.7"] == opprofile.HloOp("dot", text_7, bytes_7, ("cache_k_4_.1", "bitcast.2"))
-    text_3 = "(s32[], f32[2,16], /*index=2*/f32[2]) while(%tuple.1)"
-    assert ops["while.3"] == opprofile.HloOp("while", text_3, 4 + 4 * 32 + 4 * 2, ("tuple.1",))
+    assert (dot.opcode, dot.nbytes, dot.dims) == ("dot", 4 * 8 * 12 * 128, (8, 12, 128, 1))
+    assert dot.operands == ("cache_k_4_.1", "bitcast.2")
+    assert loop.text == "(s32[], f32[2,16], /*index=2*/f32[2]) while(%tuple.1)"
+    assert (loop.opcode, loop.nbytes, loop.dims, loop.operands) == (
+        "while",
+        4 + 128 + 8,
+        (),
+        ("tuple.1",),
+    )
 
 
 def test_shape_bytes_count_arrays_and_tuples():
@@ -87,6 +93,41 @@ def test_op_bytes_are_its_result_and_each_operand_once():
     hlo = opprofile.hlo_ops(text)
     assert hlo["ynn_fusion.4"].operands == ("x", "w", "x")
     assert opprofile.op_bytes(hlo, "ynn_fusion.4") == 4 * 8 * 3072 + 2 * 3072 * 768 + 2 * 8 * 768
+
+
+FUSED_DOT = """
+%fused_computation.4 (param_0.1: bf16[8,768], param_1.1: bf16[3072,768]) -> f32[8,3072] {
+  %param_0.1 = bf16[8,768]{1,0} parameter(0)
+  %param_1.1 = bf16[3072,768]{1,0} parameter(1)
+  ROOT %dot.2 = f32[8,3072]{1,0} dot(%param_0.1, %param_1.1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+ENTRY %main (x: bf16[8,768], w: bf16[3072,768], k: f32[8,12,128,64], q: f32[8,12,64,1]) -> f32[8,3072] {
+  %x = bf16[8,768]{1,0} parameter(0)
+  %w = bf16[3072,768]{1,0} parameter(1)
+  %k = f32[8,12,128,64]{3,2,1,0} parameter(2)
+  %q = f32[8,12,64,1]{3,2,1,0} parameter(3)
+  %dot.9 = f32[8,12,128,1]{3,2,1,0} dot(%k, %q), lhs_batch_dims={0,1}, lhs_contracting_dims={3}, rhs_batch_dims={0,1}, rhs_contracting_dims={2}
+  ROOT %ynn_fusion.4 = f32[8,3072]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.4
+}
+"""
+
+
+def test_op_flops_of_a_dot_and_of_a_fusion_holding_one():
+    flops = opprofile.op_flops(opprofile.hlo_ops(FUSED_DOT))
+    assert flops["ynn_fusion.4"] == 2 * 8 * 3072 * 768
+    assert flops["dot.9"] == 2 * (8 * 12 * 128 * 1) * 64  # batched: result elements x contraction
+    assert "x" not in flops and "dot.2" in flops  # parameters run no product
+
+
+def test_an_op_run_twice_a_call_counts_its_bytes_and_flops_twice():
+    hlo = opprofile.hlo_ops(FUSED_DOT)
+    spans = [(0.0, 1.0, "ynn_fusion.4"), (2.0, 3.0, "ynn_fusion.4"), (4.0, 5.0, "dot.9")]
+    ops = {op.name: op for op in opprofile.op_times(hlo, spans, calls=1)}
+    assert ops["ynn_fusion.4"].flops == 2 * 2 * 8 * 3072 * 768
+    assert ops["ynn_fusion.4"].nbytes == 2 * opprofile.op_bytes(hlo, "ynn_fusion.4")
+    assert ops["ynn_fusion.4"].seconds == pytest.approx(2e-6)
+    assert ops["dot.9"].flops == 2 * 8 * 12 * 128 * 64
 
 
 @pytest.mark.parametrize("phase", phases.PHASES)
@@ -112,6 +153,11 @@ def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
     assert 0 < result.op_s <= result.span_s * (1 + 1e-9)
     assert result.wall_s > 0
     assert sum(result.by_kind().values()) == pytest.approx(result.op_s)
+    # The products' FLOPs read off the compiled module, each op counted as often as it ran, against
+    # the closed form (the decode step's one score against its own new key is XLA's elementwise
+    # product and sum, not a dot: 0.4% of tiny's step).
+    flops = phases.analytic_view(program).flops
+    assert result.products()[1] == pytest.approx(flops, rel=0 if phase != "decode" else 0.01)
 
 
 def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
@@ -120,13 +166,15 @@ def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
     out = capsys.readouterr().out
     assert out.startswith("decode B=2 seq=16, 2 calls:") and "a call without it" in out
     assert (
-        "| op kind | ms a call | share |" in out and "| op | ms a call | MB | GB/s | HLO |" in out
+        "| op kind | ms a call | share |" in out
+        and "| op | ms a call | MB | GB/s | GFLOP/s | HLO |" in out
     )
     assert main([*args, "--calls", "2", "--top", "3", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert len(row["ops"]) == 3 and row["calls"] == 2 and row["wall_s"] > 0
     assert all(op["nbytes"] > 0 for op in row["ops"])
     assert sum(row["by_kind"].values()) == pytest.approx(row["op_s"])
+    assert 0 < row["product_s"] <= row["op_s"] and row["product_flops"] > 0
 
 
 @pytest.mark.parametrize(
