@@ -333,9 +333,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     result = opprofile.profile(phases.build(config, args.phase, args.batch, args.seq), args.calls)
     if args.json:
         ops = [dataclasses.asdict(op) for op in result.ops[: args.top]]
-        product_s, product_flops = result.products()
+        product_s, product_flops, product_bytes = result.products()
         row = dataclasses.asdict(result) | {"ops": ops, "op_s": result.op_s}
         row |= {"product_s": product_s, "product_flops": product_flops}
+        row |= {"product_bytes": product_bytes}
         print(json.dumps(row | {"by_kind": result.by_kind()}))
     else:
         print("\n".join(opprofile.table(result, args.top)))

@@ -23,6 +23,7 @@ Row = dict[str, Any]
 # The experiments `make report` runs and experiments/report.py gathers, in the report's order.
 EXPERIMENTS = (
     "roofline",
+    "ops",
     "decode_batch",
     "memory",
     "seqlen",

@@ -67,10 +67,15 @@ class OpProfile:
         """Seconds per call that some op was running."""
         return sum(op.seconds for op in self.ops)
 
-    def products(self) -> tuple[float, int]:
-        """Seconds and FLOPs a call of the ops that run matrix products (``OpTime.flops``)."""
+    def products(self) -> tuple[float, int, int]:
+        """Seconds, FLOPs and bytes (``OpTime.nbytes``) a call of the ops that run matrix products
+        (``OpTime.flops``)."""
         ops = [op for op in self.ops if op.flops]
-        return sum(op.seconds for op in ops), sum(op.flops for op in ops)
+        return (
+            sum(op.seconds for op in ops),
+            sum(op.flops for op in ops),
+            sum(op.nbytes for op in ops),
+        )
 
     def by_kind(self) -> dict[str, float]:
         """Seconds per call by op kind, most first."""
@@ -310,7 +315,7 @@ def table(result: OpProfile, top: int) -> list[str]:
         f"{op_s * 1e3:.3f} ms of op time a call in a span of {result.span_s * 1e3:.3f} ms "
         f"under the profiler; {result.wall_s * 1e3:.3f} ms a call without it",
     ]
-    seconds, flops = result.products()
+    seconds, flops, _ = result.products()
     if flops:
         lines.append(
             f"matrix products: {seconds * 1e3:.3f} ms a call ({seconds / op_s:.0%} of the op time), "

@@ -74,7 +74,7 @@ def main() -> None:
         cell = f"{phase} {dtype}, B={batch}, " + (
             f"context {seq}" if phase == "decode" else f"T={seq}"
         )
-        seconds, flops = result.products()
+        seconds, flops, _ = result.products()
         summary.append(
             f"| {cell} | {result.wall_s * 1e3:.2f} | {result.op_s * 1e3:.2f} | "
             f"{seconds / result.op_s:.0%} | {flops / 1e9:.3f} | {flops / seconds / 1e9:.0f} |"

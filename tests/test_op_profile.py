@@ -1,13 +1,15 @@
 """``jaxllm profile`` (``jaxllm.opprofile``): wall time shared among the ops running at each instant,
 against shares worked out by hand, and a real phase's ops against its compiled module."""
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import jax
 import pytest
 
-from jaxllm import opprofile, phases
+from jaxllm import hardware, opprofile, phases
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 
@@ -188,3 +190,39 @@ def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
 def test_profile_cli_refuses_bad_input_naming_it(extra, message, capsys):
     assert main(["profile", "--preset", "tiny", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def _experiment():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "ops.py"
+    spec = importlib.util.spec_from_file_location("experiment_ops", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _profile(phase, batch, product, other):
+    """An OpProfile of one product op (seconds, FLOPs, bytes) and one other op (seconds)."""
+    ops = [
+        opprofile.OpTime("ynn_fusion.1", "ynn_fusion", product[0], "", product[2], product[1]),
+        opprofile.OpTime("add_fusion", "add_fusion", other, "", 100, 0),
+    ]
+    return opprofile.OpProfile(phase, batch, 16, 2, 1.0, 1.0, ops)
+
+
+def test_the_ops_experiment_rates_products_against_the_peaks():
+    ops = _experiment()
+    peaks = hardware.Peaks(1e12, 1e11, "f32", "test")
+    # Train: 3 ms of products doing 2.4 GFLOP over 60 MB, 1 ms of other ops.
+    train = ops.row(("train", 4, 8), _profile("train", 4, (3e-3, 2.4e9, 60e6), 1e-3), peaks)
+    assert train["product_share"] == pytest.approx(0.75)
+    assert train["of_matmul_peak"] == pytest.approx(0.8)  # 800 GFLOP/s
+    assert train["of_read_bandwidth"] == pytest.approx(0.2)  # 20 GB/s
+    assert train["other_kinds"] == "add_fusion 1 ms"
+    # Decode: 1 ms of products doing 20 MFLOP over 90 MB (90 GB/s), 0.25 ms of other ops.
+    decode = ops.row(("decode", 1, 16), _profile("decode", 1, (1e-3, 2e7, 90e6), 2.5e-4), peaks)
+    rows = [train, train, decode, decode]
+    text = "\n".join(ops.summary(rows, peaks))
+    assert "train B=4: the products run at 80.0% of the matmul peak" in text
+    assert "nearer the matmul peak" in text and "nearer the read bandwidth" in text
+    assert "Above the read bandwidth" not in text
