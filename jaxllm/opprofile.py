@@ -35,7 +35,9 @@ Span = tuple[float, float, str]  # start, end (µs), op name
 @dataclasses.dataclass(frozen=True)
 class OpTime:
     name: str  # the op (an HLO instruction's name on a CPU, a kernel's on a GPU)
-    kind: str  # the name without its number: ``ynn_fusion.12`` -> ``ynn_fusion``
+    kind: (
+        str  # the name without its number: ``ynn_fusion.12`` (a GPU's ``..._12``) -> ``ynn_fusion``
+    )
     seconds: float  # its share of the wall time, per call
     hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
     nbytes: int  # per call, its operands' and result's bytes (``op_bytes``) each run; 0 if unknown
@@ -286,21 +288,24 @@ def profile(program: phases.Program, calls: int) -> OpProfile:
 def op_times(hlo: dict[str, HloOp], spans: list[Span], calls: int) -> list[OpTime]:
     """The ops of ``spans`` (``calls`` calls' worth), most time first: each one's share of the wall
     time, bytes and FLOPs per call. An op inside a loop runs several times a call: its bytes and
-    FLOPs count every run (its spans a call)."""
+    FLOPs count every run (its spans a call). A GPU names a fusion's kernel after the instruction
+    with ``_`` for ``.`` (``loop_add_fusion_3`` runs ``loop_add_fusion.3``)."""
     flops = op_flops(hlo)
+    kernels = {name.replace(".", "_"): name for name in hlo}
     runs = Counter(name for _, _, name in spans)
     ops = []
     for name, us in sorted(shared_wall(spans).items(), key=lambda kv: -kv[1]):
         per_call = runs[name] / calls
-        op = hlo.get(name)
+        instruction = name if name in hlo else kernels.get(name, "")
+        op = hlo.get(instruction)
         ops.append(
             OpTime(
                 name,
-                re.sub(r"\.\d+$", "", name),
+                re.sub(r"[._]\d+$", "", name),
                 us / 1e6 / calls,
                 op.text if op else "",
-                round(op_bytes(hlo, name) * per_call) if op else 0,
-                round(flops.get(name, 0) * per_call),
+                round(op_bytes(hlo, instruction) * per_call) if op else 0,
+                round(flops.get(instruction, 0) * per_call),
             )
         )
     return ops

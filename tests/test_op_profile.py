@@ -132,6 +132,22 @@ def test_an_op_run_twice_a_call_counts_its_bytes_and_flops_twice():
     assert ops["dot.9"].flops == 2 * 8 * 12 * 128 * 64
 
 
+def test_a_gpu_kernel_is_matched_to_the_instruction_it_is_named_after():
+    hlo = opprofile.hlo_ops(FUSED_DOT)
+    spans = [(0.0, 2.0, "ynn_fusion_4"), (2.0, 3.0, "sm90_xmma_gemm_bf16")]
+    ops = {op.name: op for op in opprofile.op_times(hlo, spans, calls=1)}
+    fused = ops["ynn_fusion_4"]
+    assert (fused.kind, fused.flops) == ("ynn_fusion", 2 * 8 * 3072 * 768)
+    assert fused.hlo.startswith("f32[8,3072] fusion(%x, %w)")
+    library = ops["sm90_xmma_gemm_bf16"]  # a library's kernel: no instruction of that name
+    assert (library.kind, library.flops, library.nbytes, library.hlo) == (
+        "sm90_xmma_gemm_bf16",
+        0,
+        0,
+        "",
+    )
+
+
 @pytest.mark.parametrize("phase", phases.PHASES)
 def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
     program = phases.build(PRESETS["tiny"], phase, 2, 16)
