@@ -48,6 +48,19 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small
     )
 
 
+def add_phase_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags (``add_model_args``) and the phase's: --phase, --batch, --seq."""
+    add_model_args(parser)
+    parser.add_argument("--phase", required=True, help="train, prefill or decode")
+    parser.add_argument("--batch", type=_positive, required=True, help="B: sequences per call")
+    parser.add_argument(
+        "--seq",
+        type=_positive,
+        required=True,
+        help="T: tokens per sequence (decode: the context the step completes, <= max_len)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The config of --hf-dir (reading config.json only) or of --preset, with --override applied."""
     if getattr(args, "hf_dir", None):
@@ -307,15 +320,7 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze", help="one phase three ways (analytic, XLA, measured) on the roofline"
     )
-    add_model_args(p)
-    p.add_argument("--phase", required=True, help="train, prefill or decode")
-    p.add_argument("--batch", type=_positive, required=True, help="B: sequences per call")
-    p.add_argument(
-        "--seq",
-        type=_positive,
-        required=True,
-        help="T: tokens per sequence (decode: the context the step completes, <= max_len)",
-    )
+    add_phase_args(p)
     p.add_argument("--measure", action="store_true", help="also time it (allocates the model)")
     p.add_argument("--quick", action="store_true", help="quick calibration, fewer repeats")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -334,10 +339,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.json:
         ops = [dataclasses.asdict(op) for op in result.ops[: args.top]]
         product_s, product_flops, product_bytes = result.products()
-        row = dataclasses.asdict(result) | {"ops": ops, "op_s": result.op_s}
-        row |= {"product_s": product_s, "product_flops": product_flops}
-        row |= {"product_bytes": product_bytes}
-        print(json.dumps(row | {"by_kind": result.by_kind()}))
+        totals = {"op_s": result.op_s, "by_kind": result.by_kind(), "product_s": product_s}
+        totals |= {"product_flops": product_flops, "product_bytes": product_bytes}
+        print(json.dumps(dataclasses.asdict(result) | {"ops": ops} | totals))
     else:
         print("\n".join(opprofile.table(result, args.top)))
     return 0
@@ -351,15 +355,7 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
         "shares each instant of wall time among the ops running then (two CPU threads' ops are not "
         "counted twice): time a call by op kind and the ops of most time, with their HLO lines.",
     )
-    add_model_args(p)
-    p.add_argument("--phase", required=True, help="train, prefill or decode")
-    p.add_argument("--batch", type=_positive, required=True, help="B: sequences per call")
-    p.add_argument(
-        "--seq",
-        type=_positive,
-        required=True,
-        help="T: tokens per sequence (decode: the context the step completes, <= max_len)",
-    )
+    add_phase_args(p)
     p.add_argument("--calls", type=_positive, default=5, help="calls profiled (default: 5)")
     p.add_argument("--top", type=_positive, default=15, help="kinds and ops listed (default: 15)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -4,10 +4,11 @@ A few calls of the phase run back to back under JAX's profiler, each fed the sta
 the last one returned (the steady state of a training or decoding loop). Each instant of the
 trace's wall time is shared evenly among the ops running then (``shared_wall``), so ops that two
 CPU threads run side by side are not counted twice, and the shares of a call add up to the time
-some op was running. On a CPU the ops are XLA's thunks on the host's threads (fusions, YNNPACK's library
-calls as ``ynn_fusion``, XLA's own product loops as ``dot``); on a GPU, the device's kernels.
-Each op is listed with the line of the compiled HLO that names it (its shape and operands) where
-one does; a GPU's library kernels (cuBLAS, cuDNN) carry their own names.
+some op was running. On a CPU the ops are XLA's thunks on the host's threads (fusions, YNNPACK's
+library calls as ``ynn_fusion``, XLA's own product loops as ``dot``); on a GPU, the device's
+kernels. Each op comes with its definition in the compiled module (``hlo_ops``), the bytes of its
+operands and result (``op_bytes``) and the FLOPs of its matrix products (``op_flops``), read off
+the module; a GPU's library kernels (cuBLAS, cuDNN) carry their own names and no such figures.
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ Span = tuple[float, float, str]  # start, end (µs), op name
 @dataclasses.dataclass(frozen=True)
 class OpTime:
     name: str  # the op (an HLO instruction's name on a CPU, a kernel's on a GPU)
-    kind: (
-        str  # the name without its number: ``ynn_fusion.12`` (a GPU's ``..._12``) -> ``ynn_fusion``
-    )
+    kind: str  # the name without its number (``.12``, or a GPU kernel's ``_12``)
     seconds: float  # its share of the wall time, per call
     hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
     nbytes: int  # per call, its operands' and result's bytes (``op_bytes``) each run; 0 if unknown
@@ -224,11 +223,10 @@ def op_flops(hlo: dict[str, HloOp]) -> dict[str, int]:
     """The FLOPs of the ops that run matrix products (2 per multiply-add): a dot's own, a fusion's
     the dots' of its computation. Other ops are left out, and so are library calls that carry no
     dot (a GPU's cuBLAS custom calls)."""
-    inside: dict[str, int] = defaultdict(int)  # computation -> its dots' FLOPs
-    for op in hlo.values():
-        if op.opcode == "dot":
-            inside[op.computation] += _dot_flops(hlo, op)
     flops = {name: _dot_flops(hlo, op) for name, op in hlo.items() if op.opcode == "dot"}
+    inside: dict[str, int] = defaultdict(int)  # computation -> its dots' FLOPs
+    for name, count in flops.items():
+        inside[hlo[name].computation] += count
     for name, op in hlo.items():
         if op.opcode == "fusion" and inside.get(op.calls):
             flops[name] = inside[op.calls]
@@ -312,8 +310,9 @@ def op_times(hlo: dict[str, HloOp], spans: list[Span], calls: int) -> list[OpTim
 
 
 def table(result: OpProfile, top: int) -> list[str]:
-    """Lines: the totals, the ``top`` op kinds, then the ``top`` ops with their bytes (``op_bytes``:
-    operands and result, each once), the bandwidth that makes and their HLO definitions."""
+    """Lines: the totals and the matrix products' (time, GFLOP, GFLOP/s), the ``top`` op kinds,
+    then the ``top`` ops with their bytes and FLOPs a call, the rates those make in the op's time,
+    and their HLO definitions."""
     op_s = result.op_s
     lines = [
         f"{result.phase} B={result.batch} seq={result.seq}, {result.calls} calls: "
