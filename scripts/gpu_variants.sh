@@ -55,12 +55,16 @@ an() {  # label, then `jaxllm analyze` arguments: the user-facing figures (XLA's
 BF="--override dtype=bfloat16"
 an train_m_bf16 --preset gpt2-medium $BF --phase train --batch 8 --seq 1024
 an dec_l1b_b1 --preset llama3.2-1b $BF --override param_dtype=bfloat16 --phase decode --batch 1 --seq 1024
-if [ "$(left)" -gt 40 ]; then  # `jaxllm profile` (round 21) on a GPU: the step's kernels by time
-  step "profile dec_l1b_b1"
-  timeout -s ABRT 40 python3 -X faulthandler -m jaxllm profile --preset llama3.2-1b $BF \
-    --override param_dtype=bfloat16 --phase decode --batch 1 --seq 1024 --calls 10 --top 25 \
-    > $R/profile_dec_l1b_b1.md 2> $R/profile_dec_l1b_b1.err; echo "rc=$?"; head -30 $R/profile_dec_l1b_b1.md
-fi
+prof() {  # label, seconds, then `jaxllm profile` arguments (round 21): the kernels by time
+  local label=$1 limit=$2; shift 2
+  [ "$(left)" -gt "$limit" ] || { echo "skip profile $label"; return; }
+  step "profile $label"
+  timeout -s ABRT "$limit" python3 -X faulthandler -m jaxllm profile "$@" --top 25 \
+    > $R/profile_$label.md 2> $R/profile_$label.err; echo "rc=$?"; head -30 $R/profile_$label.md
+}
+prof dec_l1b_b1 40 --preset llama3.2-1b $BF --override param_dtype=bfloat16 --phase decode \
+  --batch 1 --seq 1024 --calls 10
+prof train_m_bf16 70 --preset gpt2-medium $BF --phase train --batch 8 --seq 1024 --calls 3
 v dec_written $DEC --generate --written
 v dec_m_b8 $MED 8 1024 --generate
 v dec_m_b128 $MED 128 1024 --generate
