@@ -10,6 +10,7 @@ import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
@@ -335,7 +336,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     phases.check_sizes(config, args.phase, args.batch, args.seq)
     if args.phase == "train":  # the program `jaxllm train` compiles here, as analyze profiles it
         config = train.training_config(config, args.override)
-    result = opprofile.profile(phases.build(config, args.phase, args.batch, args.seq), args.calls)
+    program = phases.build(config, args.phase, args.batch, args.seq)
+    result = opprofile.profile(program, args.calls, args.trace_dir)
     if args.json:
         ops = [dataclasses.asdict(op) for op in result.ops[: args.top]]
         product_s, product_flops, product_bytes = result.products()
@@ -358,6 +360,12 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     add_phase_args(p)
     p.add_argument("--calls", type=_positive, default=5, help="calls profiled (default: 5)")
     p.add_argument("--top", type=_positive, default=15, help="kinds and ops listed (default: 15)")
+    p.add_argument(
+        "--trace-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the profiler's trace there (open it in TensorBoard or ui.perfetto.dev)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_profile)
 

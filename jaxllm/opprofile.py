@@ -249,22 +249,27 @@ def _chain(compiled: Any, phase: str, first: tuple, calls: int) -> tuple[Any, tu
     return out, args
 
 
-def _traced(compiled: Any, phase: str, first: tuple, calls: int) -> list[dict[str, Any]]:
-    """The trace events of ``_chain``."""
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
+def _traced(
+    compiled: Any, phase: str, first: tuple, calls: int, trace_dir: Path | None
+) -> list[dict[str, Any]]:
+    """The trace events of ``_chain``; the trace is kept under ``trace_dir`` where one is given
+    (TensorBoard's profile plugin and ui.perfetto.dev open it), else in a temporary folder."""
+    with tempfile.TemporaryDirectory() as temporary:
+        d = Path(trace_dir or temporary)
+        with jax.profiler.trace(str(d), create_perfetto_trace=True):
             jax.block_until_ready(_chain(compiled, phase, first, calls)[0])
-        with gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))) as f:
+        newest = max(d.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        with gzip.open(newest) as f:
             return json.load(f)["traceEvents"]
 
 
-def profile(program: phases.Program, calls: int) -> OpProfile:
+def profile(program: phases.Program, calls: int, trace_dir: Path | None = None) -> OpProfile:
     """``calls`` chained calls of ``program`` (``_chain``) under the profiler, its ops' shares of
     the wall time per call. Before them, in the same chain: as many calls untimed (the first calls
     of a fresh state fault its temporaries' pages in: a gpt2 train step's loss pass took 5x its
     steady time in a profile of three calls that began cold), then as many timed without the
     profiler, which adds to each op's time (gpt2's bf16 decode step, about 540 ops: 6.29 -> 6.66
-    ms at B=1, 14.76 -> 15.27 ms at B=8; 2-core Zen 5 VM)."""
+    ms at B=1, 14.76 -> 15.27 ms at B=8; 2-core Zen 5 VM). ``trace_dir``: where to keep the trace."""
     positive_int("calls", calls)
     compiled = program.jitted.lower(*program.abstract_args).compile()
     out, first = _chain(compiled, program.phase, program.make_args(jax.random.key(0))(), calls)
@@ -276,7 +281,8 @@ def profile(program: phases.Program, calls: int) -> OpProfile:
     hlo = hlo_ops(compiled.as_text())
     leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
     on_host = jax.default_backend() == "cpu"
-    spans = op_spans(_traced(compiled, program.phase, first, calls), leaves if on_host else None)
+    events = _traced(compiled, program.phase, first, calls, trace_dir)
+    spans = op_spans(events, leaves if on_host else None)
     span = (max(b for _, b, _ in spans) - min(a for a, _, _ in spans)) if spans else 0.0
     span_s = span / 1e6 / calls
     ops = op_times(hlo, spans, calls)

@@ -1,6 +1,7 @@
 """``jaxllm profile`` (``jaxllm.opprofile``): wall time shared among the ops running at each instant,
 against shares worked out by hand, and a real phase's ops against its compiled module."""
 
+import gzip
 import importlib.util
 import json
 import re
@@ -176,6 +177,16 @@ def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
     # product and sum, not a dot: 0.4% of tiny's step).
     flops = phases.analytic_view(program).flops
     assert result.products()[1] == pytest.approx(flops, rel=0 if phase != "decode" else 0.01)
+
+
+def test_profile_cli_keeps_the_trace_where_asked(tmp_path, capsys):
+    args = ["profile", "--preset", "tiny", "--phase", "prefill", "--batch", "1", "--seq", "8"]
+    assert main([*args, "--calls", "1", "--trace-dir", str(tmp_path / "trace")]) == 0
+    (trace,) = (tmp_path / "trace").rglob("perfetto_trace.json.gz")
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("ph") == "X" for e in events)
+    assert capsys.readouterr().out.startswith("prefill B=1 seq=8, 1 calls:")
 
 
 def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
