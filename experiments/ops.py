@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from jaxllm import experiment, hardware, opprofile, phases, train
+from jaxllm import experiment, hardware, opprofile
 from jaxllm.config import ModelConfig
 
 Cell = tuple[str, int, int]  # phase, B, T (decode: the context the step completes)
@@ -32,13 +32,6 @@ def cells(config: ModelConfig, quick: bool) -> list[Cell]:
         ("prefill", 1, seq),
         *(("decode", b, seq) for b in (1, 8, 32)),
     ]
-
-
-def profile_cell(config: ModelConfig, cell: Cell, calls: int) -> opprofile.OpProfile:
-    phase, batch, seq = cell
-    if phase == "train":  # the program `jaxllm train` compiles
-        config = train.training_config(config)
-    return opprofile.profile(phases.build(config, phase, batch, seq), calls)
 
 
 def row(cell: Cell, result: opprofile.OpProfile, peaks: hardware.Peaks) -> dict[str, Any]:
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     calls = 2 if args.quick else 5
     rows = []
     for cell in cells(config, args.quick):
-        rows.append(row(cell, profile_cell(config, cell, calls), peaks))
+        rows.append(row(cell, opprofile.profile_phase(config, *cell, calls), peaks))
         print(f"{label(rows[-1])}: {rows[-1]['wall_s'] * 1e3:.2f} ms", flush=True)
     experiment.write_csv(args.out / "data.csv", rows)
     plot(rows, args.out / "ops.png")

@@ -330,20 +330,13 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from jaxllm import opprofile, phases, train
+    from jaxllm import opprofile
 
     config = config_from_args(args)
-    phases.check_sizes(config, args.phase, args.batch, args.seq)
-    if args.phase == "train":  # the program `jaxllm train` compiles here, as analyze profiles it
-        config = train.training_config(config, args.override)
-    program = phases.build(config, args.phase, args.batch, args.seq)
-    result = opprofile.profile(program, args.calls, args.trace_dir)
+    cell = (args.phase, args.batch, args.seq, args.calls)
+    result = opprofile.profile_phase(config, *cell, args.override, args.trace_dir)
     if args.json:
-        ops = [dataclasses.asdict(op) for op in result.ops[: args.top]]
-        product_s, product_flops, product_bytes = result.products()
-        totals = {"op_s": result.op_s, "by_kind": result.by_kind(), "product_s": product_s}
-        totals |= {"product_flops": product_flops, "product_bytes": product_bytes}
-        print(json.dumps(dataclasses.asdict(result) | {"ops": ops} | totals))
+        print(json.dumps(result.to_json(args.top)))
     else:
         print("\n".join(opprofile.table(result, args.top)))
     return 0

@@ -36,6 +36,7 @@ from jaxllm import mesh as meshes
 from jaxllm.config import ModelConfig
 from jaxllm.cost import call_graph
 from jaxllm.model import param_shapes
+from jaxllm.xla_hlo import element_bytes
 
 KINDS: tuple[str, ...] = (
     "all-reduce",
@@ -47,16 +48,6 @@ KINDS: tuple[str, ...] = (
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
 _OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(KINDS) + r")\(")
 _SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
-_BITS = re.compile(r"(\d+)$")
-
-
-def _itemsize(dtype: str) -> int:
-    if dtype == "pred":
-        return 1
-    bits = _BITS.search(dtype)
-    if bits is None:
-        raise ValueError(f"unknown HLO element type {dtype!r}")
-    return int(bits.group(1)) // 8
 
 
 def _shape_bytes(types: str) -> int:
@@ -65,7 +56,7 @@ def _shape_bytes(types: str) -> int:
     for dtype, dims in _SHAPE.findall(types):
         elements = math.prod(int(d) for d in dims.split(",")) if dims else 1
         if elements > 1:
-            total += _itemsize(dtype) * elements
+            total += element_bytes(dtype) * elements
     return total
 
 

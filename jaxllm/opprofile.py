@@ -27,8 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm import phases
+from jaxllm import phases, train
+from jaxllm.config import ModelConfig
 from jaxllm.errors import positive_int
+from jaxllm.xla_hlo import element_bytes
 
 Span = tuple[float, float, str]  # start, end (µs), op name
 
@@ -77,6 +79,18 @@ class OpProfile:
             sum(op.flops for op in ops),
             sum(op.nbytes for op in ops),
         )
+
+    def to_json(self, top: int) -> dict[str, Any]:
+        """``jaxllm profile --json``: the fields, the ``top`` ops, and the totals."""
+        seconds, flops, nbytes = self.products()
+        return dataclasses.asdict(self) | {
+            "ops": [dataclasses.asdict(op) for op in self.ops[:top]],
+            "op_s": self.op_s,
+            "by_kind": self.by_kind(),
+            "product_s": seconds,
+            "product_flops": flops,
+            "product_bytes": nbytes,
+        }
 
     def by_kind(self) -> dict[str, float]:
         """Seconds per call by op kind, most first."""
@@ -130,20 +144,10 @@ class HloOp:
     text: str  # shape, opcode and operands, then the JAX operation it came from
     nbytes: int  # its result's bytes (a tuple's, summed)
     operands: tuple[str, ...]  # the instructions it takes
-    dims: tuple[int, ...] = ()  # its result's dimensions (an array's; () for a tuple or scalar)
-    computation: str = ""  # the computation it is in
-    calls: str = ""  # a fusion's computation
-    contracting: tuple[int, ...] = ()  # a dot's contracting dimensions of its left operand
-
-
-# Bytes of an element, by HLO type name.
-ELEMENT_BYTES = {
-    **dict.fromkeys(("pred", "s8", "u8", "f8e4m3fn", "f8e5m2"), 1),
-    **dict.fromkeys(("bf16", "f16", "s16", "u16"), 2),
-    **dict.fromkeys(("f32", "s32", "u32"), 4),
-    **dict.fromkeys(("f64", "s64", "u64", "c64"), 8),
-    "c128": 16,
-}
+    dims: tuple[int, ...]  # its result's dimensions (an array's; () for a tuple or scalar)
+    computation: str  # the computation it is in
+    calls: str  # a fusion's computation, or ""
+    contracting: tuple[int, ...]  # a dot's contracting dimensions of its left operand
 
 
 def shape_bytes(shape: str) -> int:
@@ -151,8 +155,7 @@ def shape_bytes(shape: str) -> int:
     dropped); 0 for types of no storage (``token[]``)."""
     total = 0
     for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
-        elements = math.prod(int(d) for d in dims.split(",") if d)
-        total += ELEMENT_BYTES.get(dtype, 0) * elements
+        total += element_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
     return total
 
 
@@ -287,6 +290,23 @@ def profile(program: phases.Program, calls: int, trace_dir: Path | None = None) 
     span_s = span / 1e6 / calls
     ops = op_times(hlo, spans, calls)
     return OpProfile(program.phase, program.batch, program.seq, calls, span_s, wall, ops)
+
+
+def profile_phase(
+    config: ModelConfig,
+    phase: str,
+    batch: int,
+    seq: int,
+    calls: int,
+    overrides: tuple[str, ...] | list[str] = (),
+    trace_dir: Path | None = None,
+) -> OpProfile:
+    """``profile`` of the ``phase`` program that ``analyze`` compiles: training as ``jaxllm
+    train`` compiles it (``train.training_config``, given the run's ``overrides``), serving as
+    ``jaxllm generate`` serves it (``phases.build``). Sizes are checked before anything is traced."""
+    if phase == "train":
+        config = train.training_config(config, overrides)
+    return profile(phases.build(config, phase, batch, seq), calls, trace_dir)
 
 
 def op_times(hlo: dict[str, HloOp], spans: list[Span], calls: int) -> list[OpTime]:

@@ -31,6 +31,17 @@ class HloCostError(RuntimeError):
     """This jaxlib lacks the private entry points, or could not parse or cost a computation."""
 
 
+def element_bytes(dtype: str) -> int:
+    """Bytes of one element of an HLO type: ``pred`` 1, ``token`` 0, else the width its name
+    gives (``bf16`` 2, ``f8e4m3fn`` 1, ``c64`` 8)."""
+    if dtype in ("pred", "token"):
+        return int(dtype == "pred")
+    bits = re.match(r"[a-z]+(\d+)", dtype)
+    if bits is None:
+        raise ValueError(f"unknown HLO element type {dtype!r}")
+    return int(bits.group(1)) // 8
+
+
 def _entry_points() -> tuple[Any, Any]:
     try:
         import jaxlib._hlo as hlo  # pyright: ignore[reportMissingImports]

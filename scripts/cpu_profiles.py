@@ -21,7 +21,7 @@ import os
 import jax
 
 from experiments.peers import cpu_name
-from jaxllm import opprofile, phases, train
+from jaxllm import opprofile
 from jaxllm.config import get_preset
 from jaxllm.errors import InputError, positive_int
 
@@ -33,17 +33,6 @@ CELLS = (
     *(("decode", "bfloat16", b, c) for b, c in ((1, 96), (8, 96), (32, 96), (1, 1008), (32, 1008))),
 )
 TOP = 8
-
-
-def program(phase: str, dtype: str, batch: int, seq: int) -> phases.Program:
-    """The cell's program as the peers table times it: training as ``jaxllm train`` compiles it
-    (parameters float32), serving with weights in the compute dtype."""
-    config = get_preset("gpt2").replace(dtype=dtype)
-    if phase == "train":
-        config = train.training_config(config)
-    else:
-        config = config.replace(param_dtype=dtype)
-    return phases.build(config, phase, batch, seq)
 
 
 def main() -> None:
@@ -70,7 +59,8 @@ def main() -> None:
     ]
     sections = []
     for phase, dtype, batch, seq in CELLS:
-        result = opprofile.profile(program(phase, dtype, batch, seq), calls)
+        config = get_preset("gpt2").replace(dtype=dtype)  # serving stores weights in ``dtype``
+        result = opprofile.profile_phase(config, phase, batch, seq, calls)
         cell = f"{phase} {dtype}, B={batch}, " + (
             f"context {seq}" if phase == "decode" else f"T={seq}"
         )
