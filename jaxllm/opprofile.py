@@ -6,9 +6,9 @@ trace's wall time is shared evenly among the ops running then (``shared_wall``),
 CPU threads run side by side are not counted twice, and the shares of a call add up to the time
 some op was running. On a CPU the ops are XLA's thunks on the host's threads (fusions, YNNPACK's
 library calls as ``ynn_fusion``, XLA's own product loops as ``dot``); on a GPU, the device's
-kernels. Each op comes with its definition in the compiled module (``hlo_ops``), the bytes of its
-operands and result (``op_bytes``) and the FLOPs of its matrix products (``op_flops``), read off
-the module; a GPU's library kernels (cuBLAS, cuDNN) carry their own names and no such figures.
+kernels, each under the instruction whose thunk launched it (cuBLAS's and cuDNN's kernels too).
+Each op comes with its definition in the compiled module (``hlo_ops``), the bytes of its operands
+and result (``op_bytes``) and the FLOPs of its matrix products (``op_flops``), read off the module.
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ import jax.numpy as jnp
 
 from jaxllm import phases, train
 from jaxllm.config import ModelConfig
-from jaxllm.errors import positive_int
-from jaxllm.xla_hlo import element_bytes
+from jaxllm.errors import RunError, positive_int
+from jaxllm.xla_hlo import (
+    element_bytes,
+    fused_attention_flops,
+    gemm_flops,
+    workspaces_as_empty,
+)
 
 Span = tuple[float, float, str]  # start, end (µs), op name
 
 
 @dataclasses.dataclass(frozen=True)
 class OpTime:
-    name: str  # the op (an HLO instruction's name on a CPU, a kernel's on a GPU)
+    name: str  # the HLO instruction (a GPU kernel's name where its event names none)
     kind: str  # the name without its number (``.12``, or a GPU kernel's ``_12``)
     seconds: float  # its share of the wall time, per call
     hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
@@ -119,18 +124,23 @@ def shared_wall(spans: list[Span]) -> dict[str, float]:
     return dict(share)
 
 
-def op_spans(events: list[dict[str, Any]], ops: set[str] | None) -> list[Span]:
-    """The ops among a Perfetto trace's complete events: on a CPU (``ops``: names of the compiled
-    module's instructions) the host's events so named, the runtime's around them left out; on a GPU
-    (``ops`` None) every event of a device's process, its kernels."""
+def op_spans(events: list[dict[str, Any]], module: str, ops: set[str] | None) -> list[Span]:
+    """The ops of ``module`` among a Perfetto trace's complete events, each named after the
+    instruction that its ``hlo_op`` argument gives where its ``hlo_module`` is ``module`` (XLA's
+    thunks on a CPU's threads; on a GPU, the kernels a thunk launched, a library's too); events of
+    other modules are left out (the chain's own small programs). On a CPU (``ops``: the module's
+    instructions to keep) only those; on a GPU (``ops`` None) a device's events, one that carries
+    no instruction under its kernel's name."""
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     spans = []
     for e in events:
-        if e.get("ph") != "X":
+        args = e.get("args", {})
+        if e.get("ph") != "X" or args.get("hlo_module", module) != module:
             continue
-        keep = "/device:" in names.get(e["pid"], "") if ops is None else e["name"] in ops
+        op = args.get("hlo_op", e["name"])
+        keep = "/device:" in names.get(e["pid"], "") if ops is None else op in ops
         if keep:
-            spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]))
+            spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), op))
     return spans
 
 
@@ -148,6 +158,7 @@ class HloOp:
     computation: str  # the computation it is in
     calls: str  # a fusion's computation, or ""
     contracting: tuple[int, ...]  # a dot's contracting dimensions of its left operand
+    library_flops: int  # a library call's products (cuBLAS GEMM, cuDNN attention), else 0
 
 
 def shape_bytes(shape: str) -> int:
@@ -201,17 +212,29 @@ def hlo_ops(text: str) -> dict[str, HloOp]:
             array = re.fullmatch(r"\w+\[([\d,]*)\]", shape)
             calls = re.search(r"calls=%([\w.\-]+)", line)
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+            names = tuple(re.findall(r"%([\w.\-]+)", operands))
+            lhs = ops[names[0]].dims if names and names[0] in ops else ()
             ops[m.group(1)] = HloOp(
                 m.group(3),
                 f"{shape} {m.group(3)}({operands}){origin}",
                 shape_bytes(shape),
-                tuple(re.findall(r"%([\w.\-]+)", operands)),
+                names,
                 _ints(array.group(1)) if array else (),
                 computation,
                 calls.group(1) if calls else "",
                 _ints(contracting.group(1)) if contracting else (),
+                gemm_flops(line, lhs) + fused_attention_flops(line),
             )
     return ops
+
+
+def module_name(text: str) -> str:
+    """The name of a compiled module (``HloModule jit_train_step, ...``), as its ops' trace
+    events carry it (``hlo_module``)."""
+    m = re.match(r"HloModule ([\w.\-]+)", text)
+    if m is None:
+        raise ValueError(f"not an HLO module's text: {text[:80]!r}")
+    return m.group(1)
 
 
 def _dot_flops(hlo: dict[str, HloOp], op: HloOp) -> int:
@@ -223,10 +246,11 @@ def _dot_flops(hlo: dict[str, HloOp], op: HloOp) -> int:
 
 
 def op_flops(hlo: dict[str, HloOp]) -> dict[str, int]:
-    """The FLOPs of the ops that run matrix products (2 per multiply-add): a dot's own, a fusion's
-    the dots' of its computation. Other ops are left out, and so are library calls that carry no
-    dot (a GPU's cuBLAS custom calls)."""
+    """The FLOPs of the ops that run matrix products (2 per multiply-add): a dot's own, a library
+    call's (a GPU's cuBLAS GEMMs and cuDNN's fused attention, ``HloOp.library_flops``), a fusion's
+    those of its computation. Other ops are left out."""
     flops = {name: _dot_flops(hlo, op) for name, op in hlo.items() if op.opcode == "dot"}
+    flops |= {name: op.library_flops for name, op in hlo.items() if op.library_flops}
     inside: dict[str, int] = defaultdict(int)  # computation -> its dots' FLOPs
     for name, count in flops.items():
         inside[hlo[name].computation] += count
@@ -281,11 +305,14 @@ def profile(program: phases.Program, calls: int, trace_dir: Path | None = None) 
     out, first = _chain(compiled, program.phase, first, calls)
     jax.block_until_ready(out)
     wall = (time.perf_counter() - start) / calls
-    hlo = hlo_ops(compiled.as_text())
+    text = compiled.as_text()
+    hlo = hlo_ops(workspaces_as_empty(text))  # a library's scratch is no traffic of the op's
     leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
     on_host = jax.default_backend() == "cpu"
     events = _traced(compiled, program.phase, first, calls, trace_dir)
-    spans = op_spans(events, leaves if on_host else None)
+    spans = op_spans(events, module_name(text), leaves if on_host else None)
+    if not spans:
+        raise RunError(f"the profiler's trace holds no op of {module_name(text)}")
     span = (max(b for _, b, _ in spans) - min(a for a, _, _ in spans)) if spans else 0.0
     span_s = span / 1e6 / calls
     ops = op_times(hlo, spans, calls)

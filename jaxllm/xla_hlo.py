@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import math
 import re
 from typing import Any
 
@@ -259,6 +260,19 @@ def fused_attention_flops(line: str) -> int:
     pairs = T * (T + 1) // 2 if '"mask_type":"CAUSAL"' in line and T == S else T * S
     products = 5 if "Backward" in line else 2
     return products * 2 * B * N * H * pairs
+
+
+def gemm_flops(line: str, lhs_dims: tuple[int, ...]) -> int:
+    """FLOPs of one cuBLAS GEMM custom call (0 for any other line): 2 per multiply-add, the
+    result's elements (its first output) times the size of the dimensions of its left operand
+    (``lhs_dims``) that its backend config contracts."""
+    m = _CUSTOM_CALL.match(line)
+    if m is None or '"gemm_backend_config"' not in line:
+        return 0
+    _, dims, _ = _ARRAY.findall(m.group(4))[0]
+    result = math.prod(int(d) for d in dims[1:-1].split(",") if d)
+    contracted = (int(d) for d in _dims(line, "lhs_contracting_dimensions").split(",") if d)
+    return 2 * result * math.prod(lhs_dims[d] for d in contracted)
 
 
 def custom_calls(hlo_text: str) -> collections.Counter[str]:

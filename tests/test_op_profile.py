@@ -10,9 +10,12 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxllm import hardware, opprofile, phases
+from jaxllm import analytic, hardware, opprofile, phases
 from jaxllm.cli import main
-from jaxllm.config import PRESETS
+from jaxllm.config import PRESETS, get_preset
+from jaxllm.xla_hlo import workspaces_as_empty
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_overlapping_ops_share_the_instants_they_overlap():
@@ -34,28 +37,46 @@ def _process(pid, name):
     return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
 
 
-def _event(pid, name, ts, dur):
-    return {"ph": "X", "pid": pid, "name": name, "ts": ts, "dur": dur}
+def _event(pid, name, ts, dur, op=None, module="jit_step"):
+    args = {"hlo_op": op, "hlo_module": module} if op else {}
+    return {"ph": "X", "pid": pid, "name": name, "ts": ts, "dur": dur, "args": args}
 
 
 EVENTS = [
     _process(1, "/host:CPU"),
     _process(2, "/device:GPU:0"),
-    _event(1, "ynn_fusion.3", 0, 5),
+    _event(1, "ynn_fusion.3", 0, 5, op="ynn_fusion.3"),
+    _event(1, "copy", 1, 2, op="copy", module="jit_convert_element_type"),  # another program's
     _event(1, "ThunkExecutor::Execute", 0, 9),
     _event(1, "$cli.py:12 main", 0, 9),
-    _event(2, "loop_add_fusion", 3, 2),
+    _event(1, "Thunk", 3, 2, op="custom-call.2"),  # the host's side of a GPU's thunk
+    _event(2, "loop_add_fusion", 3, 2),  # a kernel whose event names no instruction
+    _event(2, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 5, 4, op="custom-call.2"),
+    _event(2, "void cudnn::fusion::compute_dot_do_o", 9, 1, op="custom-call.5"),
+    _event(2, "Memset", 10, 1, op="copy", module="jit_convert_element_type"),
     {"ph": "i", "pid": 1, "name": "dot.1", "ts": 1},
 ]
 
 
-def test_host_ops_are_the_events_named_as_the_modules_instructions():
-    ops = {"ynn_fusion.3", "dot.1", "tuple.2"}
-    assert opprofile.op_spans(EVENTS, ops) == [(0.0, 5.0, "ynn_fusion.3")]
+def test_host_ops_are_the_modules_instructions_named_by_their_events():
+    ops = {"ynn_fusion.3", "dot.1", "tuple.2", "copy"}
+    assert opprofile.op_spans(EVENTS, "jit_step", ops) == [(0.0, 5.0, "ynn_fusion.3")]
 
 
-def test_device_ops_are_the_device_processes_events():
-    assert opprofile.op_spans(EVENTS, None) == [(3.0, 5.0, "loop_add_fusion")]
+def test_device_ops_are_the_kernels_under_the_instructions_that_launched_them():
+    assert opprofile.op_spans(EVENTS, "jit_step", None) == [
+        (3.0, 5.0, "loop_add_fusion"),
+        (5.0, 9.0, "custom-call.2"),  # a cuBLAS kernel, under its GEMM's instruction
+        (9.0, 10.0, "custom-call.5"),
+    ]
+
+
+def test_a_module_is_named_by_its_texts_header():
+    assert opprofile.module_name("HloModule jit_train_step, is_scheduled=true\n") == (
+        "jit_train_step"
+    )
+    with pytest.raises(ValueError, match="not an HLO module"):
+        opprofile.module_name("ENTRY %main () -> f32[] {")
 
 
 def test_hlo_ops_name_shape_opcode_operands_and_source():
@@ -147,6 +168,42 @@ def test_a_gpu_kernel_is_matched_to_the_instruction_it_is_named_after():
         0,
         "",
     )
+
+
+GEMM = (
+    "  %x = bf16[64,32]{1,0} parameter(0)\n"
+    "  %w = bf16[16,32]{1,0} parameter(1)\n"
+    "  %custom-call.3 = (bf16[64,16]{1,0}, s8[33554432]{0}) custom-call(%x, %w), "
+    'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{'
+    '"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":'
+    '["1"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}\n'
+)
+
+
+def test_a_cublas_gemm_counts_its_products_and_not_its_scratch():
+    hlo = opprofile.hlo_ops(workspaces_as_empty(GEMM))
+    assert hlo["custom-call.3"].library_flops == 2 * 64 * 16 * 32
+    [op] = opprofile.op_times(hlo, [(0.0, 1.0, "custom-call.3")], calls=1)
+    assert (op.kind, op.flops) == ("custom-call", 2 * 64 * 16 * 32)
+    assert op.nbytes == 2 * (64 * 16 + 64 * 32 + 16 * 32)  # the 32 MiB workspace left out
+
+
+def test_an_h200_prefills_library_calls_carry_its_products():
+    # gpt2-medium's bf16 prefill (B=1, T=1024) as an H200 compiled it: cuBLASLt GEMMs and cuDNN
+    # fused attention, no loop. Its ops' FLOPs, each counted once, against the closed form.
+    with gzip.open(FIXTURES / "h200_gpt2_medium_bf16_prefill.hlo.gz", "rt") as f:
+        text = f.read()
+    hlo = opprofile.hlo_ops(workspaces_as_empty(text))
+    entry = re.findall(r"^ENTRY %([\w.\-]+)", text, re.MULTILINE)[0]
+    flops = opprofile.op_flops(hlo)
+    total = sum(flops.get(name, 0) for name, op in hlo.items() if op.computation == entry)
+    calls = [op for op in hlo.values() if op.opcode == "custom-call" and op.library_flops]
+    assert len(calls) == 48 + 24  # cuBLASLt's GEMMs (the rest are XLA's fusions), cuDNN's attention
+    medium = get_preset("gpt2-medium").replace(dtype="bfloat16")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(analytic, "fused", lambda config: True)  # cuDNN ran the attention
+        expected = analytic.prefill_flops(medium, 1, 1024, head_positions=1)
+    assert total == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.parametrize("phase", phases.PHASES)
