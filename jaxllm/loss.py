@@ -39,7 +39,13 @@ def _head_cross_entropy(
 
 
 def _forward(x: jax.Array, w: jax.Array, targets: jax.Array, out_major: bool) -> tuple:
-    logits = products.matmul(x, w, out_major)  # [R, V] float32
+    return _forward_from_logits(products.matmul(x, w, out_major), x, w, targets)
+
+
+def _forward_from_logits(
+    logits: jax.Array, x: jax.Array, w: jax.Array, targets: jax.Array
+) -> tuple:
+    """The loss of logits [R, V] (float32) and the backward pass's residuals."""
     top = jnp.max(logits, axis=-1, keepdims=True)  # [R, 1]
     # Kept apart from its sum: XLA:CPU otherwise hands exp and sum to its library as one fusion,
     # which took 25 ms for gpt2's [1024, 50257] against 9 + 5.4 ms apart.
