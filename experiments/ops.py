@@ -9,6 +9,7 @@ peaks, FLOP/s against the matmul peak and bytes/s against the read bandwidth. Tr
 spend their time in products that run near the matmul peak; a decode step spends it in products
 that run at the rate of the bytes they read (the weights, and the cache's keys and values), the
 more so the smaller the batch. An op's bytes are its operands' and result's sizes, each once.
+Each cell's time is also split by the part of the model its ops compute (``opprofile.PARTS``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxllm.config import ModelConfig
 
 Cell = tuple[str, int, int]  # phase, B, T (decode: the context the step completes)
 OTHER_KINDS = 3  # the non-product op kinds named per cell
+PARTS = 4  # the parts of the model named per cell
 
 
 def cells(config: ModelConfig, quick: bool) -> list[Cell]:
@@ -42,6 +44,7 @@ def row(cell: Cell, result: opprofile.OpProfile, peaks: hardware.Peaks) -> dict[
         if not op.flops:
             others[op.kind] += op.seconds
     ranked = sorted(others.items(), key=lambda kv: -kv[1])[:OTHER_KINDS]
+    parts = list(result.by_part().items())
     return {
         "phase": phase,
         "batch": batch,
@@ -57,6 +60,8 @@ def row(cell: Cell, result: opprofile.OpProfile, peaks: hardware.Peaks) -> dict[
         "of_matmul_peak": flops / seconds / peaks.flops_per_s,
         "of_read_bandwidth": nbytes / seconds / peaks.bandwidth_bytes_per_s,
         "other_kinds": "; ".join(f"{k} {s * 1e3:.3g} ms" for k, s in ranked),
+        "backward_share": sum(b for _, (_, b) in parts) / result.op_s,
+        "parts": "; ".join(f"{k} {(f + b) / result.op_s:.0%}" for k, (f, b) in parts[:PARTS]),
     }
 
 
@@ -91,15 +96,15 @@ def summary(rows: list[dict[str, Any]], peaks: hardware.Peaks) -> list[str]:
         "untimed calls of the same chain; 'ms' is a call without the profiler.",
         "",
         "| cell | ms | products' share of op time | GFLOP/s (of peak) | GB/s (of read BW) | "
-        "other ops, most time first |",
-        "|---|---|---|---|---|---|",
+        "other ops, most time first | parts of the model, most time first |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {label(r)} | {r['wall_s'] * 1e3:.2f} | {r['product_share']:.0%} | "
             f"{r['product_flops_per_s'] / 1e9:.1f} ({r['of_matmul_peak']:.0%}) | "
             f"{r['product_bytes_per_s'] / 1e9:.1f} ({r['of_read_bandwidth']:.0%}) | "
-            f"{r['other_kinds']} |"
+            f"{r['other_kinds']} | {r['parts']} |"
         )
     lines += [""]
     for r in (rows[0], rows[2]):
@@ -116,6 +121,8 @@ def summary(rows: list[dict[str, Any]], peaks: hardware.Peaks) -> list[str]:
         )
     climb = rows[-1]["product_flops_per_s"] / rows[2]["product_flops_per_s"]
     lines += [
+        f"- The train step spends {rows[0]['backward_share']:.0%} of its op time in the backward "
+        "pass (ops under a transposed JAX operation), the optimizer's update apart.",
         f"- Decode's products run {climb:.1f}x the FLOP rate at B={rows[-1]['batch']} as at B=1: "
         "the same weights read once serve more rows.",
         "- Bytes are each op's operands and result counted once: exact for a product that "

@@ -163,7 +163,8 @@ class KVCache(struct.PyTreeNode):
         at = (0, 0, self.index, 0)
 
         def put(old: jax.Array, new: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), at)
+            with jax.named_scope("kv_cache"):  # its ops' names, for ``jaxllm profile``
+                return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), at)
 
         return self.replace(
             k=tuple(put(o, n) for o, n in zip(self.k, k_new, strict=True)),

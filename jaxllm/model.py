@@ -312,28 +312,31 @@ class Transformer(nn.Module):
         )
         x = embed(tokens).astype(cfg.compute_dtype)
         if cfg.positions == "learned":
-            x = x + nn.Embed(
+            table = nn.Embed(
                 cfg.max_len,
                 cfg.d_model,
                 embedding_init=_normal(0.02),
                 dtype=cfg.storage_dtype,
                 param_dtype=cfg.storage_dtype,
                 name="pos_embed",
-            )(positions).astype(cfg.compute_dtype)
+            )
+            with jax.named_scope("pos_embed"):  # the sum's name too, for ``jaxllm profile``
+                x = x + table(positions).astype(cfg.compute_dtype)
         x, kv = self._layers(x, positions, pad, attend)
         if logits_at is not None:  # the head only where it is read
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = make_norm(cfg, "final_norm")(x)
         if hidden:
             return x, kv
-        if cfg.tie_embeddings and cfg.kernel_order == "out_in":  # the table is output-major
-            logits = project_out_in(x, embed.embedding, 1, cfg.compute_dtype)
-        elif cfg.tie_embeddings:
-            logits = project("BTD,VD->BTV", x, embed.embedding, cfg.compute_dtype)
-        else:
-            shape = (cfg.d_model, cfg.vocab_size)
-            logits = Einsum(EQUATIONS["head"], shape, None, cfg, name="head")(x)
-        return logits.astype(jnp.float32), kv
+        with jax.named_scope("head"):  # its ops' names, for ``jaxllm profile``
+            if cfg.tie_embeddings and cfg.kernel_order == "out_in":  # the table is output-major
+                logits = project_out_in(x, embed.embedding, 1, cfg.compute_dtype)
+            elif cfg.tie_embeddings:
+                logits = project("BTD,VD->BTV", x, embed.embedding, cfg.compute_dtype)
+            else:
+                shape = (cfg.d_model, cfg.vocab_size)
+                logits = Einsum(EQUATIONS["head"], shape, None, cfg, name="head")(x)
+            return logits.astype(jnp.float32), kv
 
     def _layers(
         self,

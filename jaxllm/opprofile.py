@@ -48,6 +48,8 @@ class OpTime:
     hlo: str  # its definition in the compiled module (``hlo_ops``), or ""
     nbytes: int  # per call, its operands' and result's bytes (``op_bytes``) each run; 0 if unknown
     flops: int  # per call, its matrix products' FLOPs (``op_flops``) each run; 0 for none
+    part: str  # the part of the model it computes (``part``)
+    backward: bool  # whether it runs in the backward pass
 
     @property
     def bytes_per_s(self) -> float:
@@ -92,10 +94,20 @@ class OpProfile:
             "ops": [dataclasses.asdict(op) for op in self.ops[:top]],
             "op_s": self.op_s,
             "by_kind": self.by_kind(),
+            "by_part": {
+                k: {"forward_s": f, "backward_s": b} for k, (f, b) in self.by_part().items()
+            },
             "product_s": seconds,
             "product_flops": flops,
             "product_bytes": nbytes,
         }
+
+    def by_part(self) -> dict[str, tuple[float, float]]:
+        """Seconds per call by part of the model (``PARTS``): forward and backward, most first."""
+        parts: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for op in self.ops:
+            parts[op.part][op.backward] += op.seconds
+        return {k: (f, b) for k, (f, b) in sorted(parts.items(), key=lambda kv: -sum(kv[1]))}
 
     def by_kind(self) -> dict[str, float]:
         """Seconds per call by op kind, most first."""
@@ -144,6 +156,32 @@ def op_spans(events: list[dict[str, Any]], module: str, ops: set[str] | None) ->
     return spans
 
 
+# The parts of a step, by the names of the JAX operations its ops came from, transformations
+# (``jvp(...)``, ``transpose(...)``) stripped: jaxllm's named scopes (``optimizer``, ``head_loss``,
+# ``head``, ``kv_cache``) and the Flax modules' names. The first that matches names the part.
+PARTS = (
+    ("optimizer", r"(^|/)optimizer/"),
+    ("head/loss", r"(^|/)head(_loss)?/"),
+    ("KV cache writes", r"(^|/)kv_cache/"),
+    ("embeddings", r"(^|/)(pos_)?embed/"),
+    ("norms", r"_norm/"),
+    ("attention projections", r"/attn/(qkv|[qkvo])/"),
+    ("attention", r"/attn/|^cache\.[kv]\["),
+    ("MLP", r"/mlp/"),
+    ("layers' slices and stacks", r"Transformer\._layers/"),
+)
+
+
+def part(source: str) -> tuple[str, bool]:
+    """The part of the model (``PARTS``; ``other`` where none matches or no name is known) that the
+    op named ``source`` (its op_name, or a parameter's path: ``params['block_0']['mlp']...``,
+    ``cache.k[0]``) computes, and whether in the backward pass (a transposed operation's)."""
+    scopes = re.sub(r"[\w.]+\(", "", source).replace(")", "")
+    scopes = re.sub(r"\['|'\]\['|'\]", "/", scopes)
+    name = next((name for name, pattern in PARTS if re.search(pattern, scopes)), "other")
+    return name, "transpose(" in source
+
+
 # Ops whose time is that of the ops they run (a loop's body, a branch, a call): left out.
 CONTAINERS = frozenset({"while", "conditional", "call"})
 
@@ -159,6 +197,7 @@ class HloOp:
     calls: str  # a fusion's computation, or ""
     contracting: tuple[int, ...]  # a dot's contracting dimensions of its left operand
     library_flops: int  # a library call's products (cuBLAS GEMM, cuDNN attention), else 0
+    source: str  # the JAX operation it came from (its metadata's op_name), or ""
 
 
 def shape_bytes(shape: str) -> int:
@@ -224,6 +263,7 @@ def hlo_ops(text: str) -> dict[str, HloOp]:
                 calls.group(1) if calls else "",
                 _ints(contracting.group(1)) if contracting else (),
                 gemm_flops(line, lhs) + fused_attention_flops(line),
+                source.group(1).replace("\\'", "'") if source else "",
             )
     return ops
 
@@ -336,6 +376,20 @@ def profile_phase(
     return profile(phases.build(config, phase, batch, seq), calls, trace_dir)
 
 
+def _source(hlo: dict[str, HloOp], op: HloOp, depth: int = 3) -> str:
+    """An op's JAX name; for one that XLA left unnamed (a CPU's one-row products, its products over
+    the KV cache), that of the first parameter it reads (a weight's or the cache's path: its own
+    or a bitcast's of it), directly or through unnamed ops up to ``depth`` deep."""
+    if op.source or depth == 0:
+        return op.source
+    for operand in (hlo[o] for o in op.operands if o in hlo):
+        if operand.opcode in ("parameter", "bitcast") and operand.source:
+            return operand.source
+        if not operand.source and (found := _source(hlo, operand, depth - 1)):
+            return found
+    return ""
+
+
 def op_times(hlo: dict[str, HloOp], spans: list[Span], calls: int) -> list[OpTime]:
     """The ops of ``spans`` (``calls`` calls' worth), most time first: each one's share of the wall
     time, bytes and FLOPs per call. An op inside a loop runs several times a call: its bytes and
@@ -357,14 +411,29 @@ def op_times(hlo: dict[str, HloOp], spans: list[Span], calls: int) -> list[OpTim
                 op.text if op else "",
                 round(op_bytes(hlo, instruction) * per_call) if op else 0,
                 round(flops.get(instruction, 0) * per_call),
+                *part(_source(hlo, op) if op else ""),
             )
         )
     return ops
 
 
+def _parts_table(result: OpProfile) -> list[str]:
+    """The time a call by part of the model (``OpProfile.by_part``), forward and backward for a
+    train step."""
+    op_s, train = result.op_s, result.phase == "train"
+    head = (
+        "| part | forward ms | backward ms | share |" if train else "| part | ms a call | share |"
+    )
+    lines = [head, "|---|---|---|---|" if train else "|---|---|---|"]
+    for name, (forward, backward) in result.by_part().items():
+        times = f"{forward * 1e3:.3f} | {backward * 1e3:.3f}" if train else f"{forward * 1e3:.3f}"
+        lines.append(f"| {name} | {times} | {(forward + backward) / op_s:.1%} |")
+    return lines
+
+
 def table(result: OpProfile, top: int) -> list[str]:
-    """Lines: the totals and the matrix products' (time, GFLOP, GFLOP/s), the ``top`` op kinds,
-    then the ``top`` ops with their bytes and FLOPs a call, the rates those make in the op's time,
+    """Lines: the totals and the matrix products' (time, GFLOP, GFLOP/s), the time by part of the
+    model, the ``top`` op kinds, then the ``top`` ops with their bytes and FLOPs a call, the rates those make in the op's time,
     and their HLO definitions."""
     op_s = result.op_s
     lines = [
@@ -378,11 +447,7 @@ def table(result: OpProfile, top: int) -> list[str]:
             f"matrix products: {seconds * 1e3:.3f} ms a call ({seconds / op_s:.0%} of the op time), "
             f"{flops / 1e9:.3f} GFLOP, {flops / seconds / 1e9:.1f} GFLOP/s"
         )
-    lines += [
-        "",
-        "| op kind | ms a call | share |",
-        "|---|---|---|",
-    ]
+    lines += ["", *_parts_table(result), "", "| op kind | ms a call | share |", "|---|---|---|"]
     for kind, s in list(result.by_kind().items())[:top]:
         lines.append(f"| {kind} | {s * 1e3:.3f} | {s / op_s:.1%} |")
     lines += ["", "| op | ms a call | MB | GB/s | GFLOP/s | HLO |", "|---|---|---|---|---|---|"]

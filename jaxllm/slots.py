@@ -65,8 +65,9 @@ class SlotCache(struct.PyTreeNode):
         position ``positions[n]`` (both [N] int32); a position >= S is dropped."""
 
         def put(old: jax.Array, new: jax.Array) -> jax.Array:
-            values = new[0].transpose(1, 0, 2).astype(old.dtype)  # [N, K, H]
-            return old.at[rows, :, positions, :].set(values, mode="drop")
+            with jax.named_scope("kv_cache"):  # its ops' names, for ``jaxllm profile``
+                values = new[0].transpose(1, 0, 2).astype(old.dtype)  # [N, K, H]
+                return old.at[rows, :, positions, :].set(values, mode="drop")
 
         k = tuple(put(o, n) for o, n in zip(self.k, k_new, strict=True))
         v = tuple(put(o, n) for o, n in zip(self.v, v_new, strict=True))

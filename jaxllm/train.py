@@ -226,7 +226,9 @@ def loss_fn(
     )  # [B, T, D]
     kernel, out_major = head_kernel(params, config)
     rows = x.reshape(B * T, -1)
-    return head_cross_entropy(rows, kernel, targets.reshape(-1), config.compute_dtype, out_major)
+    with jax.named_scope("head_loss"):  # its ops' names, for ``jaxllm profile``
+        targets = targets.reshape(-1)
+        return head_cross_entropy(rows, kernel, targets, config.compute_dtype, out_major)
 
 
 def loss_and_grads(
@@ -281,17 +283,18 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss, grads = accumulated_grads(state.params, batch, config, accum_steps, mesh)
-        params32 = _f32(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params32)
-        # The update is added in float32 and rounded once to the storage dtype.
-        params = jax.tree.map(
-            lambda p, u, stored: (p + u).astype(stored.dtype), params32, updates, state.params
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": learning_rate(opt_state).astype(jnp.float32),
-        }
+        with jax.named_scope("optimizer"):  # its ops' names, for ``jaxllm profile``
+            params32 = _f32(state.params)
+            updates, opt_state = optimizer.update(grads, state.opt_state, params32)
+            # The update is added in float32 and rounded once to the storage dtype.
+            params = jax.tree.map(
+                lambda p, u, stored: (p + u).astype(stored.dtype), params32, updates, state.params
+            )
+            metrics = {
+                "loss": loss,
+                "grad_norm": optax.tree.norm(grads),
+                "lr": learning_rate(opt_state).astype(jnp.float32),
+            }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     options = xla_options.train_options(config)

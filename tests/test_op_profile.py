@@ -79,6 +79,72 @@ def test_a_module_is_named_by_its_texts_header():
         opprofile.module_name("ENTRY %main () -> f32[] {")
 
 
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        # Names as jaxllm's compiled train, prefill and decode steps carry them.
+        ("jit(train_step)/optimizer/jit(_where)/select_n", ("optimizer", False)),
+        ("jit(train_step)/transpose(jvp(head_loss))/RO,RI->OI/dot_general", ("head/loss", True)),
+        ("jit(decode_step)/Transformer/head/dot_general", ("head/loss", False)),
+        ("jit(decode_step)/kv_cache/dynamic_update_slice", ("KV cache writes", False)),
+        (
+            "jit(train_step)/transpose(jvp(Transformer))/embed/jit(_take)/scatter-add",
+            ("embeddings", True),
+        ),
+        ("jit(prefill)/Transformer/pos_embed/add", ("embeddings", False)),
+        (
+            "jit(train_step)/jvp(Transformer)/Transformer._layers/closed_call/blocks/"
+            "_StandardPromotion_1/mlp_norm/reduce_sum",
+            ("norms", False),
+        ),
+        (
+            "jit(train_step)/transpose(jvp(Transformer))/Transformer._layers/closed_call/blocks/"
+            "attn/q/q._in_out/BTD,DNH->BTNH/dot_general",
+            ("attention projections", True),
+        ),
+        (
+            "jit(decode_step)/Transformer/Transformer._layers/block_0/attn/o/dot_general",
+            ("attention projections", False),
+        ),
+        (
+            "jit(prefill)/Transformer/Transformer._layers/block_3/attn/BKGTH,BKSH->BKGTS/dot_general",
+            ("attention", False),
+        ),
+        ("cache.k[1]", ("attention", False)),  # a product XLA left unnamed reads the cache
+        ("params['block_1']['mlp']['up']['kernel']", ("MLP", False)),
+        (
+            "jit(train_step)/transpose(jvp(Transformer))/Transformer._layers/concatenate",
+            ("layers' slices and stacks", True),
+        ),
+        ("jit(train_step)/add", ("other", False)),
+        ("", ("other", False)),
+    ],
+)
+def test_an_op_is_named_by_the_part_of_the_model_it_computes(source, expected):
+    assert opprofile.part(source) == expected
+
+
+def test_an_unnamed_op_takes_the_name_of_the_parameter_it_reads():
+    # As XLA:CPU left tiny's decode step: its products over the cache and its one-row products
+    # unnamed, the cache read through a bitcast that keeps the parameter's name.
+    text = (
+        '  %cache_k_0_.1 = f32[2,4,16,8]{3,2,1,0} parameter(36), metadata={op_name="cache.k[0]"}\n'
+        '  %bitcast.14 = f32[8,16,8]{2,1,0} bitcast(%cache_k_0_.1), metadata={op_name="cache.k[0]"}\n'
+        "  %q.1 = f32[8,8,1]{2,1,0} parameter(1)\n"
+        "  %dot.12 = f32[8,16,1]{2,1,0} dot(%bitcast.14, %q.1), lhs_batch_dims={0}, "
+        "lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}\n"
+        "  %w = f32[128,32]{1,0} parameter(29), metadata={op_name=\"params[\\'block_1\\']"
+        "[\\'mlp\\'][\\'up\\'][\\'kernel\\']\"}\n"
+        "  %x = f32[1,128]{1,0} parameter(2)\n"
+        "  %dot.3 = f32[1,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
+    )
+    hlo = opprofile.hlo_ops(text)
+    assert hlo["w"].source == "params['block_1']['mlp']['up']['kernel']"
+    spans = [(0.0, 2.0, "dot.12"), (2.0, 3.0, "dot.3")]
+    ops = {op.name: (op.part, op.backward) for op in opprofile.op_times(hlo, spans, calls=1)}
+    assert ops == {"dot.12": ("attention", False), "dot.3": ("MLP", False)}
+
+
 def test_hlo_ops_name_shape_opcode_operands_and_source():
     text = (
         "  %dot.7 = f32[8,12,128,1]{3,2,1,0} dot(%cache_k_4_.1, %bitcast.2), lhs_batch_dims={0,1}, "
@@ -229,6 +295,14 @@ def test_a_profiled_phase_lists_the_ops_of_its_compiled_module(phase):
     assert 0 < result.op_s <= result.span_s * (1 + 1e-9)
     assert result.wall_s > 0
     assert sum(result.by_kind().values()) == pytest.approx(result.op_s)
+    # Every product is named by the part of the model it computes; the backward pass is training's.
+    parts = {(op.part, op.backward) for op in result.ops if op.flops}
+    names = {"MLP", "attention", "attention projections", "head/loss"}
+    assert {name for name, _ in parts} == names
+    assert {backward for _, backward in parts} == ({False, True} if phase == "train" else {False})
+    assert sum(f + b for f, b in result.by_part().values()) == pytest.approx(result.op_s)
+    assert ("optimizer" in result.by_part()) == (phase == "train")
+    assert "KV cache writes" in result.by_part() or phase != "decode"
     # The products' FLOPs read off the compiled module, each op counted as often as it ran, against
     # the closed form (the decode step's one score against its own new key is XLA's elementwise
     # product and sum, not a dot: 0.4% of tiny's step).
@@ -252,7 +326,8 @@ def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
     out = capsys.readouterr().out
     assert out.startswith("decode B=2 seq=16, 2 calls:") and "a call without it" in out
     assert (
-        "| op kind | ms a call | share |" in out
+        "| part | ms a call | share |" in out
+        and "| op kind | ms a call | share |" in out
         and "| op | ms a call | MB | GB/s | GFLOP/s | HLO |" in out
     )
     assert main([*args, "--calls", "2", "--top", "3", "--json"]) == 0
@@ -260,6 +335,8 @@ def test_profile_cli_prints_kinds_and_ops_and_json(capsys):
     assert len(row["ops"]) == 3 and row["calls"] == 2 and row["wall_s"] > 0
     assert all(op["nbytes"] > 0 for op in row["ops"])
     assert sum(row["by_kind"].values()) == pytest.approx(row["op_s"])
+    assert sum(p["forward_s"] for p in row["by_part"].values()) == pytest.approx(row["op_s"])
+    assert all(p["backward_s"] == 0 for p in row["by_part"].values())
     assert 0 < row["product_s"] <= row["op_s"] and row["product_flops"] > 0
 
 
@@ -288,8 +365,10 @@ def _experiment():
 def _profile(phase, batch, product, other):
     """An OpProfile of one product op (seconds, FLOPs, bytes) and one other op (seconds)."""
     ops = [
-        opprofile.OpTime("ynn_fusion.1", "ynn_fusion", product[0], "", product[2], product[1]),
-        opprofile.OpTime("add_fusion", "add_fusion", other, "", 100, 0),
+        opprofile.OpTime(
+            "ynn_fusion.1", "ynn_fusion", product[0], "", product[2], product[1], "MLP", False
+        ),
+        opprofile.OpTime("add_fusion", "add_fusion", other, "", 100, 0, "other", False),
     ]
     return opprofile.OpProfile(phase, batch, 16, 2, 1.0, 1.0, ops)
 
