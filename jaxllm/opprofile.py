@@ -49,7 +49,7 @@ class OpTime:
     nbytes: int  # per call, its operands' and result's bytes (``op_bytes``) each run; 0 if unknown
     flops: int  # per call, its matrix products' FLOPs (``op_flops``) each run; 0 for none
     part: str  # the part of the model it computes (``part``)
-    backward: bool  # whether it runs in the backward pass
+    backward: bool  # whether its name puts it in the backward pass (False where none is known)
 
     @property
     def bytes_per_s(self) -> float:
@@ -428,6 +428,11 @@ def _parts_table(result: OpProfile) -> list[str]:
     for name, (forward, backward) in result.by_part().items():
         times = f"{forward * 1e3:.3f} | {backward * 1e3:.3f}" if train else f"{forward * 1e3:.3f}"
         lines.append(f"| {name} | {times} | {(forward + backward) / op_s:.1%} |")
+    if train:
+        lines += [
+            "",
+            "An op whose pass its name does not tell (one XLA left unnamed) counts as forward.",
+        ]
     return lines
 
 
