@@ -18,8 +18,8 @@ output-major; ``--written`` (decode), attention over the cache with the new keys
 ``--split-softmax`` (decode), the two blocks' softmax combined without concatenating the scores;
 ``--rolled`` (train), the layers run as a loop (``scan_unroll=1``; XLA's options unless
 ``--options`` says otherwise); ``--unstacked`` (train), each layer's parameters their own arrays
-(``scan_layers=False``: no stacked gradient concatenated, round 20's H200 step spent 1.8 ms in
-three concatenations); ``--pad-vocab`` (train), the head over a padded vocabulary
+(``scan_layers=False``: no stacked gradient concatenated; round 20's H200 step spent 1.8 ms in
+three concatenation fusions, not traced to their source); ``--pad-vocab`` (train), the head over a padded vocabulary
 (``padded_vocabulary``). Round 13's ``--single-bf16`` and round 20's ``--two-rows``
 are gone: the first was not kept, the second ships (``products.single_row_as_two``).
 ``--trace FILE`` writes the profile's kernels (device) and events (host) by total time.
