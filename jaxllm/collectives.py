@@ -36,7 +36,7 @@ from jaxllm import mesh as meshes
 from jaxllm.config import ModelConfig
 from jaxllm.cost import call_graph
 from jaxllm.model import param_shapes
-from jaxllm.xla_hlo import element_bytes
+from jaxllm.xla_hlo import shape_bytes
 
 KINDS: tuple[str, ...] = (
     "all-reduce",
@@ -47,17 +47,6 @@ KINDS: tuple[str, ...] = (
 )
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
 _OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(KINDS) + r")\(")
-_SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
-
-
-def _shape_bytes(types: str) -> int:
-    """Bytes of the arrays of more than one element in an HLO result type (one shape or a tuple)."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(types):
-        elements = math.prod(int(d) for d in dims.split(",")) if dims else 1
-        if elements > 1:
-            total += element_bytes(dtype) * elements
-    return total
 
 
 def _executions(hlo_text: str) -> dict[str, int]:
@@ -98,7 +87,7 @@ def hlo_collectives(hlo_text: str) -> dict[str, int]:
         if op is None:
             continue
         types, kind = op.groups()
-        nbytes = _shape_bytes(types)
+        nbytes = shape_bytes(types, min_elements=2)  # scalars carry no payload
         if kind == "reduce-scatter":
             nbytes *= _group_size(line)
         out[kind] += nbytes * runs.get(current, 0)

@@ -31,9 +31,9 @@ from jaxllm import phases, train
 from jaxllm.config import ModelConfig
 from jaxllm.errors import RunError, positive_int
 from jaxllm.xla_hlo import (
-    element_bytes,
     fused_attention_flops,
     gemm_flops,
+    shape_bytes,
     workspaces_as_empty,
 )
 
@@ -200,15 +200,6 @@ class HloOp:
     source: str  # the JAX operation it came from (its metadata's op_name), or ""
 
 
-def shape_bytes(shape: str) -> int:
-    """Bytes of the arrays of an HLO shape, ``bf16[8,3072]`` or a tuple of them (layouts
-    dropped); 0 for types of no storage (``token[]``)."""
-    total = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
-        total += element_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 def op_bytes(hlo: dict[str, HloOp], name: str) -> int:
     """Bytes an op reads and writes if it touches each operand and its result once: their sizes,
     each operand counted once. An upper bound for an op that reads part of an operand (a slice of
@@ -350,10 +341,11 @@ def profile(program: phases.Program, calls: int, trace_dir: Path | None = None) 
     leaves = {name for name, op in hlo.items() if op.opcode not in CONTAINERS}
     on_host = jax.default_backend() == "cpu"
     events = _traced(compiled, program.phase, first, calls, trace_dir)
-    spans = op_spans(events, module_name(text), leaves if on_host else None)
+    module = module_name(text)
+    spans = op_spans(events, module, leaves if on_host else None)
     if not spans:
-        raise RunError(f"the profiler's trace holds no op of {module_name(text)}")
-    span = (max(b for _, b, _ in spans) - min(a for a, _, _ in spans)) if spans else 0.0
+        raise RunError(f"the profiler's trace holds no op of {module}")
+    span = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
     span_s = span / 1e6 / calls
     ops = op_times(hlo, spans, calls)
     return OpProfile(program.phase, program.batch, program.seq, calls, span_s, wall, ops)
@@ -438,8 +430,8 @@ def _parts_table(result: OpProfile) -> list[str]:
 
 def table(result: OpProfile, top: int) -> list[str]:
     """Lines: the totals and the matrix products' (time, GFLOP, GFLOP/s), the time by part of the
-    model, the ``top`` op kinds, then the ``top`` ops with their bytes and FLOPs a call, the rates those make in the op's time,
-    and their HLO definitions."""
+    model, the ``top`` op kinds, then the ``top`` ops with their bytes and FLOPs a call, the rates
+    those make in the op's time, and their HLO definitions."""
     op_s = result.op_s
     lines = [
         f"{result.phase} B={result.batch} seq={result.seq}, {result.calls} calls: "

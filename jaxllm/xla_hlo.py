@@ -43,6 +43,17 @@ def element_bytes(dtype: str) -> int:
     return int(bits.group(1)) // 8
 
 
+def shape_bytes(shape: str, min_elements: int = 1) -> int:
+    """Bytes of the arrays of an HLO shape, ``bf16[8,3072]`` or a tuple of them (layouts ignored),
+    counting those of at least ``min_elements`` elements; 0 for types of no storage (``token[]``)."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", shape):
+        elements = math.prod(int(d) for d in dims.split(",") if d)
+        if elements >= min_elements:
+            total += element_bytes(dtype) * elements
+    return total
+
+
 def _entry_points() -> tuple[Any, Any]:
     try:
         import jaxlib._hlo as hlo  # pyright: ignore[reportMissingImports]
