@@ -359,6 +359,14 @@ def test_profile_cli_refuses_bad_input_naming_it(extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_profile_cli_refuses_a_trace_dir_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "trace.txt"
+    path.write_text("")
+    args = ["--phase", "decode", "--batch", "1", "--seq", "8", "--trace-dir", str(path)]
+    assert main(["profile", "--preset", "tiny", *args]) == 2
+    assert f"--trace-dir {path} is not a directory" in capsys.readouterr().err
+
+
 def _experiment():
     path = Path(__file__).resolve().parents[1] / "experiments" / "ops.py"
     spec = importlib.util.spec_from_file_location("experiment_ops", path)
