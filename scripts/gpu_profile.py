@@ -11,11 +11,13 @@ Prints one JSON line:
   (train) or cache (decode) the last one returned, synchronised once: a loop's steady state;
 - ``busy_s``: seconds a step that the device ran kernels (the union of their intervals in a profile
   of the chained steps), and ``span_s``, first kernel start to last kernel end, a step;
-- ``generate_s`` (``--generate``, decode): a step inside ``jaxllm.generate``'s on-device loop.
+- ``generate_s`` (``--generate``, decode): a step inside ``jaxllm.generate``'s on-device loop;
+- ``digest``: the first call's loss (train) or logits (decode) in a few numbers, to compare variants.
 ``--options JSON``: the train step's XLA compile options instead of ``xla_options.train_options``.
 ``--hlo FILE`` writes the compiled program's HLO. Code variants: ``--out-in``, kernels served
 output-major; ``--written`` (decode), attention over the cache with the new keys written first;
 ``--split-softmax`` (decode), the two blocks' softmax combined without concatenating the scores;
+``--cudnn`` (decode), the new keys written first, then cuDNN's fused attention over the filled slots;
 ``--rolled`` (train), the layers run as a loop (``scan_unroll=1``; XLA's options unless
 ``--options`` says otherwise); ``--unstacked`` (train), each layer's parameters their own arrays
 (``scan_layers=False``: no stacked gradient concatenated; round 20's H200 step spent 1.8 ms in
@@ -35,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +48,15 @@ from jaxllm.config import get_preset
 from jaxllm.timing import time_compiled
 
 STEPS = 10
-VARIANTS = ("--out-in", "--rolled", "--unstacked", "--pad-vocab", "--written", "--split-softmax")
+VARIANTS = (
+    "--out-in",
+    "--rolled",
+    "--unstacked",
+    "--pad-vocab",
+    "--written",
+    "--split-softmax",
+    "--cudnn",
+)
 
 
 def chain(compiled, first: tuple, phase: str, steps: int) -> float:
@@ -62,6 +73,16 @@ def chain(compiled, first: tuple, phase: str, steps: int) -> float:
             logits, cache = compiled(weights, cache, ids)
         jax.block_until_ready((logits, cache))
     return (time.perf_counter() - start) / steps
+
+
+def digest(outputs: tuple, phase: str) -> dict:
+    """A first call's result in a few numbers, the same for every variant of a phase (the arguments
+    come from one key): the train step's loss, or the decode step's float32 logits summed and their
+    argmax per row. Variants that compute the same step agree within bf16 rounding."""
+    if phase == "train":
+        return {"loss": float(outputs[1]["loss"])}
+    logits = np.asarray(outputs[0], np.float32).reshape(outputs[0].shape[0], -1)
+    return {"logits_sum": float(logits.sum()), "argmax": logits.argmax(-1).tolist()}
 
 
 def first_args(program: phases.Program, make: Callable[[], tuple], steps: int) -> tuple:
@@ -194,6 +215,51 @@ def split_softmax_attention(q, k_new, v_new, kv, pad, offset):
     return _by_query(out.astype(dtype))
 
 
+def fused_attention(q, k, v, bias, kv_len, implementation: str) -> jax.Array:
+    """Attention of q [B, N, T, H] to k and v [B, K, S, H] (K divides N), bias [B, 1, T, S] added
+    to the scores and slots from ``kv_len`` [B] on skipped: [B, N, T, H]. "cudnn": cuDNN's fused
+    kernel on the cache's own layout (BNTH); "xla": ``jax.nn.dot_product_attention``'s XLA
+    implementation on transposed copies (a CPU's stand-in, which checks the arguments)."""
+    B, _, T, H = q.shape
+    if implementation == "cudnn":
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        q_len = jnp.full((B,), T, jnp.int32)
+        out = cudnn.dot_product_attention(
+            q, k, v, bias, None, q_len, kv_len, scale=H**-0.5,
+            mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH",
+        )  # fmt: skip
+        return cast(jax.Array, out)  # no residual asked
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, key_value_seq_lengths=kv_len, implementation="xla"
+    )
+    return out.transpose(0, 2, 1, 3)
+
+
+def cudnn_attention(q, k_new, v_new, kv, pad, offset, implementation: str = "cudnn"):
+    """The variant ``--cudnn`` (decode): the new keys and values written into the cache first (as
+    ``--written``), then one fused attention over the slots up to the last one written, which
+    cuDNN's kernel reads and no further. The shipped step runs seven kernels a layer there (round
+    20's H200 profile of llama3.2-1b at B=1: two products, the scores' concatenation, two
+    reductions, a conversion, the normalisation; about 23 us a layer). Left padding and the new
+    tokens' causal order are an additive bias. One write offset for every row (``generate``'s)."""
+    k, v = (
+        jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, offset, 0))
+        for old, new in zip(kv, (k_new, v_new), strict=True)
+    )
+    B, T = q.shape[:2]
+    slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(T)[:, None]  # [S], [T, 1]
+    visible = (slot >= pad[:, None, None]) & (slot <= q_slot)  # [B, T, S]
+    big = jnp.asarray(-0.7 * float(jnp.finfo(k.dtype).max), k.dtype)
+    bias = jnp.where(visible, jnp.zeros((), k.dtype), big)[:, None]  # [B, 1, T, S]
+    kv_len = jnp.full((B,), offset + T, jnp.int32)
+    out = fused_attention(
+        q.astype(k.dtype).transpose(0, 2, 1, 3), k, v, bias, kv_len, implementation
+    )
+    return out.transpose(0, 2, 1, 3)  # [B, T, N, H]
+
+
 def padded_vocabulary(multiple: int = 64) -> None:
     """The variant ``--pad-vocab`` (train): the tied head's product and the loss over a vocabulary
     padded with zero rows to a multiple of ``multiple`` (gpt2's 50257 -> 50304), the padded logits
@@ -245,12 +311,16 @@ def main(argv: list[str]) -> None:
         output_major_serving()
     if "--pad-vocab" in argv:
         padded_vocabulary()
-    if "--written" in argv or "--split-softmax" in argv:
-        import jaxllm.cache
+    variants = {
+        "--written": written_attention,
+        "--split-softmax": split_softmax_attention,
+        "--cudnn": cudnn_attention,
+    }
+    for flag, attention in variants.items():
+        if flag in argv:
+            import jaxllm.cache
 
-        jaxllm.cache.cached_attention = (
-            written_attention if "--written" in argv else split_softmax_attention
-        )
+            jaxllm.cache.cached_attention = attention
     label, phase, preset, batch, seq = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
     trace = Path(argv[argv.index("--trace") + 1]) if "--trace" in argv else None
     hlo = Path(argv[argv.index("--hlo") + 1]) if "--hlo" in argv else None
@@ -281,6 +351,7 @@ def main(argv: list[str]) -> None:
     if hlo is not None:
         hlo.write_text(compiled.as_text())
     make = program.make_args(jax.random.key(0))  # the weights made once, the rest per call
+    row["digest"] = digest(compiled(*make()), phase)
     row["sync_s"] = time_compiled(compiled, make, 5, 2).seconds_median
     chain(compiled, first_args(program, make, STEPS), phase, STEPS)  # warm
     row["chained_s"] = float(

@@ -46,6 +46,9 @@ v dec_l1b_b1 $DEC --generate --hlo $R/hlo_dec_l1b_b1.txt
 # The next decode lever, round 20's 11.3 us fusion of the new key's score and the scores'
 # concatenation: the scores not concatenated (at B=128 and written-first further down).
 v dec_split $DEC --generate --split-softmax --hlo $R/hlo_dec_split.txt
+# cuDNN's fused attention over the filled slots (the new keys written first): one kernel a layer
+# where the shipped step runs seven (about 23 us a layer in round 20's profile).
+v dec_cudnn $DEC --generate --cudnn --hlo $R/hlo_dec_cudnn.txt
 BF="--override dtype=bfloat16"
 prof() {  # label, seconds, then `jaxllm profile` arguments: the kernels by instruction and part
   local label=$1 limit=$2; shift 2
@@ -77,6 +80,7 @@ v dec_written $DEC --generate --written
 v dec_m_b8 $MED 8 1024 --generate
 v dec_m_b128 $MED 128 1024 --generate
 v dec_m_b128_split $MED 128 1024 --generate --split-softmax
+v dec_m_b128_cudnn $MED 128 1024 --generate --cudnn
 # A rolled step under XLA's options (as shipped) and under cuBLAS's (round 13: 68.1 -> 61.2 ms by
 # XLA_FLAGS; kept off rolled steps until round 20 fixed their cost).
 v train_rolled $TRAIN --rolled
