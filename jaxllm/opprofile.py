@@ -136,21 +136,23 @@ def shared_wall(spans: list[Span]) -> dict[str, float]:
     return dict(share)
 
 
-def op_spans(events: list[dict[str, Any]], module: str, ops: set[str] | None) -> list[Span]:
+def op_spans(events: list[dict[str, Any]], module: str, ops: set[str], host: bool) -> list[Span]:
     """The ops of ``module`` among a Perfetto trace's complete events, each named after the
     instruction that its ``hlo_op`` argument gives where its ``hlo_module`` is ``module`` (XLA's
     thunks on a CPU's threads; on a GPU, the kernels a thunk launched, a library's too); events of
-    other modules are left out (the chain's own small programs). On a CPU (``ops``: the module's
-    instructions to keep) only those; on a GPU (``ops`` None) a device's events, one that carries
-    no instruction under its kernel's name."""
+    other modules are left out (the chain's own small programs). On a CPU (``host``) only the
+    module's instructions ``ops``; on a GPU a device's events, one that carries no instruction under
+    the instruction its kernel is named after (XLA names a fusion's kernel after it, "." as "_"),
+    else under the kernel's own name."""
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    kernels = {re.sub(r"\W", "_", op): op for op in ops}
     spans = []
     for e in events:
         args = e.get("args", {})
         if e.get("ph") != "X" or args.get("hlo_module", module) != module:
             continue
-        op = args.get("hlo_op", e["name"])
-        keep = "/device:" in names.get(e["pid"], "") if ops is None else op in ops
+        op = args.get("hlo_op") or (e["name"] if host else kernels.get(e["name"], e["name"]))
+        keep = op in ops if host else "/device:" in names.get(e["pid"], "")
         if keep:
             spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), op))
     return spans
@@ -342,7 +344,7 @@ def profile(program: phases.Program, calls: int, trace_dir: Path | None = None) 
     on_host = jax.default_backend() == "cpu"
     events = _traced(compiled, program.phase, first, calls, trace_dir)
     module = module_name(text)
-    spans = op_spans(events, module, leaves if on_host else None)
+    spans = op_spans(events, module, leaves, on_host)
     if not spans:
         raise RunError(f"the profiler's trace holds no op of {module}")
     span = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)

@@ -55,20 +55,25 @@ EVENTS = [
     _event(2, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 5, 4, op="custom-call.2"),
     _event(2, "void cudnn::fusion::compute_dot_do_o", 9, 1, op="custom-call.5"),
     _event(2, "Memset", 10, 1, op="copy", module="jit_convert_element_type"),
+    _event(2, "input_reduce_fusion_16", 11, 1),  # XLA's kernel name for input_reduce_fusion.16
+    _event(2, "nvjet_sm90_gemv", 12, 1),
     {"ph": "i", "pid": 1, "name": "dot.1", "ts": 1},
 ]
 
 
 def test_host_ops_are_the_modules_instructions_named_by_their_events():
     ops = {"ynn_fusion.3", "dot.1", "tuple.2", "copy"}
-    assert opprofile.op_spans(EVENTS, "jit_step", ops) == [(0.0, 5.0, "ynn_fusion.3")]
+    assert opprofile.op_spans(EVENTS, "jit_step", ops, host=True) == [(0.0, 5.0, "ynn_fusion.3")]
 
 
 def test_device_ops_are_the_kernels_under_the_instructions_that_launched_them():
-    assert opprofile.op_spans(EVENTS, "jit_step", None) == [
+    ops = {"loop_add_fusion", "input_reduce_fusion.16", "custom-call.2", "custom-call.5"}
+    assert opprofile.op_spans(EVENTS, "jit_step", ops, host=False) == [
         (3.0, 5.0, "loop_add_fusion"),
         (5.0, 9.0, "custom-call.2"),  # a cuBLAS kernel, under its GEMM's instruction
         (9.0, 10.0, "custom-call.5"),
+        (11.0, 12.0, "input_reduce_fusion.16"),  # no hlo_op: the instruction its name gives
+        (12.0, 13.0, "nvjet_sm90_gemv"),  # neither: under the kernel's own name
     ]
 
 
