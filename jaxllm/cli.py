@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import InputError, RunError, positive_int
+from jaxllm.errors import InputError, RunError, positive_arg
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
@@ -53,10 +53,10 @@ def add_phase_args(parser: argparse.ArgumentParser) -> None:
     """The model flags (``add_model_args``) and the phase's: --phase, --batch, --seq."""
     add_model_args(parser)
     parser.add_argument("--phase", required=True, help="train, prefill or decode")
-    parser.add_argument("--batch", type=_positive, required=True, help="B: sequences per call")
+    parser.add_argument("--batch", type=positive_arg, required=True, help="B: sequences per call")
     parser.add_argument(
         "--seq",
-        type=_positive,
+        type=positive_arg,
         required=True,
         help="T: tokens per sequence (decode: the context the step completes, <= max_len)",
     )
@@ -69,14 +69,6 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
 
         return load_config(args.hf_dir, args.override)
     return apply_overrides(get_preset(args.preset), args.override)
-
-
-def _positive(text: str) -> int:
-    """argparse type: a positive integer (else one readable line naming the value)."""
-    try:
-        return positive_int("the value", int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def _seed(text: str) -> int:
@@ -138,8 +130,10 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a config and its parameter count (allocates nothing)")
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--batch", type=_positive, default=1, help="batch of the memory figures")
-    p.add_argument("--seq", type=_positive, help="sequence length of the memory figures (max_len)")
+    p.add_argument("--batch", type=positive_arg, default=1, help="batch of the memory figures")
+    p.add_argument(
+        "--seq", type=positive_arg, help="sequence length of the memory figures (max_len)"
+    )
     p.set_defaults(func=cmd_info)
 
 
@@ -351,8 +345,10 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
         "counted twice): time a call by op kind and the ops of most time, with their HLO lines.",
     )
     add_phase_args(p)
-    p.add_argument("--calls", type=_positive, default=5, help="calls profiled (default: 5)")
-    p.add_argument("--top", type=_positive, default=15, help="kinds and ops listed (default: 15)")
+    p.add_argument("--calls", type=positive_arg, default=5, help="calls profiled (default: 5)")
+    p.add_argument(
+        "--top", type=positive_arg, default=15, help="kinds and ops listed (default: 15)"
+    )
     p.add_argument(
         "--trace-dir",
         type=Path,
@@ -383,7 +379,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batches",
         nargs="+",
-        type=_positive,
+        type=positive_arg,
         default=[1, 8, 32, 128],
         help="decode batch sizes (default: 1 8 32 128)",
     )
@@ -645,12 +641,12 @@ def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="static, continuous or chunked, or several separated by commas (one run each, same "
         "trace; ratios to the first)",
     )
-    p.add_argument("--slots", type=_positive, default=8, help="B, requests decoded at once (8)")
-    p.add_argument("--chunk", type=_positive, default=64, help="chunked: prompt tokens per step")
+    p.add_argument("--slots", type=positive_arg, default=8, help="B, requests decoded at once (8)")
+    p.add_argument("--chunk", type=positive_arg, default=64, help="chunked: prompt tokens per step")
     add_mesh_arg(p, "; the engine shards over tensor only")
-    p.add_argument("--capacity", type=_positive, help="positions per slot (default: max_len)")
+    p.add_argument("--capacity", type=positive_arg, help="positions per slot (default: max_len)")
     p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (default: inf)")
-    p.add_argument("--requests", type=_positive, default=64, help="requests in the trace (64)")
+    p.add_argument("--requests", type=positive_arg, default=64, help="requests in the trace (64)")
     p.add_argument("--prompt-lens", default="16-128", help="LO-HI uniform or a,b,c (16-128)")
     p.add_argument("--output-lens", default="16-256", help="LO-HI uniform or a,b,c (16-256)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the trace and its prompts")
@@ -733,9 +729,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy", default="chunked", help="static, continuous or chunked (default: chunked)"
     )
-    p.add_argument("--slots", type=_positive, default=8, help="B, requests batched (default: 8)")
+    p.add_argument("--slots", type=positive_arg, default=8, help="B, requests batched (default: 8)")
     p.add_argument(
-        "--chunk", type=_positive, default=64, help="chunked: prompt tokens per step (default: 64)"
+        "--chunk",
+        type=positive_arg,
+        default=64,
+        help="chunked: prompt tokens per step (default: 64)",
     )
     add_mesh_arg(p, "; the engine shards over tensor only")
     p.add_argument(
@@ -746,7 +745,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="requests waiting beyond the slots before 429 (default: 64)",
     )
     p.add_argument(
-        "--max-body", type=_positive, default=2**20, help="request body bytes (default: 1 MiB)"
+        "--max-body", type=positive_arg, default=2**20, help="request body bytes (default: 1 MiB)"
     )
     p.add_argument(
         "--shutdown-timeout",

@@ -10,6 +10,7 @@ its traceback.
 
 from __future__ import annotations
 
+import argparse
 import numbers
 
 
@@ -31,6 +32,14 @@ def positive_int(name: str, value: object, most: int | None = None, least: int =
         bound = "" if most is None else f" <= {most}"
         raise InputError(f"{name} must be {low}{bound}, got {value!r}")
     return number
+
+
+def positive_arg(text: str) -> int:
+    """argparse type: a positive integer (else one readable line naming the value)."""
+    try:
+        return positive_int("the value", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def _integer(value: object) -> int | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import math
 import re
 import tempfile
 import time
@@ -33,6 +32,7 @@ from jaxllm.errors import InputError, RunError, positive_int
 from jaxllm.xla_hlo import (
     fused_attention_flops,
     gemm_flops,
+    product_flops,
     shape_bytes,
     workspaces_as_empty,
 )
@@ -274,8 +274,7 @@ def _dot_flops(hlo: dict[str, HloOp], op: HloOp) -> int:
     """2 x a dot's result elements x its contracted size (0 where its left operand is unknown)."""
     if not op.operands or op.operands[0] not in hlo:
         return 0
-    lhs = hlo[op.operands[0]].dims
-    return 2 * math.prod(op.dims) * math.prod(lhs[d] for d in op.contracting if d < len(lhs))
+    return product_flops(op.dims, hlo[op.operands[0]].dims, op.contracting)
 
 
 def op_flops(hlo: dict[str, HloOp]) -> dict[str, int]:

@@ -281,9 +281,17 @@ def gemm_flops(line: str, lhs_dims: tuple[int, ...]) -> int:
     if m is None or '"gemm_backend_config"' not in line:
         return 0
     _, dims, _ = _ARRAY.findall(m.group(4))[0]
-    result = math.prod(int(d) for d in dims[1:-1].split(",") if d)
-    contracted = (int(d) for d in _dims(line, "lhs_contracting_dimensions").split(",") if d)
-    return 2 * result * math.prod(lhs_dims[d] for d in contracted)
+    result = tuple(int(d) for d in dims[1:-1].split(",") if d)
+    contracted = tuple(int(d) for d in _dims(line, "lhs_contracting_dimensions").split(",") if d)
+    return product_flops(result, lhs_dims, contracted)
+
+
+def product_flops(
+    result: tuple[int, ...], lhs: tuple[int, ...], contracting: tuple[int, ...]
+) -> int:
+    """FLOPs of a matrix product (2 per multiply-add): its result's elements times the size of its
+    left operand's (dimensions ``lhs``) ``contracting`` dimensions (those it lacks left out)."""
+    return 2 * math.prod(result) * math.prod(lhs[d] for d in contracting if d < len(lhs))
 
 
 def custom_calls(hlo_text: str) -> collections.Counter[str]:

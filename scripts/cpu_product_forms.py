@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from experiments.peers import cpu_name
 from jaxllm import products
-from jaxllm.errors import InputError, positive_int
+from jaxllm.errors import positive_arg
 from jaxllm.timing import time_compiled
 
 KERNELS, O, I = 12, 3072, 768
@@ -109,11 +109,10 @@ def table(result: dict[tuple[int, str], float], rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="bf16 products of 1-32 rows against one read")
-    parser.add_argument("rounds", nargs="?", type=int, default=6, help="rounds (default 6)")
-    try:
-        rounds = positive_int("rounds", parser.parse_args().rounds)
-    except InputError as e:
-        parser.error(str(e))
+    parser.add_argument(
+        "rounds", nargs="?", type=positive_arg, default=6, help="rounds (default 6)"
+    )
+    rounds = parser.parse_args().rounds
     print(table(measure(rounds), rounds))
 
 

@@ -164,6 +164,15 @@ def _by_query(out: jax.Array) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
+def _written(kv, k_new, v_new, offset):
+    """The cache's keys and values [B, K, S, H] with the new ones [B, K, T, H] written at slot
+    ``offset`` (one offset for every row)."""
+    return tuple(
+        jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, offset, 0))
+        for old, new in zip(kv, (k_new, v_new), strict=True)
+    )
+
+
 def written_attention(q, k_new, v_new, kv, pad, offset):
     """The variant ``--written``: a decode step's attention over the cache with its new keys and
     values written in first, one product over the S slots, where ``jaxllm.attention.cached_attention``
@@ -171,10 +180,7 @@ def written_attention(q, k_new, v_new, kv, pad, offset):
     20: a fusion of 11.3 us a layer in llama3.2-1b's B=1 step, the new key's rotary embedding, its
     score and the concatenation). One write offset for every row (``generate``'s step). On the
     2-core CPU, gpt2 f32: B=1 over 96 slots 11.2 -> 11.6 ms, over 1008 13.1 -> 19.4 ms."""
-    k, v = (
-        jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, offset, 0))
-        for old, new in zip(kv, (k_new, v_new), strict=True)
-    )
+    k, v = _written(kv, k_new, v_new, offset)
     q = _grouped_queries(q, k.shape[1], k.dtype)
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k).astype(jnp.float32)
     k_slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(q.shape[1])[:, None]
@@ -244,10 +250,7 @@ def cudnn_attention(q, k_new, v_new, kv, pad, offset, implementation: str = "cud
     20's H200 profile of llama3.2-1b at B=1: two products, the scores' concatenation, two
     reductions, a conversion, the normalisation; about 23 us a layer). Left padding and the new
     tokens' causal order are an additive bias. One write offset for every row (``generate``'s)."""
-    k, v = (
-        jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, offset, 0))
-        for old, new in zip(kv, (k_new, v_new), strict=True)
-    )
+    k, v = _written(kv, k_new, v_new, offset)
     B, T = q.shape[:2]
     slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(T)[:, None]  # [S], [T, 1]
     visible = (slot >= pad[:, None, None]) & (slot <= q_slot)  # [B, T, S]
