@@ -18,6 +18,7 @@ Prints one JSON line:
 output-major; ``--written`` (decode), attention over the cache with the new keys written first;
 ``--split-softmax`` (decode), the two blocks' softmax combined without concatenating the scores;
 ``--cudnn`` (decode), the new keys written first, then cuDNN's fused attention over the filled slots;
+``--pallas`` (decode), the same with JAX's Pallas flash-decoding kernel in place of cuDNN's;
 ``--rolled`` (train), the layers run as a loop (``scan_unroll=1``; XLA's options unless
 ``--options`` says otherwise); ``--unstacked`` (train), each layer's parameters their own arrays
 (``scan_layers=False``: no stacked gradient concatenated; round 20's H200 step spent 1.8 ms in
@@ -56,6 +57,7 @@ VARIANTS = (
     "--written",
     "--split-softmax",
     "--cudnn",
+    "--pallas",
 )
 
 
@@ -173,6 +175,13 @@ def _written(kv, k_new, v_new, offset):
     )
 
 
+def _visible(pad: jax.Array, offset, T: int, S: int) -> jax.Array:
+    """[B, T, S]: which slots of a cache with the T new tokens written at ``offset`` each new token
+    sees (its row's from ``pad`` [B] on, up to its own)."""
+    slot = jnp.arange(S)[None, None, :]
+    return (slot >= pad[:, None, None]) & (slot <= offset + jnp.arange(T)[None, :, None])
+
+
 def written_attention(q, k_new, v_new, kv, pad, offset):
     """The variant ``--written``: a decode step's attention over the cache with its new keys and
     values written in first, one product over the S slots, where ``jaxllm.attention.cached_attention``
@@ -183,9 +192,8 @@ def written_attention(q, k_new, v_new, kv, pad, offset):
     k, v = _written(kv, k_new, v_new, offset)
     q = _grouped_queries(q, k.shape[1], k.dtype)
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k).astype(jnp.float32)
-    k_slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(q.shape[1])[:, None]
-    mask = (k_slot <= q_slot)[None] & (k_slot >= pad[:, None, None])  # [B, T, S]
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    mask = _visible(pad, offset, q.shape[1], k.shape[2])[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     return _by_query(jnp.einsum("BKGTS,BKSH->BKGTH", probs, v))
 
@@ -252,8 +260,7 @@ def cudnn_attention(q, k_new, v_new, kv, pad, offset, implementation: str = "cud
     tokens' causal order are an additive bias. One write offset for every row (``generate``'s)."""
     k, v = _written(kv, k_new, v_new, offset)
     B, T = q.shape[:2]
-    slot, q_slot = jnp.arange(k.shape[2]), offset + jnp.arange(T)[:, None]  # [S], [T, 1]
-    visible = (slot >= pad[:, None, None]) & (slot <= q_slot)  # [B, T, S]
+    visible = _visible(pad, offset, T, k.shape[2])
     big = jnp.asarray(-0.7 * float(jnp.finfo(k.dtype).max), k.dtype)
     bias = jnp.where(visible, jnp.zeros((), k.dtype), big)[:, None]  # [B, 1, T, S]
     kv_len = jnp.full((B,), offset + T, jnp.int32)
@@ -261,6 +268,38 @@ def cudnn_attention(q, k_new, v_new, kv, pad, offset, implementation: str = "cud
         q.astype(k.dtype).transpose(0, 2, 1, 3), k, v, bias, kv_len, implementation
     )
     return out.transpose(0, 2, 1, 3)  # [B, T, N, H]
+
+
+def _splits(slots: int) -> tuple[int, int]:
+    """(k_splits, block_k) for ``decode_attention.gqa`` over ``slots`` (a power of two >= 16, as
+    ``jaxllm.generate`` sizes caches): up to 16 splits of at least 64 slots, blocks of up to 128."""
+    if slots < 16 or slots & (slots - 1):
+        raise ValueError(f"--pallas needs a cache of a power-of-two >= 16 slots, got {slots}")
+    splits = max(1, min(16, slots // 64))
+    return splits, min(128, slots // splits)
+
+
+def pallas_attention(q, k_new, v_new, kv, pad, offset, interpret: bool = False):
+    """The variant ``--pallas`` (decode, one new token a row): the new keys and values written into
+    the cache first (as ``--cudnn``), then JAX's Pallas flash-decoding kernel for a GPU
+    (``jax.experimental.pallas.ops.gpu.decode_attention.gqa``): the slots cut into splits, each
+    split's blocks read up to the last slot written and no further, left padding skipped by a start
+    index; a small XLA reduction combines the splits. Its two transpositions of the cache ([B, K,
+    S, H] -> [B, S, K, H] here, back in ``gqa``) cancel. ``interpret``: Pallas's interpreter, which
+    runs anywhere (the CPU check)."""
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    B, T = q.shape[:2]
+    if T != 1:
+        raise ValueError(f"--pallas computes one new token a row, got T={T}")
+    k, v = _written(kv, k_new, v_new, offset)
+    splits, block_k = _splits(k.shape[2])
+    out = decode_attention.gqa(
+        q[:, 0].astype(k.dtype), k.swapaxes(1, 2), v.swapaxes(1, 2),
+        start_idx=pad, kv_seq_len=jnp.broadcast_to(offset + 1, (B,)),
+        k_splits=splits, block_k=block_k, interpret=interpret,
+    )  # fmt: skip
+    return out[:, None]  # [B, 1, N, H]
 
 
 def padded_vocabulary(multiple: int = 64) -> None:
@@ -318,6 +357,7 @@ def main(argv: list[str]) -> None:
         "--written": written_attention,
         "--split-softmax": split_softmax_attention,
         "--cudnn": cudnn_attention,
+        "--pallas": pallas_attention,
     }
     for flag, attention in variants.items():
         if flag in argv:

@@ -49,6 +49,8 @@ v dec_split $DEC --generate --split-softmax --hlo $R/hlo_dec_split.txt
 # cuDNN's fused attention over the filled slots (the new keys written first): one kernel a layer
 # where the shipped step runs seven (about 23 us a layer in round 20's profile).
 v dec_cudnn $DEC --generate --cudnn --hlo $R/hlo_dec_cudnn.txt
+# The same with JAX's Pallas flash-decoding kernel (Triton) in cuDNN's place: 16 splits of 64 slots.
+v dec_pallas $DEC --generate --pallas --hlo $R/hlo_dec_pallas.txt
 BF="--override dtype=bfloat16"
 prof() {  # label, seconds, then `jaxllm profile` arguments: the kernels by instruction and part
   local label=$1 limit=$2; shift 2
@@ -81,6 +83,7 @@ v dec_m_b8 $MED 8 1024 --generate
 v dec_m_b128 $MED 128 1024 --generate
 v dec_m_b128_split $MED 128 1024 --generate --split-softmax
 v dec_m_b128_cudnn $MED 128 1024 --generate --cudnn
+v dec_m_b128_pallas $MED 128 1024 --generate --pallas
 # A rolled step under XLA's options (as shipped) and under cuBLAS's (round 13: 68.1 -> 61.2 ms by
 # XLA_FLAGS; kept off rolled steps until round 20 fixed their cost).
 v train_rolled $TRAIN --rolled
