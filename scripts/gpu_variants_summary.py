@@ -42,11 +42,23 @@ def _label(row: dict[str, Any]) -> str:
     return f"`{row['label']}` ({', '.join(parts)})"
 
 
+def _digest(row: dict[str, Any]) -> str:
+    """The first call's result (``gpu_profile.digest``): variants of one step should agree within
+    bf16 rounding. Rows of passes before round 23 have none."""
+    d = row.get("digest")
+    if not d:
+        return "-"
+    if "loss" in d:
+        return f"loss {d['loss']:.5f}"
+    top = d["argmax"]
+    return f"sum {d['logits_sum']:.5g}, argmax {top[:4]}{' ...' if len(top) > 4 else ''}"
+
+
 def train_table(rows: list[dict[str, Any]], torch: list[dict[str, Any]], peak: float) -> list[str]:
     out = [
         "| variant | waited for, ms | in a loop, ms | device busy, ms | MFU (sheet, waited) "
-        "| PyTorch eager / jaxllm (waited, loop) |",
-        "|---|---|---|---|---|---|",
+        "| PyTorch eager / jaxllm (waited, loop) | first call |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cfg = get_preset(row["preset"]).replace(dtype="bfloat16")
@@ -55,7 +67,7 @@ def train_table(rows: list[dict[str, Any]], torch: list[dict[str, Any]], peak: f
         out.append(
             f"| {_label(row)} | {_ms(row['sync_s'])} | {_ms(row['chained_s'])} "
             f"| {_ms(row['busy_s'])} | {flops / row['sync_s'] / peak:.1%} "
-            f"| {_ratio(t, row['sync_s'])}, {_ratio(t, row['chained_s'])} |"
+            f"| {_ratio(t, row['sync_s'])}, {_ratio(t, row['chained_s'])} | {_digest(row)} |"
         )
     return [*out, "", f"PyTorch eager: {_ms(_torch(torch, 'train'))} ms a step (same pass).", ""]
 
@@ -65,8 +77,8 @@ def decode_table(
 ) -> list[str]:
     out = [
         "| variant | preset, B | waited for, ms | in a loop, ms | in `generate`, ms "
-        "| `generate`: of calibrated read | PyTorch eager, CUDA graph / `generate` |",
-        "|---|---|---|---|---|---|---|",
+        "| `generate`: of calibrated read | PyTorch eager, CUDA graph / `generate` | first call |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cfg = get_preset(row["preset"]).replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -84,7 +96,7 @@ def decode_table(
         )
         out.append(
             f"| {_label(row)} | {row['preset']}, {row['batch']} | {_ms(row['sync_s'])} "
-            f"| {_ms(row['chained_s'])} | {_ms(gen)} | {share} | {peer} |"
+            f"| {_ms(row['chained_s'])} | {_ms(gen)} | {share} | {peer} | {_digest(row)} |"
         )
     return [*out, ""]
 
