@@ -53,7 +53,7 @@ def training_config(
 ) -> ModelConfig:
     """The config a fresh run trains on ``backend`` (default: JAX's): on a CPU or a GPU, scanned
     layers fully unrolled (``scan_unroll=n_layers``) unless ``overrides`` (``FIELD=VALUE``) set
-    ``scan_unroll``; elsewhere ``config`` as given.
+    ``scan_unroll``; elsewhere ``config`` as given. A serving kernel order is refused.
 
     The parameters stay stacked [L, ...] (checkpoints are unchanged); XLA compiles the layers as
     straight-line code. gpt2's f32 step (B=4, T=256, tcmalloc, 2-core VM) took 5.6 s unrolled
@@ -65,6 +65,11 @@ def training_config(
     69.6 ms rolled (compiled in 10.0 and 10.4 s); the rolled loop's copies and dynamic updates took
     about 10 ms of it (jax 0.11.2). Other backends keep the loop (not measured).
     """
+    if config.kernel_order != "in_out":
+        raise InputError(
+            f"kernel_order={config.kernel_order!r} is a serving layout (jaxllm.serve picks it per "
+            "device); training and its checkpoints keep 'in_out' kernels"
+        )
     named = {parse_override(text)[0] for text in overrides}
     backend = backend or jax.default_backend()
     if backend not in ("cpu", "gpu") or not config.scan_layers or "scan_unroll" in named:

@@ -7,6 +7,7 @@ import pytest
 
 from jaxllm import cost, train
 from jaxllm.config import PRESETS
+from jaxllm.errors import InputError
 from jaxllm.model import Transformer
 
 CFG = PRESETS["tiny"]  # biases on, layers scanned: biases and norm scales are stacked to 2-D
@@ -218,3 +219,9 @@ def test_training_config_unrolls_scanned_layers_on_a_cpu_or_gpu_unless_overridde
     assert train.training_config(CFG, backend="tpu") == CFG
     unrolled = CFG.replace(scan_layers=False)
     assert train.training_config(unrolled, backend="cpu") == unrolled
+
+
+def test_training_refuses_a_serving_kernel_order():
+    """An out_in run could be neither served (``serve.for_serving`` refuses it) nor exported."""
+    with pytest.raises(InputError, match="kernel_order='out_in' is a serving layout"):
+        train.training_config(CFG.replace(kernel_order="out_in"))
