@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import InputError, RunError, positive_arg
+from jaxllm.errors import InputError, RunError, directory_arg, positive_arg
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
@@ -80,13 +80,6 @@ def _seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected a seed in [0, {MAX_SEED}], got {value}")
     return value
-
-
-def _directory(text: str) -> str:
-    """argparse type: a non-empty path."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
-    return text
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -212,7 +205,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "corpus, the Python standard library's top-level .py files)",
     )
     p.add_argument(
-        "--out", type=_directory, default="runs/small", help="run directory (default: runs/small)"
+        "--out",
+        type=directory_arg,
+        default="runs/small",
+        help="run directory (default: runs/small)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
@@ -253,7 +249,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="steps between log lines when stderr is not a terminal (default: 10)",
     )
     p.add_argument(
-        "--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars to DIR"
+        "--tensorboard",
+        metavar="DIR",
+        type=directory_arg,
+        help="also write the metrics as TensorBoard scalars to DIR",
     )
     p.add_argument(
         "--mesh",
@@ -351,7 +350,7 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--trace-dir",
-        type=Path,
+        type=lambda text: Path(directory_arg(text)),
         metavar="DIR",
         help="keep the profiler's trace there (open it in TensorBoard or ui.perfetto.dev)",
     )
@@ -674,8 +673,10 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
         "fine-tuned run's copy of its checkpoint's, or a byte-level tokenizer.json). --out must be "
         "new or empty: an existing non-empty directory is refused, never overwritten.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="RUN", type=_directory, help="a run")
-    p.add_argument("--out", required=True, metavar="DIR", type=_directory, help="a new directory")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", type=directory_arg, help="a run")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", type=directory_arg, help="a new directory"
+    )
     p.add_argument(
         "--dtype",
         choices=typing.get_args(DType),

@@ -1,5 +1,5 @@
-"""The failures a command reports as its own, the exit status of each kind of ending, and the one
-check of an integer's bounds.
+"""The failures a command reports as its own, the exit status of each kind of ending, and the
+checks of an integer's bounds and of a directory's path.
 
 Exit status: 0 success; 2 bad input (``InputError``: the command was refused before it did anything —
 a bad option, a missing or foreign file, a run directory in use); 1 a run that failed on its own
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import numbers
+from pathlib import Path
 
 
 class InputError(ValueError):
@@ -40,6 +41,27 @@ def positive_arg(text: str) -> int:
         return positive_int("the value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+
+
+def check_directory(name: str, path: str | Path) -> None:
+    """InputError naming ``name`` unless ``path`` is, or could be made, a directory: not empty,
+    not an existing file, and not below one (its first existing ancestor is a directory)."""
+    if not str(path).strip():
+        raise InputError(f"{name}: expected a directory, got an empty path")
+    full = Path(path).absolute()
+    existing = next(p for p in (full, *full.parents) if p.exists())
+    if not existing.is_dir():
+        reason = "it is a file" if existing == full else f"{existing} is a file"
+        raise InputError(f"{name} {str(path)!r} cannot be a directory: {reason}")
+
+
+def directory_arg(text: str) -> str:
+    """argparse type: ``check_directory``'s path (else one readable line naming the value)."""
+    try:
+        check_directory("the path", text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("the path").lstrip(": ")) from None
+    return text
 
 
 def _integer(value: object) -> int | None:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxllm import phases, train
 from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError, RunError, positive_int
+from jaxllm.errors import RunError, check_directory, positive_int
 from jaxllm.xla_hlo import (
     fused_attention_flops,
     gemm_flops,
@@ -365,10 +365,8 @@ def profile_phase(
     train`` compiles it (``train.training_config``, given the run's ``overrides``), serving as
     ``jaxllm generate`` serves it (``phases.build``). Sizes, and ``trace_dir`` (a folder or a new
     path), are checked before anything is traced."""
-    if trace_dir is not None and trace_dir.exists() and not trace_dir.is_dir():
-        raise InputError(
-            f"--trace-dir {trace_dir} is not a directory (give a folder or a new path)"
-        )
+    if trace_dir is not None:
+        check_directory("trace_dir", trace_dir)
     if phase == "train":
         config = train.training_config(config, overrides)
     return profile(phases.build(config, phase, batch, seq), calls, trace_dir)

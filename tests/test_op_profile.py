@@ -14,6 +14,7 @@ from conftest import FLOP_TOLERANCE
 from jaxllm import analytic, hardware, opprofile, phases
 from jaxllm.cli import main
 from jaxllm.config import PRESETS, get_preset
+from jaxllm.errors import InputError
 from jaxllm.xla_hlo import workspaces_as_empty
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -364,12 +365,20 @@ def test_profile_cli_refuses_bad_input_naming_it(extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_profile_cli_refuses_a_trace_dir_that_is_a_file(tmp_path, capsys):
-    path = tmp_path / "trace.txt"
-    path.write_text("")
+@pytest.mark.parametrize(
+    ("below", "reason"), [("", "it is a file"), ("sub", "trace.txt is a file")]
+)
+def test_profile_refuses_a_trace_dir_that_is_or_is_below_a_file(tmp_path, capsys, below, reason):
+    (tmp_path / "trace.txt").write_text("")
+    path = tmp_path / "trace.txt" / below if below else tmp_path / "trace.txt"
     args = ["--phase", "decode", "--batch", "1", "--seq", "8", "--trace-dir", str(path)]
     assert main(["profile", "--preset", "tiny", *args]) == 2
-    assert f"--trace-dir {path} is not a directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--trace-dir: '{path}' cannot be a directory: " in err and reason in err
+    with pytest.raises(
+        InputError, match="trace_dir .* cannot be a directory"
+    ):  # the library's check
+        opprofile.profile_phase(PRESETS["tiny"], "decode", 1, 8, 1, trace_dir=path)
 
 
 def _experiment():

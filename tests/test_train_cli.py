@@ -55,9 +55,13 @@ def test_train_command_writes_a_run_that_serving_can_load(tmp_path, corpus, caps
         (["--lr", "inf"], "learning rate must be a positive finite number"),
         (["--weight-decay", "nan"], "weight_decay must be a finite number"),
         (["--out", ""], "expected a directory, got an empty path"),
+        (["--tensorboard", "FILE"], "cannot be a directory: it is a file"),
+        (["--out", "FILE/run"], "cannot be a directory: "),
     ],
 )
 def test_bad_train_input_is_one_line(tmp_path, extra, word, capsys):
+    (tmp_path / "file").write_text("")
+    extra = [a.replace("FILE", str(tmp_path / "file")) for a in extra]
     assert main(["train", *TINY, "--out", str(tmp_path / "run"), *extra]) == 2
     err = capsys.readouterr().err
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
