@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import re
 import sys
@@ -274,6 +275,15 @@ def _copy_bytes_per_s(size: Sizes) -> Figure:
     return Figure(2 * size.copy_bytes / timing.seconds, timing.spread)
 
 
+PEAK_KEYS = (
+    "bf16_flops_per_s",
+    "f32_flops_per_s",
+    "tf32_flops_per_s",
+    "read_bytes_per_s",
+    "copy_bytes_per_s",
+)
+
+
 def _measure_peaks(platform: str, size: Sizes) -> dict[str, Any]:
     """The five figures, and ``spread``: for each, its slowest timed repeat over its fastest."""
     figures = {
@@ -368,7 +378,32 @@ def _read_cache(path: Path, quick: bool) -> dict[str, Any] | None:
         return None
     if cached.get("jax") != jax.__version__ or cached.get("quick") not in (False, quick):
         return None
+    damage = _damage(cached)
+    if damage:
+        _warn(f"calibration cache {path} is damaged ({damage}); measuring again")
+        return None
     return cached
+
+
+def _damage(cached: dict[str, Any]) -> str | None:
+    """What makes a cached calibration of this version unusable: a peak that is not a positive
+    finite number (tf32 may be absent: a CPU has none), spreads that are not numbers, a device
+    kind or platform that is not a string; None if nothing does."""
+    for key in PEAK_KEYS:
+        value = cached.get(key)
+        if not _positive_number(value) and not (key == "tf32_flops_per_s" and value is None):
+            return f"{key} is {value!r}, not a positive number"
+    spread = cached.get("spread")
+    if not isinstance(spread, dict) or not all(map(_positive_number, spread.values())):
+        return f"spread is {spread!r}, not numbers by figure"
+    for key in ("device_kind", "platform"):
+        if not isinstance(cached.get(key), str):
+            return f"{key} is {cached.get(key)!r}, not a string"
+    return None
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def calibrate(refresh: bool = False, quick: bool = False) -> dict[str, Any]:

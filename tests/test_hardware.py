@@ -60,6 +60,22 @@ def test_a_damaged_cache_is_measured_afresh_with_a_warning(tmp_path, monkeypatch
     assert json.loads(hardware.cache_path().read_text()) == result  # healed
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("read_bytes_per_s", 0), ("bf16_flops_per_s", "fast"), ("spread", None), ("platform", 3)],
+)
+def test_a_cache_of_this_version_with_a_bad_figure_is_measured_afresh(
+    tmp_path, monkeypatch, capsys, key, value
+):
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
+    good = hardware.calibrate(quick=True)
+    hardware.cache_path().write_text(json.dumps(good | {key: value}))
+    result = hardware.calibrate(quick=True)
+    assert f"is damaged ({key}" in capsys.readouterr().err
+    assert result["read_bytes_per_s"] > 0 and result["date"] >= good["date"]
+    assert json.loads(hardware.cache_path().read_text()) == result  # healed
+
+
 def test_an_unwritable_cache_is_a_warning_not_a_failure(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
