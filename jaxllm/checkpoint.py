@@ -15,6 +15,7 @@ Serving reads ``params`` and ``meta`` alone; resuming training also restores ``o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -39,7 +40,8 @@ class CheckpointError(InputError):
 
 
 class DamagedCheckpointError(RunError):
-    """No complete step of a run directory restores (exit status 1)."""
+    """Damage: a step whose saved config has jaxllm's fields but invalid values, or a run none of
+    whose complete steps restores (exit status 1)."""
 
 
 def manager(run_dir: str | Path, keep: int | None = 3) -> ocp.CheckpointManager:
@@ -178,18 +180,30 @@ def read_meta(run_dir: str | Path, step: int) -> dict[str, Any]:
 
 
 def load_meta(run_dir: str | Path, step: int | None = None, warn: Warn = _quiet) -> dict[str, Any]:
-    """The JSON metadata of ``step`` (default: the newest step whose metadata reads)."""
-    return newest_that_loads(run_dir, lambda s: read_meta(run_dir, s), warn, step)[1]
+    """The JSON metadata of ``step`` (default: the newest step whose metadata reads and whose
+    config, if it has jaxllm's fields, is valid; a foreign one is left for the caller to refuse)."""
+
+    def usable(s: int) -> dict[str, Any]:
+        meta = read_meta(run_dir, s)
+        with contextlib.suppress(CheckpointError):  # foreign, not damaged
+            config_from_meta(meta, run_dir)
+        return meta
+
+    return newest_that_loads(run_dir, usable, warn, step)[1]
 
 
 def config_from_meta(meta: dict[str, Any], source: str | Path) -> ModelConfig:
     """The saved ModelConfig. A config saved before a field of ``LATER_FIELDS`` existed lacks it and
-    takes its default; any other missing or unknown field means a foreign checkpoint."""
+    takes its default; any other missing or unknown field means a foreign checkpoint
+    (CheckpointError); invalid values, a damaged step (DamagedCheckpointError)."""
     raw = meta.get("config")
     known = set(field_names())
     if not isinstance(raw, dict) or set(raw) - known or known - set(raw) - set(LATER_FIELDS):
         raise CheckpointError(f"{source} is not a jaxllm checkpoint: its config does not match")
-    return ModelConfig(**raw)
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as err:
+        raise DamagedCheckpointError(f"{source}: its saved config is invalid ({err})") from None
 
 
 def _abstract(tree: Any, shardings: Any = None) -> Any:

@@ -38,7 +38,7 @@ from safetensors.numpy import save_file
 
 from jaxllm import checkpoint, data, finetune, hf
 from jaxllm.config import DType, ModelConfig
-from jaxllm.errors import InputError
+from jaxllm.errors import InputError, check_directory
 from jaxllm.model import Params
 from jaxllm.tokenizer import EOT_TOKEN, TOKENIZER, byte_level_tokenizer
 
@@ -328,8 +328,7 @@ def _checked_dtype(dtype: str) -> str:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a directory")
+    check_directory("--out", out)
     if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"--out {out} is not empty; export writes a new or empty directory")
 

@@ -278,7 +278,7 @@ def test_export_of_a_fine_tuned_run_carries_its_tokenizer(tmp_path):
     ("case", "word"),
     [
         ("out-not-empty", "is not empty; export writes a new or empty directory"),
-        ("out-is-a-file", "exists and is not a directory"),
+        ("out-is-a-file", "cannot be a directory: it is a file"),
         ("no-run", "no checkpoint directory at"),
         ("hf-dir-as-run", "no complete checkpoint in"),
         ("no-family", "no Hugging Face family"),

@@ -146,7 +146,15 @@ DAMAGE = {
     "deleted": lambda step: [f.unlink() for f in _data_files(step)],
     "no opt_state": lambda step: shutil.rmtree(step / "opt_state"),
     "no meta": lambda step: shutil.rmtree(step / "meta"),
+    "invalid config": lambda step: _edit_config(step, n_layers=0),
 }
+
+
+def _edit_config(step_dir, **fields):
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"] |= fields
+    meta_file.write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +177,11 @@ def test_a_damaged_latest_step_falls_back_to_the_newest_that_restores(tmp_path, 
         assert len(warnings) == 1 and "skipped step 8" in warnings[0]
 
 
-def test_resume_past_a_damaged_step_is_exact(tmp_path, trained, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "invalid config"])
+def test_resume_past_a_damaged_step_is_exact(tmp_path, trained, capsys, damage):
     run_dir, params = trained
     shutil.copytree(run_dir, tmp_path / "run")
-    DAMAGE["truncated"](tmp_path / "run" / "8")
+    DAMAGE[damage](tmp_path / "run" / "8")
     assert loop.train(tmp_path / "run", resume=True, keep=1)["step"] == 8
     assert "skipped step 8" in capsys.readouterr().err
     assert (tmp_path / "run" / "8.damaged").is_dir()  # kept for inspection, out of orbax's sight
