@@ -221,7 +221,12 @@ def _resolve(run_dir: Path, resume: bool, model: ModelRequest, requested: dict[s
     origin = finetune.Origin.from_meta(meta)
     _check_origin(run_dir, origin, hf_dir)
     saved_config = checkpoint.config_from_meta(meta, run_dir)
-    config = apply_overrides(get_preset(preset) if preset else saved_config, overrides)
+    # A preset named again is trained as a fresh run would (training_config), to match its save.
+    config = (
+        training_config(apply_overrides(get_preset(preset), overrides), overrides)
+        if preset
+        else apply_overrides(saved_config, overrides)
+    )
     changed = _differences(saved_config.to_dict(), config.to_dict())
     if changed:
         raise checkpoint.CheckpointError(

@@ -83,7 +83,7 @@ def test_resume_is_bit_exact_and_compiles_once(tmp_path, corpus, spy, capsys):
     stopped = loop.train(tmp_path / "b", data=corpus, ckpt_every=100, **RUN)
     assert stopped["step"] == 4 and stopped["stopped_by"] == "SIGTERM"
     assert checkpoint.latest_step(tmp_path / "b") == 4
-    resumed = loop.train(tmp_path / "b", resume=True, data=corpus)
+    resumed = loop.train(tmp_path / "b", resume=True, data=corpus, **RUN)  # the same command
     assert resumed["step"] == 8
     config_a, params_a = checkpoint.load_params(tmp_path / "a")
     assert config_a == train.training_config(PRESETS["tiny"])  # unrolled on a CPU or GPU

@@ -375,9 +375,7 @@ def test_profile_refuses_a_trace_dir_that_is_or_is_below_a_file(tmp_path, capsys
     assert main(["profile", "--preset", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert f"--trace-dir: '{path}' cannot be a directory: " in err and reason in err
-    with pytest.raises(
-        InputError, match="trace_dir .* cannot be a directory"
-    ):  # the library's check
+    with pytest.raises(InputError, match=r"trace_dir .* cannot be a directory"):  # the library's
         opprofile.profile_phase(PRESETS["tiny"], "decode", 1, 8, 1, trace_dir=path)
 
 
