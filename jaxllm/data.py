@@ -63,6 +63,8 @@ def corpus_files(path: str | Path | None) -> list[Path]:
         return [path]
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if path.exists():
+        raise DataError(f"data path {path} is neither a file nor a directory")
     raise DataError(f"data path {path} does not exist")
 
 

@@ -55,6 +55,8 @@ def test_default_corpus_is_the_stdlib_top_level_sources():
 def test_missing_or_empty_data_is_named(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
         data.load_corpus(tmp_path / "nope.txt")
+    with pytest.raises(data.DataError, match="/dev/null is neither a file nor a directory"):
+        data.load_corpus("/dev/null")  # exists: a character device
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(data.DataError, match="no text"):
         data.load_corpus(tmp_path / "empty.txt")
