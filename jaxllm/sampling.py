@@ -5,6 +5,10 @@ Each filter maps logits[B, V] to logits[B, V] with the excluded tokens set to -i
 Face's ``generate``), and draws one token per row with ``jax.random.categorical``. ``temperature=0`` is
 greedy (argmax; top-k and top-p cannot change the argmax). The same key gives the same tokens.
 
+Top-k and top-p rank tokens by the unscaled logits (a positive temperature keeps their order), and the
+logits are scaled after filtering: at a huge temperature the scaled logits of a row may round to one
+value (float32), which would tie every token and so keep them all.
+
 A ``Sampler`` is a small frozen, hashable dataclass: jitted code takes it as a static argument, so each
 distinct setting compiles once. Its fields are validated on construction, before anything is traced.
 """
@@ -15,16 +19,29 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.errors import InputError, positive_int
 
 # Positive temperatures below this are greedy: float32 logits divided by them overflow to inf.
 TEMPERATURE_FLOOR = 1e-6
+# Temperatures above this are refused: they are computed in float32, where they would be inf.
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)
 
 
 def greedy(logits: jax.Array) -> jax.Array:
     """The most likely token of each row: logits[B, V] -> int32 [B] (ties: the lowest id)."""
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def scale(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+    """logits[B, V] / temperature (a scalar or [B, 1], > 0), excluded tokens (-inf) kept at -inf.
+
+    XLA divides by a broadcast value as a product with its reciprocal, which is 0 in float32 above
+    about 8.5e37: every finite logit becomes 0 (uniform, the limit of such a temperature) and -inf
+    would become nan.
+    """
+    return jnp.where(logits == -jnp.inf, -jnp.inf, logits / temperature)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -33,14 +50,18 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
-def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+def top_p_filter(
+    logits: jax.Array, p: float | jax.Array, temperature: float | jax.Array = 1.0
+) -> jax.Array:
     """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling).
 
-    A token is kept when the probability of the tokens ranked above it is still below p, so the top
-    token is always kept; tokens tied with the last kept one are kept too.
+    logits[B, V] are unscaled; the probabilities are softmax(logits / temperature) (temperature: a
+    scalar or [B, 1], > 0), ranked by the logits. A token is kept when the probability of the tokens
+    ranked above it is still below p, so the top token is always kept; tokens tied with the last kept
+    one are kept too.
     """
     ordered = jnp.sort(logits, axis=-1)[..., ::-1]  # [B, V] descending
-    probs = jax.nn.softmax(ordered, axis=-1)
+    probs = jax.nn.softmax(scale(ordered, temperature), axis=-1)
     mass_above = jnp.cumsum(probs, axis=-1) - probs
     kept = jnp.sum(mass_above < p, axis=-1, keepdims=True)  # [B, 1], >= 1
     threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
@@ -61,8 +82,10 @@ class Sampler:
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not isinstance(t, int | float) or not t >= 0 or t == float("inf"):
-            raise InputError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not isinstance(t, int | float) or not 0 <= t <= MAX_TEMPERATURE:
+            raise InputError(
+                f"temperature must be a number in [0, {MAX_TEMPERATURE!r}] (float32), got {t!r}"
+            )
         if t < TEMPERATURE_FLOOR:
             object.__setattr__(self, "temperature", 0.0)
         if k is not None:
@@ -75,13 +98,14 @@ class Sampler:
         return self.temperature == 0
 
     def filter(self, logits: jax.Array) -> jax.Array:
-        """The logits[B, V] (float32) that are sampled from: scaled, with excluded tokens at -inf."""
-        logits = logits.astype(jnp.float32) / jnp.float32(self.temperature)
+        """The logits[B, V] (float32) that are sampled from: excluded tokens at -inf, then scaled."""
+        logits = logits.astype(jnp.float32)
+        t = jnp.float32(self.temperature)
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             logits = top_k_filter(logits, self.top_k)
         if self.top_p is not None and self.top_p < 1:
-            logits = top_p_filter(logits, self.top_p)
-        return logits
+            logits = top_p_filter(logits, self.top_p, t)
+        return scale(logits, t)
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """One token per row: logits[B, V] -> int32 [B]."""
@@ -108,13 +132,13 @@ def sample_rows(
     seed and its own progress, not on which slot or step it ran in.
     """
     greedy_tokens = greedy(logits)
-    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    scaled = logits.astype(jnp.float32) / t
-    ordered = jnp.sort(scaled, axis=-1)[..., ::-1]  # [R, V] descending
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]  # [R, 1]
+    kept = logits.astype(jnp.float32)
+    ordered = jnp.sort(kept, axis=-1)[..., ::-1]  # [R, V] descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-    scaled = top_p_filter(scaled, top_p[:, None])
+    kept = jnp.where(kept >= kth, kept, -jnp.inf)
+    kept = top_p_filter(kept, top_p[:, None], t)
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scale(kept, t))
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy_tokens)

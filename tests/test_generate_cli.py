@@ -42,6 +42,13 @@ def test_prompts_file_batch_equals_each_prompt_alone(run_dir, tmp_path, capsys):
     assert timing["prefill_s"] > 0 and timing["decode_s"] > 0 and timing["decode_tokens_per_s"] > 0
 
 
+def test_top_k_1_at_a_huge_temperature_is_greedy(run_dir, capsys):
+    argv = ["--checkpoint", run_dir, "--prompt", "Hi", "--max-new-tokens", "4"]
+    greedy = _generate(capsys, *argv, "--temperature", "0")["results"][0]["tokens"]
+    huge = _generate(capsys, *argv, "--temperature", "1e38", "--top-k", "1")["results"][0]
+    assert huge["tokens"] == greedy  # every logit / 1e38 rounds to 0 in float32
+
+
 @pytest.mark.slow  # the mesh path runs fast in tests/test_mesh_serving.py
 def test_a_one_device_mesh_generates_what_one_device_does(run_dir, capsys):
     argv = ["--checkpoint", run_dir, "--prompt", "Hi", "--max-new-tokens", "4", "--seed", "2"]
@@ -64,6 +71,7 @@ def test_plain_output_and_seeded_sampling(run_dir, capsys):
         (["--prompt", ""], "prompt 0 is empty"),
         (["--prompt", "x", "--max-new-tokens", "64"], "beyond the model's context"),
         (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt", "x", "--temperature", "1e39"], "temperature must be a number in [0, 3.4"),
         (["--prompt", "x", "--top-k", "0"], "top_k"),
         (["--prompt", "x", "--top-p", "1.5"], "top_p"),
         (["--prompt", "x", "--prompts-file", "f"], "not allowed with"),

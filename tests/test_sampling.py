@@ -1,9 +1,19 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampling import GREEDY, TEMPERATURE_FLOOR, Sampler, top_k_filter, top_p_filter
+from jaxllm.sampling import (
+    GREEDY,
+    MAX_TEMPERATURE,
+    TEMPERATURE_FLOOR,
+    Sampler,
+    sample_rows,
+    top_k_filter,
+    top_p_filter,
+)
 
 V = 50
 
@@ -68,6 +78,8 @@ def test_same_seed_same_tokens_and_temperature_spreads(logits):
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 1e39}, "temperature must be a number in [0, 3.4028234663852886e+38]"),
         ({"top_k": 0}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
@@ -75,7 +87,7 @@ def test_same_seed_same_tokens_and_temperature_spreads(logits):
     ],
 )
 def test_bad_settings_raise(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(ValueError, match=re.escape(word)):
         Sampler(**kwargs)
 
 
@@ -91,3 +103,24 @@ def test_a_temperature_below_the_floor_is_greedy(logits, t):
     expected = np.argmax(np.asarray(logits), axis=-1)
     np.testing.assert_array_equal(_draws(sampler, logits, 8), np.broadcast_to(expected, (8, 4)))
     assert Sampler(TEMPERATURE_FLOOR).temperature == TEMPERATURE_FLOOR
+
+
+@pytest.mark.parametrize("t", [1e37, 1e38, MAX_TEMPERATURE])
+def test_top_k_and_top_p_keep_the_top_logits_at_a_huge_temperature(logits, t):
+    """Scaled by such a temperature every logit rounds to 0 (float32): the filters must rank the
+    unscaled ones. top_k=1 is greedy; top_p=0.51 of a near-uniform row keeps its top 26 of 50."""
+    expected = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(_draws(Sampler(t, top_k=1), logits, 8)[0], expected)
+    kept = np.isfinite(np.asarray(Sampler(t, top_p=0.51).filter(logits)))
+    top26 = np.argsort(-np.asarray(logits), axis=-1)[:, :26]
+    assert all(set(np.flatnonzero(kept[b])) == set(top26[b]) for b in range(logits.shape[0]))
+    rows = logits.shape[0]
+    per_row = sample_rows(
+        logits,
+        jnp.full(rows, t, jnp.float32),
+        jnp.ones(rows, jnp.int32),
+        jnp.ones(rows, jnp.float32),
+        jnp.arange(rows, dtype=jnp.uint32),
+        jnp.zeros(rows, jnp.int32),
+    )
+    np.testing.assert_array_equal(per_row, expected)

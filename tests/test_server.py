@@ -223,6 +223,12 @@ def test_sampling_is_seeded(served):
     assert len(first) >= 1
 
 
+def test_top_k_1_at_a_huge_temperature_is_greedy(served, reference):
+    for temperature in (1e38, 3.4028234663852886e38):  # every logit / temperature rounds to 0
+        r = complete(served.url, prompt="Hello", max_tokens=N, temperature=temperature, top_k=1)
+        assert r.json()["choices"][0]["token_ids"] == reference("Hello")
+
+
 def test_32_concurrent_clients_all_complete_with_correct_outputs(served, reference):
     async def one(client: httpx.AsyncClient, i: int) -> tuple[str, list[int]]:
         prompt = PROMPTS[i % len(PROMPTS)]
@@ -260,6 +266,7 @@ BAD_BODIES = [
     (b'{"prompt": "x", "stream": 1}', 400, "stream", "stream must be a boolean"),
     (b'{"prompt": "x", "stop": 5}', 400, "stop", "stop must be a string or a list of strings"),
     (b'{"prompt": "x", "top_p": 1.5}', 400, "top_p", "top_p must be in (0, 1]"),
+    (b'{"prompt": "x", "temperature": 1e300}', 400, "temperature", "temperature must be a number in [0, 3.4028234663852886e+38] (float32), got 1e+300"),
     (b'{"prompt": "x", "seed": -1}', 400, "seed", "seed must be in [0, 4294967295]"),
     (b'{"prompt": 5}', 400, "prompt", "prompt must be a string or a list of token ids"),
     (b'{"prompt": ""}', 400, "prompt", "prompt is empty"),
