@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import InputError, RunError, directory_arg, positive_arg
+from jaxllm.errors import InputError, RunError, directory_arg, positive_arg, utf8_text
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
@@ -410,12 +410,13 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt, or the lines of --prompts-file: split on newlines only (\\n, \\r\\n, \\r), so a
-    form feed or U+2028 inside a prompt stays in it."""
+    form feed or U+2028 inside a prompt stays in it. Prompts are UTF-8 text (InputError otherwise:
+    raw bytes of a byte-level checkpoint go as --prompt-ids)."""
     if args.prompt is not None:
-        return [args.prompt]
-    with open(args.prompts_file, encoding="utf-8") as f:  # universal newlines: \r\n, \r -> \n
-        text = f.read()
-    return text.removesuffix("\n").split("\n")
+        return [utf8_text("--prompt", args.prompt)]
+    with open(args.prompts_file, "rb") as f:
+        text = utf8_text(f"--prompts-file {args.prompts_file}", f.read())
+    return text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n").split("\n")
 
 
 # Characters that would break the one-line-per-prompt plain output, and how they are written.

@@ -64,5 +64,25 @@ def directory_arg(text: str) -> str:
     return text
 
 
+def utf8_text(name: str, text: str | bytes) -> str:
+    """``text`` as valid text: bytes (a file's) decoded as UTF-8, or a command-line argument checked
+    (Python holds each byte of an argument it cannot decode as a surrogate U+DC80..U+DCFF, which
+    "surrogateescape" turns back into that byte). InputError naming ``name`` and the first bad byte
+    (or lone surrogate) otherwise."""
+    try:
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise InputError(
+            f"{name} is not UTF-8 text: byte 0x{byte:02x} at offset {err.start}"
+        ) from None
+    except UnicodeEncodeError as err:  # a surrogate no byte gives: a str from Python, not argv
+        char, at = ord(err.object[err.start]), err.start
+        raise InputError(
+            f"{name} is not text: lone surrogate U+{char:04X} at character {at}"
+        ) from None
+
+
 def _integer(value: object) -> int | None:
     return int(value) if isinstance(value, numbers.Integral) else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.errors import InputError, positive_int
+from jaxllm.errors import InputError, positive_int, utf8_text
 
 Lengths = tuple[int, int] | Sequence[int]  # (lo, hi) inclusive, or the values to draw from
 
@@ -87,7 +87,7 @@ def save_trace(path: str | Path, trace: Sequence[TraceRequest]) -> None:
 def load_trace(path: str | Path) -> list[TraceRequest]:
     """The trace in a JSON Lines file; ValueError naming the line of a bad or unordered request."""
     trace = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(utf8_text(str(path), Path(path).read_bytes()).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -222,7 +222,7 @@ def test_engine_and_trace_arguments_are_checked():
         SamplingParams(top_k=2**31)
 
 
-def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path):
+def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path, capsys):
     trace = make_trace(2000, 50.0, (16, 128), [8, 32], seed=1)
     gaps = np.diff([r.arrival for r in trace])
     assert trace[0].arrival == 0 and abs(gaps.mean() - 1 / 50) < 0.1 / 50  # mean gap 1/rate
@@ -237,6 +237,12 @@ def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"arrival": 1, "prompt_len": 0, "output_len": 3}\n')
     with pytest.raises(ValueError, match=r"line 1.*prompt_len must be a positive integer, got 0"):
         load_trace(tmp_path / "bad.jsonl")
+    (tmp_path / "bytes.jsonl").write_bytes(
+        b'{"arrival": 0, "prompt_len": 1, "output_len": 1}\n\xfe\n'
+    )
+    assert main(["serve-bench", "--preset", "tiny", "--trace", str(tmp_path / "bytes.jsonl")]) == 2
+    message = f"{tmp_path / 'bytes.jsonl'} is not UTF-8 text: byte 0xfe at offset 49"
+    assert capsys.readouterr().err == f"jaxllm: error: {message}\n"
 
 
 def test_no_program_copies_the_whole_cache():

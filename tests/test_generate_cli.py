@@ -88,6 +88,18 @@ def test_bad_input_is_one_line_and_nonzero(run_dir, extra, word, capsys):
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_prompts_that_are_not_utf8_text_are_refused_in_one_line(run_dir, tmp_path, capsys):
+    file = tmp_path / "prompts.txt"
+    file.write_bytes(b"ok\nab\xff\n")
+    for source, message in [
+        (["--prompts-file", str(file)], f"--prompts-file {file} is not UTF-8 text: byte 0xff at offset 5"),
+        (["--prompt", "ab\udcffcd"], "--prompt is not UTF-8 text: byte 0xff at offset 2"),  # argv's b"ab\xffcd"
+        (["--prompt", "a\ud800"], "--prompt is not text: lone surrogate U+D800 at character 1"),
+    ]:  # fmt: skip
+        assert main(["generate", "--checkpoint", run_dir, *source]) == 2
+        assert capsys.readouterr().err == f"jaxllm: error: {message}\n"
+
+
 def test_missing_or_foreign_checkpoint(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"]) != 0
     assert "no checkpoint directory" in capsys.readouterr().err
@@ -102,10 +114,10 @@ def test_prompts_split_on_newlines_only_and_plain_output_is_one_line_each(
     run_dir, tmp_path, capsys
 ):
     file = tmp_path / "prompts.txt"
-    file.write_text("a\x0cb\r\nc\u2028d\n", encoding="utf-8")
+    file.write_bytes("a\x0cb\r\nc\u2028d\re\n".encode())
     common = ["--checkpoint", run_dir, "--max-new-tokens", "3", "--temperature", "0"]
     results = _generate(capsys, *common, "--prompts-file", str(file))["results"]
-    assert [r["prompt"] for r in results] == ["a\x0cb", "c\u2028d"]
+    assert [r["prompt"] for r in results] == ["a\x0cb", "c\u2028d", "e"]
     assert cli.one_line("x\ny\\n\u2028") == "x\\ny\\\\n\\u2028"
     texts = [r["text"] for r in results]
     assert main(["generate", *common, "--prompts-file", str(file)]) == 0
