@@ -5,7 +5,8 @@ or a list holding one of those), ``max_tokens`` (default 16), ``temperature`` (d
 greedy), ``top_p``, ``top_k``, ``seed`` (0 to 2**32 - 1; default: a random seed per request),
 ``stop`` (a string or up to 4 strings), ``stream`` (default false), ``n`` (only 1), ``model``.
 Unknown fields are ignored, as OpenAI clients send extras. A known field of the wrong type, or a
-value out of range, is a 400 naming the field, the value and what is allowed.
+value out of range, is a 400 naming the field, the value and what is allowed; so is a prompt or
+stop string holding a lone surrogate (JSON's ``"\\ud800"``), which is not text.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
     if isinstance(value, str):
         if not value:
             raise ApiError(400, "prompt is empty", "prompt")
-        return value
+        return _text("prompt", value)
     if isinstance(value, list) and value and all(_is(v, int) for v in value):
         return tuple(value)
     if isinstance(value, list) and value and all(isinstance(v, str | list) for v in value):
@@ -179,4 +180,15 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise ApiError(400, f"stop holds {len(stops)} strings, at most {MAX_STOPS}", "stop")
     if any(not s for s in stops):
         raise ApiError(400, "a stop string must not be empty", "stop")
-    return tuple(stops)
+    return tuple(_text("stop", s) for s in stops)
+
+
+def _text(name: str, value: str) -> str:
+    """``value`` if it is text; a JSON string may hold a lone surrogate (``"\\ud800"``), which is not
+    text and has no UTF-8 bytes to tokenize (or to match the decoded output)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = f"U+{ord(value[err.start]):04X} at character {err.start}"
+        raise ApiError(400, f"{name} is not text: it holds a lone surrogate {char}", name) from None
+    return value
