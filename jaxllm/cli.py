@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm.config import PRESETS, DType, ModelConfig, apply_overrides, get_preset
-from jaxllm.errors import InputError, RunError, directory_arg, positive_arg, utf8_text
+from jaxllm.errors import (
+    InputError,
+    RunError,
+    directory_arg,
+    file_arg,
+    positive_arg,
+    utf8_text,
+)
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
@@ -519,7 +526,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="one prompt")
     src.add_argument(
-        "--prompts-file", metavar="FILE", help="one prompt per line, run as one left-padded batch"
+        "--prompts-file",
+        metavar="FILE",
+        type=file_arg,
+        help="one prompt per line, run as one left-padded batch",
     )
     src.add_argument("--prompt-ids", metavar="IDS", help="one prompt as token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")

@@ -1,5 +1,5 @@
 """The failures a command reports as its own, the exit status of each kind of ending, and the
-checks of an integer's bounds and of a directory's path.
+checks of an integer's bounds, of a file's or a directory's path and of text's encoding.
 
 Exit status: 0 success; 2 bad input (``InputError``: the command was refused before it did anything —
 a bad option, a missing or foreign file, a run directory in use); 1 a run that failed on its own
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import numbers
+import os
 from pathlib import Path
 
 
@@ -61,6 +62,18 @@ def directory_arg(text: str) -> str:
         check_directory("the path", text)
     except InputError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("the path").lstrip(": ")) from None
+    return text
+
+
+def file_arg(text: str) -> str:
+    """argparse type: the path of an existing, readable file (else one line naming the path)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no file at {text!r}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not readable")
     return text
 
 

@@ -74,8 +74,9 @@ def test_plain_output_and_seeded_sampling(run_dir, capsys):
         (["--prompt", "x", "--temperature", "1e39"], "temperature must be a number in [0, 3.4"),
         (["--prompt", "x", "--top-k", "0"], "top_k"),
         (["--prompt", "x", "--top-p", "1.5"], "top_p"),
-        (["--prompt", "x", "--prompts-file", "f"], "not allowed with"),
-        (["--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
+        (["--prompt", "x", "--prompts-file", __file__], "not allowed with"),
+        (["--prompts-file", "/nonexistent/prompts.txt"], "no file at '/nonexistent/prompts.txt'"),
+        (["--prompts-file", "/"], "'/' is not a file"),
         (["--prompt", "x", "--seed", str(2**64)], "expected a seed in [0, 4294967295]"),
         (["--prompt", "x", "--seed", "-1"], "expected a seed in [0, 4294967295]"),
         (["--prompt", "x", "--mesh", "data=2"], "has 2 devices; there are 1"),
@@ -83,7 +84,7 @@ def test_plain_output_and_seeded_sampling(run_dir, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(run_dir, extra, word, capsys):
-    assert main(["generate", "--checkpoint", run_dir, *extra]) != 0
+    assert main(["generate", "--checkpoint", run_dir, *extra]) == 2
     err = capsys.readouterr().err
     assert word in err and err.count("\n") == 1 and "Traceback" not in err
 
