@@ -41,6 +41,7 @@ from jaxllm.finite import NonFiniteError, require_finite
 from jaxllm.model import Params, count_params
 from jaxllm.progress import METRICS_FILE, Reporter, format_seconds, truncate_metrics
 from jaxllm.train import (
+    MAX_STEPS,
     TrainState,
     init_state,
     make_eval_step,
@@ -89,8 +90,8 @@ class TrainSettings:
     data: str | None = None  # text file or directory; None: the built-in corpus
 
     def __post_init__(self) -> None:
+        positive_int("steps", self.steps, MAX_STEPS)
         for name in (
-            "steps",
             "batch",
             "seq",
             "accum",

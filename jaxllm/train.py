@@ -38,6 +38,7 @@ Metrics = dict[str, jax.Array]  # loss (nats/token), grad_norm, lr: float32 scal
 # are left alone. Names rather than ndim >= 2, because under nn.scan a bias [F] is stored as [L, F] and an
 # attention bias is [N, H] even unscanned.
 DECAYED = ("kernel", "embedding")
+MAX_STEPS = 2**31 - 1  # the step count (TrainState.step, the schedule's count) is int32
 
 
 class TrainState(struct.PyTreeNode):
@@ -91,8 +92,7 @@ def make_schedule(lr: float, total_steps: int, warmup: int, final_fraction: floa
     ``final_fraction * lr`` at ``total_steps``."""
     if not 0 < lr < math.inf:
         raise InputError(f"learning rate must be a positive finite number, got {lr}")
-    if total_steps < 1:
-        raise InputError(f"total_steps must be at least 1, got {total_steps}")
+    positive_int("total_steps", total_steps, MAX_STEPS)
     if not 0 <= warmup < total_steps:
         raise InputError(f"warmup must be in [0, total_steps={total_steps}), got {warmup}")
     return optax.warmup_cosine_decay_schedule(

@@ -211,6 +211,7 @@ def test_no_step_restores_is_one_error(tmp_path, trained):
         ({"seq": -1}, "seq must be a positive integer"),
         ({"seq": 65}, "seq 65 exceeds the model's context max_len=64"),
         ({"steps": 8, "warmup": 8}, "warmup"),
+        ({"steps": 2**31}, r"steps must be a positive integer <= 2147483647, got 2147483648"),
         ({"batch": 6, "accum": 4}, "not divisible"),
         ({"data": "/nonexistent/corpus"}, "does not exist"),
         ({"data": "EMPTY"}, "no text"),

@@ -51,6 +51,7 @@ def test_train_command_writes_a_run_that_serving_can_load(tmp_path, corpus, caps
         (["--data", "/nonexistent/corpus"], "does not exist"),
         (["--resume"], "no checkpoint directory"),
         (["--steps", "ten"], "invalid int value"),
+        (["--steps", "21474836480"], "steps must be a positive integer <= 2147483647"),
         (["--seed", str(2**64)], "expected a seed in [0, 4294967295]"),
         (["--lr", "inf"], "learning rate must be a positive finite number"),
         (["--weight-decay", "nan"], "weight_decay must be a finite number"),
