@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from jaxllm.config import get_preset
-from jaxllm.measure import PhaseResult, analyze_phase
+from jaxllm.measure import Compiled, PhaseResult, check_fits, compile_phase, phase_result
 
 DECODE_BATCHES = (1, 8, 32, 128)
 
@@ -21,11 +21,22 @@ def grid(preset: str, batches: Sequence[int], quick: bool) -> list[tuple[str, in
     return rows + [("decode", b, context) for b in batches]
 
 
-def bench(
+def compile_rows(
     presets: Sequence[str], batches: Sequence[int] = DECODE_BATCHES, quick: bool = False
-) -> Iterator[PhaseResult]:
-    """Measures every row of ``grid`` for each preset."""
+) -> list[tuple[str, Compiled]]:
+    """Every row of ``grid`` for each preset compiled, each checked to fit in memory before any is
+    measured (``measure.check_fits``)."""
+    rows = []
     for preset in presets:
         config = get_preset(preset)
         for phase, batch, seq in grid(preset, batches, quick):
-            yield analyze_phase(config, phase, batch, seq, measure=True, quick=quick, preset=preset)
+            compiled = compile_phase(config, phase, batch, seq)
+            check_fits(compiled, "lower --batches" if phase == "decode" else "drop that preset")
+            rows.append((preset, compiled))
+    return rows
+
+
+def bench(rows: Sequence[tuple[str, Compiled]], quick: bool = False) -> Iterator[PhaseResult]:
+    """Measures each row of ``compile_rows``."""
+    for preset, compiled in rows:
+        yield phase_result(compiled, measure=True, quick=quick, preset=preset)

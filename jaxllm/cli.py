@@ -368,11 +368,12 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from jaxllm import bench, hardware, tables
 
-    for preset in args.presets:  # every name checked before anything is measured
+    for preset in args.presets:  # every name checked before anything is compiled
         get_preset(preset)
+    rows = bench.compile_rows(args.presets, args.batches, args.quick)  # each checked to fit
     calibration = hardware.calibrate(quick=args.quick)
     print(json.dumps({"calibration": calibration}) if args.json else tables.header(calibration))
-    for row in bench.bench(args.presets, args.batches, args.quick):
+    for row in bench.bench(rows, args.quick):
         print(json.dumps(row.to_json()) if args.json else tables.table_row(row), flush=True)
     return 0
 

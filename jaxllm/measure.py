@@ -115,17 +115,31 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _time(program: phases.Program, compiled: Any, footprint: int, repeats: int) -> Timing:
-    """Times ``compiled`` (the executable XLA's figures describe) on fresh arguments; InputError
-    when its XLA footprint (bytes) exceeds the memory this process may use."""
-    free = memory.available_bytes()
-    if footprint > free:
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """One phase at one shape, compiled: its program, the executable and XLA's figures of it."""
+
+    program: phases.Program
+    executable: Any
+    xla: XlaCost
+
+
+def compile_phase(config: ModelConfig, phase: str, batch: int, seq: int) -> Compiled:
+    """``phase`` at tokens [batch, seq] built and compiled (nothing allocated)."""
+    program = phases.build(config, phase, batch, seq)
+    executable, compile_seconds = compile_timed(program.jitted, *program.abstract_args)
+    return Compiled(program, executable, analyze_compiled(executable, compile_seconds))
+
+
+def check_fits(compiled: Compiled, advice: str) -> None:
+    """InputError when timing ``compiled`` needs more memory (its XLA footprint) than this process
+    may use; ``advice``: what to change, in the words of the command that asked."""
+    p, need, free = compiled.program, compiled.xla.footprint_bytes, memory.available_bytes()
+    if need > free:
         raise InputError(
-            f"--measure needs {footprint / 1e9:.2f} GB for {program.phase} (XLA footprint) but the "
-            f"device has {free / 1e9:.2f} GB available; analyse it without --measure"
+            f"measuring {p.phase} at B={p.batch} T={p.seq} needs {need / 1e9:.2f} GB (XLA "
+            f"footprint) but the device has {free / 1e9:.2f} GB available; {advice}"
         )
-    make_args = program.make_args(jax.random.key(0))
-    return time_compiled(compiled, make_args, repeats=repeats, warmup=1)
 
 
 def analyze_phase(
@@ -138,30 +152,41 @@ def analyze_phase(
     preset: str | None = None,
 ) -> PhaseResult:
     """One phase at one shape, three ways. ``quick``: quick calibration and fewer timed repeats."""
-    program = phases.build(config, phase, batch, seq)
+    compiled = compile_phase(config, phase, batch, seq)
+    if measure:
+        check_fits(compiled, "analyse it without --measure")
+    return phase_result(compiled, measure, quick, preset)
+
+
+def phase_result(
+    compiled: Compiled, measure: bool, quick: bool, preset: str | None = None
+) -> PhaseResult:
+    """``analyze_phase``'s record of a compiled phase, timed when ``measure`` (``check_fits``
+    first)."""
+    program, xla = compiled.program, compiled.xla
     analytic = phases.analytic_view(program)
-    compiled, compile_seconds = compile_timed(program.jitted, *program.abstract_args)
-    xla = analyze_compiled(compiled, compile_seconds)
-    repeats = 3 if quick else 5
-    timing = _time(program, compiled, xla.footprint_bytes, repeats) if measure else None
+    timing = None
+    if measure:
+        make_args = program.make_args(jax.random.key(0))
+        timing = time_compiled(compiled.executable, make_args, repeats=3 if quick else 5, warmup=1)
     seconds = None if timing is None else timing.seconds_median
     calibration = hardware.calibrate(quick=quick)
 
     def on(data_sheet: bool) -> Rooflines:
-        peaks = hardware.roofline_peaks(calibration, config.dtype, data_sheet)
+        peaks = hardware.roofline_peaks(calibration, program.config.dtype, data_sheet)
         return rooflines(analytic, xla, peaks, seconds)
 
     accelerator = calibration["platform"] != "cpu"  # its calibrated roofline beside the sheet's
     return PhaseResult(
         preset,
-        phase,
-        batch,
-        seq,
+        program.phase,
+        program.batch,
+        program.seq,
         calibration["device_kind"],
         analytic,
         xla,
         timing,
         roofline=on(data_sheet=True),
         calibrated=on(data_sheet=False) if accelerator else None,
-        compile_options=xla_options.phase_options(phase, program.config),
+        compile_options=xla_options.phase_options(program.phase, program.config),
     )

@@ -132,7 +132,8 @@ def test_measure_of_a_model_that_does_not_fit_is_refused(monkeypatch, capsys):
     argv = ["analyze", "--preset", "tiny", "--phase", "decode", "--batch", "1", "--seq", "8"]
     assert main([*argv, "--measure", "--quick"]) == 2
     err = capsys.readouterr().err
-    assert "available" in err and err.count("\n") == 1
+    assert "measuring decode at B=1 T=8" in err and "available" in err and err.count("\n") == 1
+    assert "analyse it without --measure" in err
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,24 @@ def test_bench_checks_every_preset_before_measuring(monkeypatch, capsys):
     assert main(["bench", "--presets", "tiny", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert "unknown preset 'nosuch'" in err and err.count("\n") == 1
+
+
+def test_bench_checks_every_row_fits_before_measuring(monkeypatch, capsys):
+    """A decode row too big for memory is refused before the rows ahead of it are measured."""
+    from types import SimpleNamespace
+
+    from jaxllm import bench, hardware, memory
+
+    def compile_phase(config, phase, batch, seq):  # a footprint of 1 GB per row of the batch
+        program = SimpleNamespace(phase=phase, batch=batch, seq=seq)
+        return SimpleNamespace(program=program, xla=SimpleNamespace(footprint_bytes=10**9 * batch))
+
+    monkeypatch.setattr(bench, "compile_phase", compile_phase)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**11)
+    monkeypatch.setattr(hardware, "calibrate", lambda **_: pytest.fail("measured first"))
+    assert main(["bench", "--presets", "tiny", "--batches", "1", "101", "--quick"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "measuring decode at B=101 T=64 needs 101.00 GB" in captured.err
+    assert "the device has 100.00 GB available" in captured.err
+    assert "lower --batches" in captured.err and "--measure" not in captured.err
