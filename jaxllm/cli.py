@@ -32,9 +32,11 @@ class UsageError(InputError):
     """Bad command-line input; printed as one line, exit status 2."""
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small") -> None:
+def add_model_args(
+    parser: argparse.ArgumentParser, default_preset: str = "small"
+) -> argparse._MutuallyExclusiveGroup:
     """The flags every command that builds a model shares: --preset or --hf-dir, and repeatable
-    --override."""
+    --override. Returns the group of the model's sources, one of which a command may take."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--preset",
@@ -54,6 +56,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small
         metavar="FIELD=VALUE",
         help="change one ModelConfig field, e.g. n_layers=4 (repeatable)",
     )
+    return source
 
 
 def add_phase_args(parser: argparse.ArgumentParser) -> None:
@@ -556,8 +559,10 @@ def _serve_bench_model(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
     if args.checkpoint:
         from jaxllm import checkpoint
 
-        if args.hf_dir or args.override:
-            raise UsageError("--checkpoint takes neither --hf-dir nor --override")
+        if args.override:
+            raise UsageError(
+                "--override applies to --preset or --hf-dir (a checkpoint keeps its config)"
+            )
         return checkpoint.load_params(args.checkpoint, warn=_warn)
     if args.hf_dir:
         from jaxllm import hf
@@ -644,8 +649,8 @@ def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
         description="A seeded trace (Poisson arrivals, uniform lengths) or --trace FILE runs through "
         "the engine in real time. A preset runs with deterministic filler weights.",
     )
-    add_model_args(p)
-    p.add_argument("--checkpoint", metavar="DIR", help="a jaxllm run directory's weights")
+    source = add_model_args(p)
+    source.add_argument("--checkpoint", metavar="DIR", help="a jaxllm run directory's weights")
     p.add_argument(
         "--policy",
         default="continuous",

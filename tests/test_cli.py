@@ -115,3 +115,23 @@ def test_bench_checks_every_row_fits_before_measuring(monkeypatch, capsys):
     assert "measuring decode at B=101 T=64 needs 101.00 GB" in captured.err
     assert "the device has 100.00 GB available" in captured.err
     assert "lower --batches" in captured.err and "--measure" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "word"),
+    [
+        ("serve-bench", ["--preset", "gpt2"], "--preset: not allowed with argument --checkpoint"),
+        ("serve-bench", ["--hf-dir", "hf"], "--hf-dir: not allowed with argument --checkpoint"),
+        ("serve-bench", ["--override", "n_layers=1"], "--override applies to --preset or --hf-dir"),
+        ("generate", ["--preset", "gpt2", "--prompt", "a"], "unrecognized arguments: --preset"),
+        ("serve", ["--preset", "gpt2"], "unrecognized arguments: --preset"),
+    ],
+)
+def test_a_checkpoint_keeps_its_model(tmp_path, monkeypatch, capsys, command, extra, word):
+    """--checkpoint names the model: another source or a changed config is refused, not ignored."""
+    from jaxllm import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_params", lambda *_, **__: pytest.fail("loaded"))
+    assert main([command, "--checkpoint", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert word in err and err.count("\n") == 1
