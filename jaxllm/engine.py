@@ -187,7 +187,7 @@ class Engine:
         stops = serve.check_tokens(
             self.config, np.asarray(stop, np.int32).reshape(-1), "stop token"
         )
-        self._check_request(ids, max_new_tokens)
+        self.check_lengths(ids.size, max_new_tokens)
         with self._lock:
             request = Request(
                 id=next(self._ids),
@@ -232,15 +232,17 @@ class Engine:
 
     # -- validation ----------------------------------------------------------------------------
 
-    def _check_request(self, ids: np.ndarray, max_new_tokens: Any) -> None:
-        if ids.size == 0:
+    def check_lengths(self, prompt_len: int, max_new_tokens: Any) -> None:
+        """InputError unless a prompt of ``prompt_len`` tokens and ``max_new_tokens`` fit a slot:
+        what ``submit`` checks of a request's sizes, for a caller to check before making the prompt."""
+        if prompt_len == 0:
             raise InputError("the prompt is empty")
         positive_int("max_new_tokens", max_new_tokens)
-        if ids.size + max_new_tokens > self.capacity:
+        if prompt_len + max_new_tokens > self.capacity:
             what = "context (max_len)" if self.capacity == self.config.max_len else "slot capacity"
             raise InputError(
-                f"prompt of {ids.size} tokens + max_new_tokens {max_new_tokens} = "
-                f"{ids.size + max_new_tokens} is beyond the {what} {self.capacity}"
+                f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = "
+                f"{prompt_len + max_new_tokens} is beyond the {what} {self.capacity}"
             )
 
     # -- scheduling ------------------------------------------------------------------------------

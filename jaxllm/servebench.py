@@ -1,8 +1,9 @@
 """Replaying a request trace through the engine, and what the run measured.
 
 ``replay`` submits each request when the wall clock passes its arrival (prompts: seeded random token
-ids; no stop tokens, so each request generates exactly its ``output_len``), steps the engine while it
-has work and sleeps until the next arrival when it has none. Per request: time to first token (TTFT,
+ids, drawn once the engine accepts the request's sizes; no stop tokens, so each request generates
+exactly its ``output_len``), steps the engine while it has work and sleeps until the next arrival
+when it has none. Per request: time to first token (TTFT,
 from arrival), times between tokens (TBT), end-to-end latency. Per run: generated tokens per second of
 the run's makespan, slot occupancy of decode steps, prompt padding, and the FLOPs the static shapes
 wasted (``jaxllm.stepcost``).
@@ -23,6 +24,8 @@ from jaxllm.hardware import Peaks
 from jaxllm.stepcost import StepWork, predicted_seconds, step_work
 from jaxllm.traces import TraceRequest
 
+MAX_SLEEP = 1.0  # seconds of one wait for an arrival: a wait of centuries overflows time.sleep
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -40,7 +43,6 @@ def replay(engine: Engine, trace: Sequence[TraceRequest], seed: int = 0) -> Run:
     """Run ``trace`` through ``engine`` in real time (compile its programs first: a compile inside
     the run is counted as latency)."""
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, engine.config.vocab_size, r.prompt_len) for r in trace]
     requests: list[Request | None] = []
     refused: list[str] = []
     first = len(engine.records)
@@ -49,18 +51,27 @@ def replay(engine: Engine, trace: Sequence[TraceRequest], seed: int = 0) -> Run:
         now = engine.clock() - start
         while i < len(trace) and trace[i].arrival <= now:
             try:
-                requests.append(engine.submit(prompts[i], trace[i].output_len))
+                requests.append(_submit(engine, trace[i], rng))
             except ValueError as err:
                 requests.append(None)
                 refused.append(f"request {i}: {err}")
             i += 1
         if engine.idle and i < len(trace):
-            time.sleep(max(trace[i].arrival - (engine.clock() - start), 0.0))
+            wait = trace[i].arrival - (engine.clock() - start)
+            time.sleep(min(max(wait, 0.0), MAX_SLEEP))
             continue
         engine.step()
     ends = [r.finished for r in requests if r is not None and r.finished is not None]
     makespan = (max(ends) - start) if ends else 0.0
     return Run(list(trace), requests, refused, list(engine.records)[first:], start, makespan)
+
+
+def _submit(engine: Engine, request: TraceRequest, rng: np.random.Generator) -> Request:
+    """``request`` submitted with a random prompt, drawn only once the engine accepts its sizes (a
+    trace may ask for a prompt longer than memory holds)."""
+    engine.check_lengths(request.prompt_len, request.output_len)
+    prompt = rng.integers(0, engine.config.vocab_size, request.prompt_len)
+    return engine.submit(prompt, request.output_len)
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +29,11 @@ class TraceRequest:
     output_len: int  # max_new_tokens
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.arrival) or self.arrival < 0:
-            raise InputError(f"arrival must be a finite time >= 0 s, got {self.arrival!r}")
+        if not 0 <= self.arrival <= threading.TIMEOUT_MAX:  # NaN fails too
+            raise InputError(
+                f"arrival must be in [0, {threading.TIMEOUT_MAX:.0f}] s (the longest wait Python's "
+                f"clock takes), got {self.arrival!r}"
+            )
         positive_int("prompt_len", self.prompt_len)
         positive_int("output_len", self.output_len)
 

@@ -3,6 +3,7 @@
 import functools
 import json
 import re
+import threading
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FLOP_TOLERANCE
 
-from jaxllm import serve
+from jaxllm import serve, servebench
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 from jaxllm.cost import analyze_compiled
@@ -22,7 +23,7 @@ from jaxllm.servebench import replay, summarize
 from jaxllm.slots import SlotCache
 from jaxllm.step import StepInput, make_step
 from jaxllm.stepcost import step_work
-from jaxllm.traces import load_trace, make_trace, parse_lengths, save_trace
+from jaxllm.traces import TraceRequest, load_trace, make_trace, parse_lengths, save_trace
 
 GPT2 = PRESETS["tiny"].replace(n_kv_heads=2)
 LLAMA = GPT2.replace(
@@ -198,6 +199,34 @@ def test_bad_requests_are_refused_with_one_line_and_the_others_go_on():
     assert all(len(r.tokens) == 4 for r in served) and "beyond the context" in run.refused[0]
 
 
+def test_a_prompt_longer_than_memory_is_refused_by_name_without_being_drawn():
+    engine = Engine(GPT2, params_of(GPT2), slots=2)
+    trace = [TraceRequest(0.0, 10**11, 4), TraceRequest(0.0, 5, 4)]  # 745 GiB of int64 ids
+    run = replay(engine, trace)
+    assert run.refused == [
+        "request 0: prompt of 100000000000 tokens + max_new_tokens 4 = 100000000004 is beyond "
+        "the context (max_len) 64"
+    ]
+    assert run.requests[0] is None and run.requests[1] is not None
+    assert len(run.requests[1].tokens) == 4
+
+
+def test_replay_waits_for_a_late_arrival_in_short_sleeps(monkeypatch):
+    """time.sleep refuses a wait of centuries: replay sleeps at most MAX_SLEEP at a time."""
+    now = [0.0]
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(servebench.time, "sleep", sleep)
+    engine = Engine(GPT2, params_of(GPT2), slots=2, clock=lambda: now[0])
+    run = replay(engine, [TraceRequest(0.0, 5, 2), TraceRequest(3.5, 5, 2)])
+    assert all(r is not None and len(r.tokens) == 2 for r in run.requests)
+    assert max(sleeps) <= servebench.MAX_SLEEP and sum(sleeps) == pytest.approx(3.5)
+
+
 def test_engine_and_trace_arguments_are_checked():
     cases: list[tuple[dict[str, Any], str]] = [
         ({"chunk": 0}, "chunk must be a positive integer, got 0"),
@@ -237,6 +266,10 @@ def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"arrival": 1, "prompt_len": 0, "output_len": 3}\n')
     with pytest.raises(ValueError, match=r"line 1.*prompt_len must be a positive integer, got 0"):
         load_trace(tmp_path / "bad.jsonl")
+    (tmp_path / "late.jsonl").write_text('{"arrival": 1e30, "prompt_len": 5, "output_len": 3}\n')
+    with pytest.raises(ValueError, match=r"line 1.*arrival must be in \[0, 9223372036\] s"):
+        load_trace(tmp_path / "late.jsonl")
+    assert TraceRequest(threading.TIMEOUT_MAX, 5, 3).arrival == threading.TIMEOUT_MAX
     (tmp_path / "bytes.jsonl").write_bytes(
         b'{"arrival": 0, "prompt_len": 1, "output_len": 1}\n\xfe\n'
     )
