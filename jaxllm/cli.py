@@ -553,16 +553,26 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _served_config(args: argparse.Namespace) -> ModelConfig:
+    """The config of --checkpoint (its metadata), --hf-dir or --preset, read without the weights:
+    what ``engine.check_memory`` sizes before they are loaded."""
+    if not args.checkpoint:
+        return config_from_args(args)
+    if args.override:
+        raise UsageError(
+            "--override does not apply to --checkpoint (a checkpoint keeps its config)"
+        )
+    from jaxllm import checkpoint
+
+    return checkpoint.config_from_meta(checkpoint.load_meta(args.checkpoint), args.checkpoint)
+
+
 def _serve_bench_model(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
     """--checkpoint's or --hf-dir's weights, or a preset's with deterministic filler weights (the
     engine's speed does not depend on their values)."""
     if args.checkpoint:
         from jaxllm import checkpoint
 
-        if args.override:
-            raise UsageError(
-                "--override applies to --preset or --hf-dir (a checkpoint keeps its config)"
-            )
         return checkpoint.load_params(args.checkpoint, warn=_warn)
     if args.hf_dir:
         from jaxllm import hf
@@ -577,18 +587,20 @@ def _serve_bench_model(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     from jaxllm import hardware, servebench, traces
-    from jaxllm.engine import POLICIES
+    from jaxllm.engine import POLICIES, check_memory
 
     policies = args.policy.split(",")
     for name in policies:  # every name checked before anything is compiled
         if name not in POLICIES:
             raise InputError(f"unknown policy {name!r}; policies are: {', '.join(POLICIES)}")
+    mesh = mesh_from_args(args)
+    config = _served_config(args)
+    check_memory(config, args.slots, args.capacity or config.max_len, mesh)
     if args.trace:
         trace = traces.load_trace(args.trace)
     else:
         lens = traces.parse_lengths(args.prompt_lens), traces.parse_lengths(args.output_lens)
         trace = traces.make_trace(args.requests, args.rate, *lens, seed=args.seed)
-    mesh = mesh_from_args(args)
     config, params = _serve_bench_model(args)
     if args.save_trace:
         traces.save_trace(args.save_trace, trace)
@@ -705,7 +717,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from jaxllm import server
-    from jaxllm.engine import POLICIES, Engine
+    from jaxllm.engine import POLICIES, Engine, check_memory
     from jaxllm.server_service import Limits, ServedModel
 
     if args.policy not in POLICIES:
@@ -714,6 +726,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     limits = Limits(args.max_queue, args.max_body, args.shutdown_timeout)
     mesh = mesh_from_args(args)
+    config = _served_config(args)
+    check_memory(config, args.slots, config.max_len, mesh)
     config, params, tokenizer, stop = _generation_model(args)
     engine = Engine(
         config, params, slots=args.slots, policy=args.policy, chunk=args.chunk, mesh=mesh

@@ -39,9 +39,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxllm import analytic, memory, serve, shard_memory
 from jaxllm import mesh as meshes
-from jaxllm import serve
 from jaxllm.batching import bucket
+from jaxllm.cache import cache_dtype
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError, positive_int
 from jaxllm.model import Params
@@ -410,13 +411,39 @@ def _blank_input(B: int, P: int, C: int) -> StepInput:
     return StepInput(i32(B), i32(B), np.zeros(B, bool), i32((P, C)), i32(P), i32(P), i32(P))
 
 
+def check_memory(config: ModelConfig, slots: int, capacity: int, mesh: Mesh | None = None) -> None:
+    """InputError, before the weights are loaded, if serving ``config`` over ``slots`` slots of
+    ``capacity`` positions needs more memory than this process may use (``memory.available_bytes``):
+    the served weights and the slot cache (on a mesh, one device's share of each)."""
+    _check_sizes(config, slots, capacity)
+    served, kv = serve.serving_config(config, mesh), cache_dtype(config)
+    if mesh is None:
+        need, each = analytic.serve_memory(served, slots, capacity, kv), ""
+    else:
+        sizes = dict(mesh.shape)
+        need = shard_memory.serve_memory_per_device(served, sizes, slots, 1, capacity, kv)
+        each = " per device"
+    free = memory.available_bytes()
+    if need["total"] > free:
+        raise InputError(
+            f"slots {slots} of capacity {capacity} need a {memory.gib(need['kv_cache'])} KV cache"
+            f"{each} beside {memory.gib(need['params'])} of weights, but this process may use "
+            f"{memory.gib(free)}; lower the slots"
+        )
+
+
 def _check_engine_args(
     config: ModelConfig, slots: int, capacity: int, policy: str, chunk: int
 ) -> None:
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; policies are: {', '.join(POLICIES)}")
-    for name, value in (("slots", slots), ("capacity", capacity), ("chunk", chunk)):
-        positive_int(name, value)
+    positive_int("chunk", chunk)
+    _check_sizes(config, slots, capacity)
+
+
+def _check_sizes(config: ModelConfig, slots: int, capacity: int) -> None:
+    positive_int("slots", slots)
+    positive_int("capacity", capacity)
     if capacity > config.max_len:
         raise InputError(
             f"capacity {capacity} is beyond the model's context (max_len) {config.max_len}"

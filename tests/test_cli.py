@@ -122,7 +122,7 @@ def test_bench_checks_every_row_fits_before_measuring(monkeypatch, capsys):
     [
         ("serve-bench", ["--preset", "gpt2"], "--preset: not allowed with argument --checkpoint"),
         ("serve-bench", ["--hf-dir", "hf"], "--hf-dir: not allowed with argument --checkpoint"),
-        ("serve-bench", ["--override", "n_layers=1"], "--override applies to --preset or --hf-dir"),
+        ("serve-bench", ["--override", "n_layers=1"], "--override does not apply to --checkpoint"),
         ("generate", ["--preset", "gpt2", "--prompt", "a"], "unrecognized arguments: --preset"),
         ("serve", ["--preset", "gpt2"], "unrecognized arguments: --preset"),
     ],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FLOP_TOLERANCE
 
-from jaxllm import serve, servebench
+from jaxllm import checkpoint, memory, serve, servebench
 from jaxllm.cli import main
 from jaxllm.config import PRESETS
 from jaxllm.cost import analyze_compiled
@@ -249,6 +249,24 @@ def test_engine_and_trace_arguments_are_checked():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="top_k must be at most 2147483647"):
         SamplingParams(top_k=2**31)
+
+
+@pytest.mark.parametrize("command", ["serve-bench", "serve"])
+def test_slots_whose_cache_outgrows_memory_are_refused_before_loading(
+    command, tmp_path, monkeypatch, capsys
+):
+    tiny = PRESETS["tiny"]
+    run = tmp_path / "run"
+    checkpoint.save(checkpoint.manager(run), 1, params_of(tiny), None, tiny)
+    monkeypatch.setattr(checkpoint, "load_params", lambda *_, **__: pytest.fail("loaded"))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**30)
+    slots = 2**31 - 1
+    assert main([command, "--checkpoint", str(run), "--slots", str(slots)]) == 2
+    err = capsys.readouterr().err
+    # float32 K and V of every layer, head and position of every slot
+    cache = 2 * 4 * slots * tiny.max_len * tiny.n_layers * tiny.n_kv_heads * tiny.head_dim
+    assert f"slots {slots} of capacity 64 need a {cache / 2**30:.2f} GiB KV cache" in err
+    assert "this process may use 1.00 GiB" in err and err.count("\n") == 1
 
 
 def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path, capsys):
