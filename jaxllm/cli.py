@@ -585,6 +585,22 @@ def _serve_bench_model(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
     return config, filler_params(param_shapes(config))
 
 
+def _serve_bench_trace(args: argparse.Namespace, capacity: int) -> list[Any]:
+    """--trace's requests or a seeded trace of --requests, checked to fit in host memory with their
+    replay (each request holds at most ``capacity`` tokens: the engine refuses longer ones)."""
+    from jaxllm import servebench, traces
+
+    if args.trace:
+        trace = traces.load_trace(args.trace)
+        longest = max(r.prompt_len + r.output_len for r in trace)
+        servebench.check_memory(len(trace), min(longest, capacity))
+        return trace
+    prompts = traces.parse_lengths(args.prompt_lens)
+    outputs = traces.parse_lengths(args.output_lens)
+    servebench.check_memory(args.requests, min(max(prompts) + max(outputs), capacity))
+    return traces.make_trace(args.requests, args.rate, prompts, outputs, seed=args.seed)
+
+
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     from jaxllm import hardware, servebench, traces
     from jaxllm.engine import POLICIES, check_memory
@@ -595,12 +611,9 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
             raise InputError(f"unknown policy {name!r}; policies are: {', '.join(POLICIES)}")
     mesh = mesh_from_args(args)
     config = _served_config(args)
-    check_memory(config, args.slots, args.capacity or config.max_len, mesh)
-    if args.trace:
-        trace = traces.load_trace(args.trace)
-    else:
-        lens = traces.parse_lengths(args.prompt_lens), traces.parse_lengths(args.output_lens)
-        trace = traces.make_trace(args.requests, args.rate, *lens, seed=args.seed)
+    capacity = args.capacity or config.max_len
+    check_memory(config, args.slots, capacity, mesh)
+    trace = _serve_bench_trace(args, capacity)
     config, params = _serve_bench_model(args)
     if args.save_trace:
         traces.save_trace(args.save_trace, trace)

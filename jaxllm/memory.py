@@ -100,14 +100,18 @@ def device_available(device: Any = None) -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def available_bytes() -> int:
-    """Bytes this process may still allocate where its arrays live: the device's free memory on an
-    accelerator; on a CPU the least of MemAvailable, the cgroup's room and ``ulimit -v``'s room."""
-    device = device_available()
-    if device is not None:
-        return device
+def host_bytes() -> int:
+    """Bytes this process may still allocate on the host: the least of MemAvailable, the cgroup's
+    room and ``ulimit -v``'s room."""
     limits = [host_available(), cgroup_available(), address_space_available()]
     return min(x for x in limits if x is not None)
+
+
+def available_bytes() -> int:
+    """Bytes this process may still allocate where its arrays live: the device's free memory on an
+    accelerator, the host's (``host_bytes``) on a CPU."""
+    device = device_available()
+    return host_bytes() if device is None else device
 
 
 def gib(n: float) -> str:

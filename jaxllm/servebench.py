@@ -18,13 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm import memory
 from jaxllm.cache import cache_dtype
 from jaxllm.engine import Engine, Request, StepRecord
+from jaxllm.errors import InputError
 from jaxllm.hardware import Peaks
 from jaxllm.stepcost import StepWork, predicted_seconds, step_work
 from jaxllm.traces import TraceRequest
 
 MAX_SLEEP = 1.0  # seconds of one wait for an arrival: a wait of centuries overflows time.sleep
+# Host bytes a replay holds per request beside its tokens (its trace entry, Request and events: about
+# 1.4 KB measured) and per token (a generated token's id and time in lists: 68 for an id above 256,
+# which CPython does not share; a prompt token's int32 id: 4). The engine's step records (at most
+# MAX_RECORDS) are not counted. tests/test_engine.py measures a replay against the estimate.
+REQUEST_BYTES, TOKEN_BYTES = 2048, 80
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +44,17 @@ class Run:
     records: list[StepRecord]
     start: float  # engine clock at time 0 of the trace
     makespan: float  # seconds from time 0 to the last request's end
+
+
+def check_memory(requests: int, tokens: int) -> None:
+    """InputError, before the trace is made, if replaying ``requests`` requests of up to ``tokens``
+    tokens each (prompt and output) may need more host memory than this process may use."""
+    need, free = requests * (REQUEST_BYTES + TOKEN_BYTES * tokens), memory.host_bytes()
+    if need > free:
+        raise InputError(
+            f"{requests} requests of up to {tokens} tokens may need {memory.gib(need)} of host "
+            f"memory to replay, but this process may use {memory.gib(free)}"
+        )
 
 
 def replay(engine: Engine, trace: Sequence[TraceRequest], seed: int = 0) -> Run:

@@ -4,6 +4,7 @@ import functools
 import json
 import re
 import threading
+import tracemalloc
 from typing import Any
 
 import jax
@@ -266,6 +267,31 @@ def test_slots_whose_cache_outgrows_memory_are_refused_before_loading(
     # float32 K and V of every layer, head and position of every slot
     cache = 2 * 4 * slots * tiny.max_len * tiny.n_layers * tiny.n_kv_heads * tiny.head_dim
     assert f"slots {slots} of capacity 64 need a {cache / 2**30:.2f} GiB KV cache" in err
+    assert "this process may use 1.00 GiB" in err and err.count("\n") == 1
+
+
+def test_the_replay_memory_estimate_bounds_what_a_replay_allocates():
+    """tracemalloc's peak of making and replaying a trace, per request, against the estimate that
+    refuses --requests (servebench.check_memory): above it, but not by more than 2.5x."""
+    engine = Engine(GPT2, params_of(GPT2), slots=8)  # 2.5 steps a request: few step records
+    engine.compile_programs(10)  # before tracing: compiling allocates too
+    tracemalloc.start()
+    try:
+        replay(engine, make_trace(200, float("inf"), [10], [20]))
+        peak = tracemalloc.get_traced_memory()[1] / 200
+    finally:
+        tracemalloc.stop()
+    estimate = servebench.REQUEST_BYTES + servebench.TOKEN_BYTES * 30
+    assert peak <= estimate <= 2.5 * peak
+
+
+def test_serve_bench_refuses_a_trace_outgrowing_host_memory(monkeypatch, capsys):
+    monkeypatch.setattr(memory, "host_bytes", lambda: 2**30)
+    monkeypatch.setattr(servebench, "replay", lambda *_: pytest.fail("replayed"))
+    assert main(["serve-bench", "--preset", "tiny", "--requests", "2147483647"]) == 2
+    err = capsys.readouterr().err
+    need = 2147483647 * (servebench.REQUEST_BYTES + servebench.TOKEN_BYTES * 64)  # 64: max_len
+    assert f"2147483647 requests of up to 64 tokens may need {need / 2**30:.2f} GiB" in err
     assert "this process may use 1.00 GiB" in err and err.count("\n") == 1
 
 
