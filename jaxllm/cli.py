@@ -19,6 +19,7 @@ from jaxllm.errors import (
     RunError,
     directory_arg,
     file_arg,
+    output_file_arg,
     positive_arg,
     utf8_text,
 )
@@ -691,8 +692,12 @@ def _serve_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-lens", default="16-128", help="LO-HI uniform or a,b,c (16-128)")
     p.add_argument("--output-lens", default="16-256", help="LO-HI uniform or a,b,c (16-256)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the trace and its prompts")
-    p.add_argument("--trace", metavar="FILE", help="replay this JSON Lines trace instead")
-    p.add_argument("--save-trace", metavar="FILE", help="write the trace as JSON Lines")
+    p.add_argument(
+        "--trace", metavar="FILE", type=file_arg, help="replay this JSON Lines trace instead"
+    )
+    p.add_argument(
+        "--save-trace", metavar="FILE", type=output_file_arg, help="write the trace as JSON Lines"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_serve_bench, preset="small")
 

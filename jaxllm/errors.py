@@ -77,6 +77,19 @@ def file_arg(text: str) -> str:
     return text
 
 
+def output_file_arg(text: str) -> str:
+    """argparse type: a path a file can be written at: not a directory, and in a directory that is,
+    or could be made, one (``check_directory``)."""
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name")
+    try:
+        check_directory("its folder", path.absolute().parent)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {e}") from None
+    return text
+
+
 def utf8_text(name: str, text: str | bytes) -> str:
     """``text`` as valid text: bytes (a file's) decoded as UTF-8, or a command-line argument checked
     (Python holds each byte of an argument it cannot decode as a surrogate U+DC80..U+DCFF, which

@@ -83,6 +83,8 @@ def make_trace(
 
 
 def save_trace(path: str | Path, trace: Sequence[TraceRequest]) -> None:
+    """The trace as JSON Lines at ``path`` (its folder made if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in trace:
             f.write(json.dumps(dataclasses.asdict(r)) + "\n")

@@ -302,8 +302,8 @@ def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path, capsys):
     assert abs(np.std(gaps) / gaps.mean() - 1) < 0.1  # exponential: coefficient of variation 1
     assert {r.output_len for r in trace} == {8, 32}
     assert min(r.prompt_len for r in trace) == 16 and max(r.prompt_len for r in trace) == 128
-    save_trace(tmp_path / "t.jsonl", trace)
-    assert load_trace(tmp_path / "t.jsonl") == trace
+    save_trace(tmp_path / "new" / "t.jsonl", trace)  # its folder made
+    assert load_trace(tmp_path / "new" / "t.jsonl") == trace
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no requests"):
         load_trace(tmp_path / "empty.jsonl")
@@ -320,6 +320,15 @@ def test_traces_round_trip_and_arrive_as_a_poisson_process(tmp_path, capsys):
     assert main(["serve-bench", "--preset", "tiny", "--trace", str(tmp_path / "bytes.jsonl")]) == 2
     message = f"{tmp_path / 'bytes.jsonl'} is not UTF-8 text: byte 0xfe at offset 49"
     assert capsys.readouterr().err == f"jaxllm: error: {message}\n"
+    for flag, path, message in [
+        ("--trace", tmp_path / "absent.jsonl", f"no file at '{tmp_path / 'absent.jsonl'}'"),
+        ("--trace", tmp_path, f"'{tmp_path}' is not a file"),
+        ("--save-trace", tmp_path, f"'{tmp_path}' is not a file name"),
+        ("--save-trace", tmp_path / "bad.jsonl" / "t", "bad.jsonl' cannot be a directory"),
+    ]:
+        assert main(["serve-bench", "--preset", "tiny", flag, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: " in err and message in err and err.count("\n") == 1
 
 
 def test_no_program_copies_the_whole_cache():
