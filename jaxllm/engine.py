@@ -323,12 +323,17 @@ class Engine:
             lanes = [(False, False, p, c) for p in counts for c in chunks]
         return [(True, False, 0, 1), *lanes]
 
-    def compile_programs(self, longest_prompt: int) -> float:
+    def compile_programs(
+        self, longest_prompt: int, cancelled: Callable[[], bool] | None = None
+    ) -> float:
         """Compile ``shapes(longest_prompt)`` ahead and run each once (an executable's first call
         costs more than the next), so that no step of a run pays for either; seconds. Idle inputs
-        write nothing: the cache's contents are unchanged."""
+        write nothing: the cache's contents are unchanged. ``cancelled`` is asked before each
+        program: once it is true, the rest are left uncompiled."""
         start = time.perf_counter()
         for decode, read, P, C in self.shapes(longest_prompt):
+            if cancelled is not None and cancelled():
+                break
             blank = _blank_input(self.slots, P, C)
             logits, self.cache = self.program(decode, read, blank)(self.params, self.cache, blank)
             idle = _idle_rows(logits.shape[0])  # both samplers: greedy, and per-row sampling

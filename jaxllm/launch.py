@@ -12,14 +12,23 @@ advice for the same reason.
 ``JAXLLM_MALLOC``: unset (find one), ``system`` (never preload), or a library path or soname; a
 path that is no file is refused (exit status 2: the loader would only warn and run without it).
 Importing this module imports nothing heavy: it runs before JAX is loaded.
+
+A thread that may be inside XLA when the command returns (the HTTP server's engine worker, still
+compiling after a shutdown) is registered with ``end_hard_while_alive``: the interpreter must not
+finalise while it runs, as a daemon thread taking the GIL during finalisation is ended with
+``pthread_exit``, whose forced unwind through XLA's C++ frames aborts the process (status 134,
+"FATAL: exception not rethrown"). ``main`` then ends the process with ``os._exit`` and its status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import runpy
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 from jaxllm.errors import InputError
@@ -30,6 +39,7 @@ ALLOCATORS: dict[str, dict[str, str]] = {
     "tcmalloc_minimal": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
     "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
 }
+_native_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # end_hard_while_alive
 
 
 def preload_env(
@@ -77,7 +87,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     preloaded(["-m", "jaxllm", *args])
     from jaxllm.cli import main as cli_main
 
-    return cli_main(args)
+    status = cli_main(args)
+    _end_if_native_threads_run(status)
+    return status
+
+
+def end_hard_while_alive(thread: threading.Thread) -> None:
+    """Have ``main`` end the process with ``os._exit`` if ``thread`` is still running when the
+    command returns (a thread that may be inside XLA: see the module docstring)."""
+    _native_threads.add(thread)
+
+
+def _end_if_native_threads_run(status: int) -> None:
+    """``os._exit(status)`` after flushing stdout and stderr if a registered thread still runs."""
+    if not any(thread.is_alive() for thread in list(_native_threads)):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def run_script(argv: Sequence[str]) -> None:

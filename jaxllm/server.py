@@ -301,11 +301,18 @@ def serve(engine: Engine, model: ServedModel, limits: Limits, host: str, port: i
         )
 
     service = Service(engine, model, limits, on_ready=announce)
-    print(f"jaxllm serve: {model.name} at {url}, compiling...", file=sys.stderr, flush=True)
+    server = make_server(service)
     received: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+    def terminated(signum: int, frame: Any) -> None:
+        del frame
+        received.append(signum)
+        server.should_exit = True  # one before uvicorn's own handler is in place stops it too
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        make_server(service).run(sockets=[sock])  # re-raises a caught signal on its way out
+        print(f"jaxllm serve: {model.name} at {url}, compiling...", file=sys.stderr, flush=True)
+        server.run(sockets=[sock])  # re-raises a caught signal on its way out
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()

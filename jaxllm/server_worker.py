@@ -4,6 +4,11 @@ It compiles every program first (``Engine.compile_programs``: each program and b
 once, so that no request pays a compile), reports ready, then loops: step while the engine has
 work, sleep on a ``threading.Event`` while it is idle (``submit`` and ``cancel`` set it). An exception in a step ends the thread and is reported once;
 the engine is then unusable.
+
+``stop`` during the compile ends the thread after the program being compiled (not reported ready).
+The thread runs inside XLA for as long as a compile or step lasts and cannot be interrupted there;
+one still running when the command returns makes ``jaxllm.launch.main`` end the process with
+``os._exit`` (the interpreter's finalisation would abort it: see ``jaxllm.launch``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm import launch
 from jaxllm.engine import Engine, Request
 
 
@@ -34,6 +40,7 @@ class EngineWorker:
         self._thread = threading.Thread(
             target=self._main, args=(on_ready, on_failure), name="jaxllm-engine", daemon=True
         )
+        launch.end_hard_while_alive(self._thread)
         self._thread.start()
 
     def submit(
@@ -50,8 +57,8 @@ class EngineWorker:
         self._wake.set()
 
     def stop(self, timeout: float) -> bool:
-        """Ask the thread to end after its current step and wait up to ``timeout`` seconds for it;
-        whether it ended (a compile in progress is not interrupted)."""
+        """Ask the thread to end after its current step (while compiling, after the current
+        program) and wait up to ``timeout`` seconds for it; whether it ended."""
         self._running = False
         self._wake.set()
         if self._thread is None:
@@ -64,7 +71,10 @@ class EngineWorker:
     ) -> None:
         engine = self.engine
         try:
-            on_ready(engine.compile_programs(engine.capacity - 1))
+            compile_s = engine.compile_programs(engine.capacity - 1, lambda: not self._running)
+            if not self._running:
+                return
+            on_ready(compile_s)
             while self._running:
                 if engine.idle:
                     self._wake.wait()

@@ -4,6 +4,8 @@ re-executed command still runs."""
 import os
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
@@ -96,3 +98,28 @@ def test_a_script_runs_as_main_with_its_arguments(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "__main__ ['a', '--b']"
+
+
+def test_a_command_ends_at_once_while_a_registered_thread_runs(tmp_path):
+    """A thread registered with end_hard_while_alive (the server's engine worker, maybe inside
+    XLA) still running when the command returns: os._exit with the status, stdout flushed."""
+    code = textwrap.dedent("""
+        import sys, threading, time
+        from jaxllm import launch, cli
+        def command(argv):
+            thread = threading.Thread(target=time.sleep, args=(60,), daemon=True)
+            launch.end_hard_while_alive(thread)
+            thread.start()
+            print("done", end="")  # unflushed: a pipe is block-buffered
+            return 143
+        cli.main = command
+        sys.exit(launch.main(["info"]))
+    """)
+    env = {**os.environ, "JAXLLM_MALLOC": "system"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 143, done.stderr
+    assert done.stdout == "done"
+    assert time.monotonic() - start < 50

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -447,7 +448,9 @@ def test_health_is_503_and_completions_wait_while_starting(engine):
     """A server whose engine is still compiling: /health says starting, completions get 503."""
     release = threading.Event()
     compile_programs = engine.compile_programs
-    engine.compile_programs = lambda longest: release.wait() and compile_programs(longest)  # type: ignore[method-assign]
+    engine.compile_programs = lambda longest, *rest: (
+        release.wait() and compile_programs(longest, *rest)
+    )  # type: ignore[method-assign]
     try:
         with running(engine, ready=False) as s:
             health = httpx.get(f"{s.url}/health")
@@ -544,6 +547,49 @@ def test_sigterm_during_streaming_ends_cleanly(long_run, tmp_path):
     assert finish in ("cancelled", "length")
     assert ended < 1 + 3, ended  # the deadline, and a step or two
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-run")
+    checkpoint.save(checkpoint.manager(path), 1, init_params(CFG, jax.random.key(0)), None, CFG)
+    return str(path)
+
+
+@pytest.mark.slow  # a second Python process importing JAX and compiling: ~10-30 s on 2 shared cores
+@pytest.mark.parametrize(
+    "signum, join_s",
+    [(signal.SIGTERM, None), (signal.SIGTERM, 0.0), (signal.SIGINT, 0.0)],
+    ids=["sigterm", "sigterm-compiling-at-exit", "sigint-compiling-at-exit"],
+)
+def test_a_signal_while_compiling_exits_128_plus_it(tiny_run, signum, join_s):
+    """SIGTERM or Ctrl-C while the engine's worker compiles: 128 + the signal, no abort. The
+    interpreter once finalised while the worker was inside XLA, and the worker, ended by
+    pthread_exit as it took the GIL, aborted the process (134, "FATAL: exception not rethrown").
+    join_s=0: shutdown does not wait for the worker, so it is surely still compiling at exit."""
+    patch = "" if join_s is None else f"server_service.STOP_JOIN_S = {join_s}"
+    code = (
+        f"import sys\nfrom jaxllm import launch, server_service\n{patch}\n"
+        f"sys.exit(launch.main(['serve', '--checkpoint', {tiny_run!r}, '--port', '0']))\n"
+    )
+    env = {**os.environ, "JAXLLM_MALLOC": "system"}
+    with subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.endswith(", compiling...\n"), first
+        url = first.rsplit(" at ", 1)[1].split(",")[0]
+        health = None
+        while health is None:  # answered once the server runs: the worker is compiling by then
+            with contextlib.suppress(httpx.TransportError):
+                health = httpx.get(f"{url}/health", timeout=5)
+        assert health.json()["status"] == "starting"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, first + err
+    assert "FATAL" not in err and "Traceback" not in err, err
+    assert err == ("jaxllm: interrupted\n" if signum == signal.SIGINT else "")
 
 
 def test_serve_refuses_bad_options_in_one_line(capsys):
