@@ -13,6 +13,11 @@ advice for the same reason.
 path that is no file is refused (exit status 2: the loader would only warn and run without it).
 Importing this module imports nothing heavy: it runs before JAX is loaded.
 
+Ctrl-C while the command starts (re-executing itself, importing JAX): JAX's and NumPy's extension
+modules do not survive a KeyboardInterrupt raised while they initialise (a segmentation fault, an
+``ImportError``, or a traceback), so ``main`` holds SIGINT until the CLI's modules are loaded, then
+ends with ``jaxllm: interrupted`` and status 130 if one came.
+
 A thread that may be inside XLA when the command returns (the HTTP server's engine worker, still
 compiling after a shutdown) is registered with ``end_hard_while_alive``: the interpreter must not
 finalise while it runs, as a daemon thread taking the GIL during finalisation is ended with
@@ -26,10 +31,11 @@ import contextlib
 import ctypes.util
 import os
 import runpy
+import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from jaxllm.errors import InputError
 
@@ -39,6 +45,7 @@ ALLOCATORS: dict[str, dict[str, str]] = {
     "tcmalloc_minimal": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
     "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
 }
+INTERRUPTED = 128 + signal.SIGINT  # the exit status after Ctrl-C
 _native_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # end_hard_while_alive
 
 
@@ -82,14 +89,58 @@ def preloaded(command: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``jaxllm`` command: re-executed under the allocator (``preloaded``), then the CLI."""
+    """The ``jaxllm`` command: re-executed under the allocator (``preloaded``), then the CLI; Ctrl-C
+    before the CLI runs ends it with status 130 (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    preloaded(["-m", "jaxllm", *args])
-    from jaxllm.cli import main as cli_main
-
+    with held_interrupts() as received:
+        _reexecute(["-m", "jaxllm", *args], received)
+        from jaxllm.cli import main as cli_main
+    if received:
+        return interrupted()
     status = cli_main(args)
     _end_if_native_threads_run(status)
     return status
+
+
+def interrupted() -> int:
+    """Say so on stderr; the exit status after Ctrl-C."""
+    print("jaxllm: interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[list[int]]:
+    """While open, SIGINT appends its number to the yielded list instead of raising
+    KeyboardInterrupt (in the main thread, unless SIGINT is ignored: then it stays ignored)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:  # e.g. a background job of a shell without job control
+        yield received
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _reexecute(command: Sequence[str], received: list[int]) -> None:
+    """``preloaded(command)`` with SIGINT blocked: the mask survives ``execve``, so a Ctrl-C during
+    the re-execution waits, pending, for the new process's ``held_interrupts`` instead of killing it
+    or raising in its start-up. Unblocked on return (this process's own pending SIGINT, if any, is
+    then delivered)."""
+    if threading.current_thread() is not threading.main_thread():
+        preloaded(command)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        if not received:  # a Ctrl-C already held here would be lost in the new process
+            preloaded(command)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def end_hard_while_alive(thread: threading.Thread) -> None:

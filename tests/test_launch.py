@@ -1,7 +1,9 @@
 """The command's allocator preload (jaxllm.launch): when it re-executes, with what, and that a
-re-executed command still runs."""
+re-executed command still runs; Ctrl-C while the command starts ends it with status 130 and one
+line."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from jaxllm import launch
 from jaxllm.errors import InputError
 from jaxllm.launch import PRELOADED, preload_env
 
@@ -98,6 +101,63 @@ def test_a_script_runs_as_main_with_its_arguments(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "__main__ ['a', '--b']"
+
+
+def _run_with_sigint(prelude: str, malloc: str) -> subprocess.CompletedProcess[str]:
+    """``jaxllm info`` through ``launch.main`` in a child that runs ``prelude`` first (it arranges
+    for the child to send itself SIGINT at a chosen moment)."""
+    code = (
+        prelude + "\nfrom jaxllm.launch import main\nsys.exit(main(['info', '--preset', 'tiny']))\n"
+    )
+    env = {**os.environ, "JAXLLM_MALLOC": malloc}
+    env.pop(PRELOADED, None)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_ctrl_c_while_jax_loads_is_one_line_and_status_130():
+    """SIGINT as the CLI starts importing JAX (whose extension modules crash or raise ImportError
+    when interrupted while they initialise): held until the imports end, then one line."""
+    prelude = textwrap.dedent("""
+        import builtins, os, signal, sys
+        real_import = builtins.__import__
+        def spy(name, *args, **kwargs):
+            if name.startswith("jax") and not name.startswith("jaxllm"):
+                builtins.__import__ = real_import
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = spy
+    """)
+    done = _run_with_sigint(prelude, "system")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "jaxllm: interrupted\n"
+    assert done.stdout == ""  # the command itself never ran
+
+
+def test_ctrl_c_just_before_the_re_execution_reaches_the_new_process():
+    """SIGINT between the decision to re-execute and the exec: blocked across it, it reaches the
+    re-executed command's handler (not lost with this process's handler, nor a traceback there)."""
+    prelude = textwrap.dedent("""
+        import os, signal, sys
+        real_execve = os.execve
+        def execve(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            real_execve(*args)
+        os.execve = execve
+    """)
+    done = _run_with_sigint(prelude, "libc.so.6")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "jaxllm: interrupted\n"
+
+
+def test_held_interrupts_record_sigint_and_restore_the_handler():
+    before = signal.getsignal(signal.SIGINT)
+    with launch.held_interrupts() as received:
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.01)
+    assert received == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_command_ends_at_once_while_a_registered_thread_runs(tmp_path):
