@@ -16,7 +16,9 @@ Importing this module imports nothing heavy: it runs before JAX is loaded.
 Ctrl-C while the command starts (re-executing itself, importing JAX): JAX's and NumPy's extension
 modules do not survive a KeyboardInterrupt raised while they initialise (a segmentation fault, an
 ``ImportError``, or a traceback), so ``main`` holds SIGINT until the CLI's modules are loaded, then
-ends with ``jaxllm: interrupted`` and status 130 if one came.
+ends with ``jaxllm: interrupted`` and status 130 if one came. A KeyboardInterrupt that a callback
+swallows later (printed as "Exception ignored in ...", the command going on) is raised again in the
+command's own code.
 
 A thread that may be inside XLA when the command returns (the HTTP server's engine worker, still
 compiling after a shutdown) is registered with ``end_hard_while_alive``: the interpreter must not
@@ -27,6 +29,7 @@ finalise while it runs, as a daemon thread taking the GIL during finalisation is
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes.util
 import os
@@ -36,6 +39,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from jaxllm.errors import InputError
 
@@ -46,6 +50,7 @@ ALLOCATORS: dict[str, dict[str, str]] = {
     "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
 }
 INTERRUPTED = 128 + signal.SIGINT  # the exit status after Ctrl-C
+REDELIVER_S = 0.01  # how long after a swallowed KeyboardInterrupt it is raised again, seconds
 _native_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # end_hard_while_alive
 
 
@@ -97,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxllm.cli import main as cli_main
     if received:
         return interrupted()
-    status = cli_main(args)
+    try:
+        with _unswallowed_interrupts():
+            status = cli_main(args)
+    except KeyboardInterrupt:  # one raised again after the CLI's own handler could catch it
+        status = interrupted()
     _end_if_native_threads_run(status)
     return status
 
@@ -141,6 +150,47 @@ def _reexecute(command: Sequence[str], received: list[int]) -> None:
             preloaded(command)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _unswallowed_interrupts() -> Iterator[None]:
+    """While open, a KeyboardInterrupt raised where Python can only report it (a garbage-collector
+    callback such as JAX's, a ``__del__``) is not printed but raised again in the main thread a
+    moment later, as if Ctrl-C came then; one not raised again by the close is raised there."""
+    previous = sys.unraisablehook
+    lock = threading.Lock()
+    pending: list[threading.Timer] = []  # re-deliveries not yet made
+    closed = False
+
+    def redeliver(timer: threading.Timer) -> None:
+        with lock:
+            if not closed and timer in pending:
+                pending.remove(timer)
+                _thread.interrupt_main()  # the handler runs at the main thread's next bytecode
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        # From another thread: a handler run now would run inside this hook and be swallowed too.
+        timer = threading.Timer(REDELIVER_S, lambda: redeliver(timer))
+        timer.daemon = True
+        with lock:
+            pending.append(timer)
+        timer.start()
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        with lock:
+            closed = True
+            missed = bool(pending)
+            for timer in pending:
+                timer.cancel()
+        if missed and sys.exc_info()[0] is None:
+            raise KeyboardInterrupt
 
 
 def end_hard_while_alive(thread: threading.Thread) -> None:

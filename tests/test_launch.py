@@ -1,7 +1,8 @@
 """The command's allocator preload (jaxllm.launch): when it re-executes, with what, and that a
-re-executed command still runs; Ctrl-C while the command starts ends it with status 130 and one
-line."""
+re-executed command still runs; Ctrl-C while the command starts, or swallowed by a callback, ends it
+with status 130 and one line."""
 
+import gc
 import os
 import signal
 import subprocess
@@ -158,6 +159,43 @@ def test_held_interrupts_record_sigint_and_restore_the_handler():
         time.sleep(0.01)
     assert received == [signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_that_a_gc_callback_swallows_is_raised_again():
+    """A KeyboardInterrupt raised inside a garbage-collector callback (JAX registers one) is only
+    printed by Python, and the command goes on; here it is raised again in the main thread."""
+    raised = []
+
+    def callback(phase, info):
+        del info
+        if phase == "start" and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt), launch._unswallowed_interrupts():
+            gc.collect()
+            assert raised
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def test_a_swallowed_ctrl_c_not_raised_again_yet_is_raised_at_the_close():
+    """A KeyboardInterrupt in a ``__del__`` just before the command returns."""
+
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    hook = sys.unraisablehook
+    with pytest.raises(KeyboardInterrupt), launch._unswallowed_interrupts():
+        Interrupted()  # collected at once: its KeyboardInterrupt goes to sys.unraisablehook
+    assert sys.unraisablehook is hook
+    time.sleep(2 * launch.REDELIVER_S)  # the cancelled re-delivery raises nothing later
 
 
 def test_a_command_ends_at_once_while_a_registered_thread_runs(tmp_path):
