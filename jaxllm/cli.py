@@ -23,6 +23,7 @@ from jaxllm.errors import (
     positive_arg,
     utf8_text,
 )
+from jaxllm.launch import interrupted
 
 MAX_SEED = 2**32 - 1  # jax.random.key takes seeds modulo 2**32: a larger one would alias a smaller
 
@@ -847,8 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxllm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training saves first (loop.stop_requests); anything else just stops
-        print("jaxllm: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return interrupted()
 
 
 if __name__ == "__main__":

@@ -112,8 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def interrupted() -> int:
-    """Say so on stderr; the exit status after Ctrl-C."""
+    """Say so on stderr; the exit status after Ctrl-C. Also clears CPython's flag of an unhandled
+    KeyboardInterrupt: one that passed through ``exec`` of a string (dataclasses build their
+    methods so) sets it, though caught later, and the interpreter would then end itself with SIGINT
+    (a status of -2 to its parent) instead of exiting 130. Any ``exec`` of a string that raises
+    nothing clears it."""
     print("jaxllm: interrupted", file=sys.stderr)
+    exec("")
     return INTERRUPTED
 
 

@@ -221,3 +221,30 @@ def test_a_command_ends_at_once_while_a_registered_thread_runs(tmp_path):
     assert done.returncode == 143, done.stderr
     assert done.stdout == "done"
     assert time.monotonic() - start < 50
+
+
+def test_a_ctrl_c_caught_after_it_passed_through_exec_still_exits_130(tmp_path):
+    """CPython flags a KeyboardInterrupt leaving ``exec`` of a string (as one in a dataclass's
+    generated ``__init__`` source does) as unhandled, and a ``python -m`` or console-script process
+    then ends itself with SIGINT (-2), though the CLI caught it; the CLI clears the flag."""
+    (tmp_path / "interrupted_command.py").write_text(
+        textwrap.dedent("""
+            import sys
+            from jaxllm import cli, launch
+            def command(args):
+                exec("raise KeyboardInterrupt")
+            cli.cmd_info = command
+            sys.exit(launch.main(["info"]))
+        """)
+    )
+    path = os.pathsep.join([str(tmp_path), *sys.path])
+    env = {**os.environ, "JAXLLM_MALLOC": "system", "PYTHONPATH": path}
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_command"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "jaxllm: interrupted\n"
