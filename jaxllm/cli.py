@@ -747,12 +747,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args)
     config = _served_config(args)
     check_memory(config, args.slots, config.max_len, mesh)
-    config, params, tokenizer, stop = _generation_model(args)
-    engine = Engine(
-        config, params, slots=args.slots, policy=args.policy, chunk=args.chunk, mesh=mesh
-    )
-    model = ServedModel(args.checkpoint or args.hf_dir, tokenizer, stop)
-    return server.serve(engine, model, limits, args.host, args.port)
+    try:  # before the model loads: an address in use or not of this host is bad input
+        sock = server.bind(args.host, args.port)
+    except OSError as err:
+        raise UsageError(
+            f"cannot listen on --host {args.host} --port {args.port}: {err.strerror or err}"
+        ) from None
+    with sock:
+        config, params, tokenizer, stop = _generation_model(args)
+        engine = Engine(
+            config, params, slots=args.slots, policy=args.policy, chunk=args.chunk, mesh=mesh
+        )
+        model = ServedModel(args.checkpoint or args.hf_dir, tokenizer, stop)
+        return server.serve(engine, model, limits, sock)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:

@@ -288,9 +288,9 @@ def background(
         sock.close()
 
 
-def serve(engine: Engine, model: ServedModel, limits: Limits, host: str, port: int) -> int:
-    """Bind host:port, serve until SIGTERM or Ctrl-C; the exit status (128 + the signal number)."""
-    sock = bind(host, port)
+def serve(engine: Engine, model: ServedModel, limits: Limits, sock: socket.socket) -> int:
+    """Serve on the listening ``sock`` (``bind``) until SIGTERM or Ctrl-C; the exit status (128 +
+    the signal number)."""
     url = url_of(sock)
 
     def announce(compile_s: float) -> None:

@@ -604,6 +604,15 @@ def test_serve_refuses_bad_options_in_one_line(capsys):
         assert word in err and err.count("\n") == 1, err
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "load_params", lambda *_, **__: pytest.fail("loaded"))
+    with server.bind("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", tiny_run, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on --host 127.0.0.1 --port {port}: " in err and err.count("\n") == 1
+
+
 # --- text, stop strings and request parsing (no server) ---------------------------------------------
 
 
