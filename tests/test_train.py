@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm import cost, train
+from jaxllm import cost, phases, train
 from jaxllm.config import PRESETS
 from jaxllm.errors import InputError
 from jaxllm.model import Transformer
@@ -219,6 +219,20 @@ def test_training_config_unrolls_scanned_layers_on_a_cpu_or_gpu_unless_overridde
     assert train.training_config(CFG, backend="tpu") == CFG
     unrolled = CFG.replace(scan_layers=False)
     assert train.training_config(unrolled, backend="cpu") == unrolled
+    recomputed = CFG.replace(remat="full")  # straight-line layers would keep what remat frees
+    assert train.training_config(recomputed, backend="cpu") == recomputed
+
+
+def test_remat_saves_memory_in_the_step_train_compiles():
+    """XLA's temporaries of the train step (B=8, T=64) as ``training_config`` lays it out: with full
+    recomputation, less than without (on a CPU 3.2 against 5.8 MB; unrolled, both 5.8 MB)."""
+
+    def temp_bytes(remat: str) -> int:
+        program = phases.build(train.training_config(CFG.replace(remat=remat)), "train", 8, 64)
+        compiled = program.jitted.lower(*program.abstract_args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("full") < 0.8 * temp_bytes("none")
 
 
 def test_training_refuses_a_serving_kernel_order():
