@@ -4,9 +4,12 @@ Known fields (each may be ``null``, meaning its default): ``prompt`` (a string, 
 or a list holding one of those), ``max_tokens`` (default 16), ``temperature`` (default 1; 0 is
 greedy), ``top_p``, ``top_k``, ``seed`` (0 to 2**32 - 1; default: a random seed per request),
 ``stop`` (a string or up to 4 strings), ``stream`` (default false), ``n`` (only 1), ``model``.
-Unknown fields are ignored, as OpenAI clients send extras. A known field of the wrong type, or a
-value out of range, is a 400 naming the field, the value and what is allowed; so is a prompt or
-stop string holding a lone surrogate (JSON's ``"\\ud800"``), which is not text.
+Unknown fields are ignored, as OpenAI clients send extras. OpenAI's fields that would change the
+answer and are not implemented (``UNSUPPORTED``: ``echo``, ``logprobs``, ``logit_bias``, the two
+penalties, ``best_of``, ``suffix``) are a 400 unless null or at the value that changes nothing. A
+known field of the wrong type, or a value out of range, is a 400 naming the field, the value and
+what is allowed; so is a prompt or stop string holding a lone surrogate (JSON's ``"\\ud800"``),
+which is not text; so is a body nested too deeply for Python's JSON parser.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ from jaxllm.engine import MAX_SEED, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+# OpenAI completion fields not implemented here, with the only value (besides null) that changes
+# nothing: any other would be answered as if the field were absent, so it is refused.
+UNSUPPORTED: dict[str, tuple[str, Any]] = {
+    "echo": ("false", False),
+    "logprobs": ("null", None),
+    "logit_bias": ("{}", {}),
+    "presence_penalty": ("0", 0),
+    "frequency_penalty": ("0", 0),
+    "best_of": ("1", 1),
+    "suffix": ("null", None),
+}
 
 
 class ApiError(Exception):
@@ -76,8 +90,11 @@ def parse_completion(body: bytes) -> Completion:
         fields = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not JSON ({err})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read") from None
     if not isinstance(fields, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(fields)}")
+    _refuse_unsupported(fields)
     n = _get(fields, "n", int, 1)
     if n != 1:
         raise ApiError(400, f"n must be 1 (one completion per request), got {n}", "n")
@@ -92,6 +109,17 @@ def parse_completion(body: bytes) -> Completion:
         stream=_get(fields, "stream", bool, False),
         model=_get(fields, "model", str, None),
     )
+
+
+def _refuse_unsupported(fields: dict[str, Any]) -> None:
+    """ApiError 400 for the first ``UNSUPPORTED`` field set to anything but null or its no-op."""
+    for name, (shown, noop) in UNSUPPORTED.items():
+        value = fields.get(name)
+        same_type = type(value) is type(noop) or (_is(value, float) and _is(noop, float))
+        if value is not None and not (same_type and value == noop):
+            got = json.dumps(value)[:60]
+            allowed = "" if shown == "null" else f" or set it to {shown}"
+            raise ApiError(400, f"{name} is not supported: leave it out{allowed} (got {got})", name)
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}

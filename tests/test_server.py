@@ -277,6 +277,15 @@ BAD_BODIES = [
     (b'{"prompt": ["ab\\udcff"]}', 400, "prompt", "prompt is not text: it holds a lone surrogate U+DCFF at character 2"),
     (b'{"prompt": "x", "stop": ["y", "\\udc00"]}', 400, "stop", "stop is not text: it holds a lone surrogate U+DC00 at character 0"),
     (b'{"prompt": "x", "n": 2}', 400, "n", "n must be 1"),
+    (b'{"prompt": "x", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "nested too deeply"),
+    (b'{"prompt": "x", "echo": true}', 400, "echo", "echo is not supported: leave it out or set it to false (got true)"),
+    (b'{"prompt": "x", "echo": "yes"}', 400, "echo", 'echo is not supported: leave it out or set it to false (got "yes")'),
+    (b'{"prompt": "x", "logprobs": 2}', 400, "logprobs", "logprobs is not supported: leave it out (got 2)"),
+    (b'{"prompt": "x", "logit_bias": {"32": -100}}', 400, "logit_bias", "logit_bias is not supported"),
+    (b'{"prompt": "x", "presence_penalty": false}', 400, "presence_penalty", "presence_penalty is not supported"),
+    (b'{"prompt": "x", "frequency_penalty": 2}', 400, "frequency_penalty", "frequency_penalty is not supported"),
+    (b'{"prompt": "x", "best_of": 3}', 400, "best_of", "best_of is not supported"),
+    (b'{"prompt": "x", "suffix": "y"}', 400, "suffix", "suffix is not supported"),
     (b'{"prompt": "' + b"x" * 70 + b'"}', 400, "prompt", "prompt of 70 tokens + max_tokens 16 = 86 is beyond the context of 64 tokens"),
     (b'{"prompt": "x", "max_tokens": 64}', 400, "max_tokens", "prompt of 1 tokens + max_tokens 64 = 65 is beyond the context of 64"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "model", "model 'gpt-4' is not served here; this server serves 'tiny'"),
@@ -307,8 +316,9 @@ def test_a_body_over_the_limit_is_refused_while_it_streams_in(engine):
         assert_healthy(s.url)
 
 
-def test_unknown_fields_are_ignored(served, reference):
-    r = complete(served.url, prompt="Hello", max_tokens=N, temperature=0, user="u", logit_bias={})
+def test_unknown_fields_and_unsupported_ones_at_their_no_op_are_ignored(served, reference):
+    noops = dict(echo=False, logit_bias={}, presence_penalty=0.0, best_of=1, logprobs=None)
+    r = complete(served.url, prompt="Hello", max_tokens=N, temperature=0, user="u", **noops)
     assert r.json()["choices"][0]["token_ids"] == reference("Hello")
 
 
