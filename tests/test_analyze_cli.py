@@ -2,12 +2,14 @@
 
 import json
 
+import jax.numpy as jnp
 import pytest
 from conftest import FLOP_TOLERANCE
 
 from jaxllm import analytic, measure, memory, train
+from jaxllm.cache import cache_dtype
 from jaxllm.cli import main
-from jaxllm.config import PRESETS
+from jaxllm.config import PRESETS, get_preset
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +28,24 @@ def test_info_json_has_memory_and_kv_bytes_per_token(capsys):
     serve = out["memory"]["serve"]
     assert serve["kv_cache"] == 8 * 1024 * out["kv_bytes_per_token"]
     assert out["memory"]["train"]["adam"] == 2 * 4 * out["params"]["total"]
+
+
+def test_info_serving_memory_is_what_serving_holds(capsys):
+    """Computing in bf16: weights stored in bf16 (2 bytes each), the cache in the dtype serving
+    keeps on this device (float32 on a CPU), as analyze's prefill and decode figures."""
+    argv = ["--preset", "small", "--override", "dtype=bfloat16", "--batch", "2", "--seq", "128"]
+    assert main(["info", *argv, "--json"]) == 0
+    out = _json(capsys)
+    cfg, serve = out["config"], out["memory"]["serve"]
+    kv_itemsize = jnp.dtype(cache_dtype(get_preset("small").replace(dtype="bfloat16"))).itemsize
+    head_dim = cfg["d_model"] // cfg["n_heads"]
+    assert serve["params"] == 2 * out["params"]["total"]
+    assert (
+        serve["kv_cache"]
+        == 2 * kv_itemsize * 2 * 128 * cfg["n_layers"] * cfg["n_kv_heads"] * head_dim
+    )
+    assert main(["analyze", *argv, "--phase", "prefill", "--json"]) == 0
+    assert _json(capsys)["analytic"]["memory"] == serve
 
 
 def test_analyze_gpt2_decode_json(capsys):
