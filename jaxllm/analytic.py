@@ -211,6 +211,16 @@ def decode_flops(
     return batch * matmul_flops_per_token(config) + attention_flops(config, batch, 1, keys)
 
 
+def weight_bytes_read(config: ModelConfig, rows: int) -> int:
+    """Bytes of the weights a pass over ``rows`` tokens must read: every parameter once, except the
+    lookup tables that are only gathered (an untied token embedding, learned positions), of which
+    it reads the rows' own (counted for two tables)."""
+    itemsize = _bytes(config.storage_dtype)
+    counts = param_counts(config)
+    gathered = counts["positions"] + (0 if config.tie_embeddings else counts["embedding"])
+    return (counts["total"] - gathered) * itemsize + 2 * rows * config.d_model * itemsize
+
+
 def decode_bytes(
     config: ModelConfig,
     batch: int,
@@ -226,12 +236,8 @@ def decode_bytes(
     kv_write: the new token's K and V; io: tokens in, float32 logits out. The cache is in
     ``kv_dtype`` (default: the compute dtype; see ``jaxllm.cache.cache_dtype``).
     """
-    itemsize = _bytes(config.storage_dtype)
-    counts = param_counts(config)
-    gathered = counts["positions"] + (0 if config.tie_embeddings else counts["embedding"])
-    weights = (counts["total"] - gathered) * itemsize + 2 * batch * config.d_model * itemsize
     out = {
-        "weights": weights,
+        "weights": weight_bytes_read(config, batch),
         "kv_read_allocated": kv_cache_bytes(config, batch, slots, kv_dtype),
         "kv_read_filled": kv_cache_bytes(config, batch, filled, kv_dtype),
         "kv_write": kv_cache_bytes(config, batch, 1, kv_dtype),

@@ -186,8 +186,11 @@ def analytic_view(program: Program) -> analytic.AnalyticView:
     elif program.phase == "prefill":
         flops = {c: analytic.prefill_flops(cfg, B, S, read, c, 1) for c in ("xla", "causal")}
         memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))
-        # Weights read once, the cache written, float32 logits of the last position out.
-        nbytes = memory["params"] + memory["kv_cache"] + B * cfg.vocab_size * 4
+        # Weights read once (gathered tables: the prompt's rows), the cache written, float32
+        # logits of the last position out.
+        nbytes = (
+            analytic.weight_bytes_read(cfg, B * S) + memory["kv_cache"] + B * cfg.vocab_size * 4
+        )
     else:
         flops = {c: analytic.decode_flops(cfg, B, S - 1, read, c) for c in ("xla", "causal")}
         memory = analytic.serve_memory(cfg, B, cap, cache_dtype(cfg))

@@ -8,7 +8,7 @@ from conftest import FLOP_TOLERANCE
 from jax._src.ad_checkpoint import saved_residuals  # no public API: print_saved_residuals prints
 from reference_phases import cache_args, cache_pass, loss_fn, train_args, train_step
 
-from jaxllm import analytic
+from jaxllm import analytic, phases
 from jaxllm.config import PRESETS, ModelConfig
 from jaxllm.cost import analyze, analyze_compiled, compile_timed
 from jaxllm.model import count_params, param_shapes
@@ -141,6 +141,21 @@ def test_decode_bytes_allocated_vs_filled():
         == analytic.kv_cache_bytes(config, 8, 1024)
     )
     assert out["weights"] == pytest.approx(analytic.param_bytes(config) - 1024 * 768 * 4, rel=1e-3)
+
+
+def test_prefill_bytes_read_only_the_prompts_rows_of_an_untied_embedding():
+    """llama-shaped (untied, rotary): a prefill of B·T tokens reads every weight but the token
+    table, of which it gathers B·T rows; XLA's program moves at least that much."""
+    config = PRESETS["tiny"].replace(
+        n_kv_heads=2, positions="rotary", mlp="swiglu", norm="rmsnorm", tie_embeddings=False
+    )
+    counts = count_params(config)
+    program = phases.build(config, "prefill", 1, 1)
+    view = phases.analytic_view(program)
+    weights = 4 * (counts["total"] - counts["embedding"] + 2 * config.d_model)
+    assert view.bytes == weights + view.memory["kv_cache"] + 4 * config.vocab_size
+    compiled = program.jitted.lower(*program.abstract_args).compile()
+    assert analyze_compiled(compiled, 0.0).bytes_accessed >= view.bytes
 
 
 def test_memory_breakdowns_add_up():
