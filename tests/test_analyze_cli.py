@@ -44,7 +44,7 @@ def test_info_serving_memory_is_what_serving_holds(capsys):
         serve["kv_cache"]
         == 2 * kv_itemsize * 2 * 128 * cfg["n_layers"] * cfg["n_kv_heads"] * head_dim
     )
-    assert main(["analyze", *argv, "--phase", "prefill", "--json"]) == 0
+    assert main(["analyze", *argv, "--phase", "prefill", "--json", "--quick"]) == 0
     assert _json(capsys)["analytic"]["memory"] == serve
 
 
