@@ -97,16 +97,29 @@ def plot(results: list[PhaseResult], knee_pred: float | None, knee_meas: float, 
     experiment.save_figure(fig, path)
 
 
+def saturation(results: list[PhaseResult]) -> float:
+    """The analytic intensity as B grows without bound, FLOP/byte: a step's FLOPs and bytes are
+    each linear in B (the weights read once whatever B), so it is FLOPs per sequence over bytes per
+    sequence (KV cache, tokens, logits), the quotient of their growth between the sweep's ends."""
+    a, z = results[0].roofline.analytic, results[-1].roofline.analytic
+    return (z.flops - a.flops) / (z.bytes - a.bytes)
+
+
 def summary(results: list[PhaseResult], knee_pred: float | None, knee_meas: float) -> list[str]:
     """The two ends of the sweep, the ridge and the two knees, in words."""
     first, last = results[0], results[-1]
     a, z = first.roofline.analytic, last.roofline.analytic
+    limit = saturation(results)
+    beyond = (
+        "so this context stays memory-bound at any batch."
+        if limit < a.ridge
+        else f"above the ridge: a batch past B={last.batch} would turn the step compute-bound."
+    )
     crossing = (
         f"the analytic intensity crosses it at B≈{knee_pred:.1f} (predicted knee)."
         if knee_pred is not None
-        else f"the analytic intensity never reaches it in this sweep: it saturates near "
-        f"{z.intensity:.2f} FLOP/byte, FLOPs per sequence over KV-cache bytes per sequence, so "
-        "this context stays memory-bound at any batch."
+        else f"the analytic intensity never reaches it in this sweep: it tends to {limit:.2f} "
+        f"FLOP/byte as B grows (FLOPs per sequence over bytes per sequence), {beyond}"
     )
     versus = f"; {knee_meas / knee_pred:.2f}x the predicted knee." if knee_pred is not None else "."
     return [

@@ -121,6 +121,18 @@ def test_decode_batch_knees_on_a_made_up_roofline():
     assert module.predicted_knee(batches[:2], intensity[:2], 12.0) is None  # never reaches it
 
 
+def test_decode_batch_saturation_is_the_limit_not_the_last_point():
+    """FLOPs 100·B against bytes 1000 + 20·B: intensity 100B / (1000 + 20B) tends to 5, whatever
+    the sweep's last point shows (B=8: 0.69)."""
+    module = load("decode_batch")
+
+    def point(b):
+        analytic = Namespace(flops=100.0 * b, bytes=1000.0 + 20.0 * b)
+        return Namespace(roofline=Namespace(analytic=analytic))
+
+    assert module.saturation([point(b) for b in (1, 2, 4, 8)]) == pytest.approx(5.0)
+
+
 def test_memory_kv_rows_follow_the_cache_formula():
     from jaxllm.config import get_preset
 
