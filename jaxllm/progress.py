@@ -129,6 +129,13 @@ class Reporter:
         recent = self.step_times[-20:]
         return (self.total - step) * sum(recent) / len(recent) if recent else math.nan
 
+    def _rate(self, step: int) -> str:
+        """Throughput and ETA from the timed steps; before any (the first step of a run or a resume
+        compiles, so it is not timed), that the step included the compile."""
+        if not self.step_times:
+            return "first step (compiled): no rate yet"
+        return f"{self.tokens_per_s():,.0f} tok/s  ETA {format_seconds(self.eta(step))}"
+
     def train(self, step: int, metrics: dict[str, float], step_s: float) -> None:
         """Record the update that brought the run to ``step``; it took ``step_s`` seconds."""
         if not self.first_step:
@@ -145,8 +152,7 @@ class Reporter:
         elif step % self.log_every == 0 or step == self.total:
             self.line(
                 f"step {step}/{self.total}  loss {metrics['loss']:.4f}  "
-                f"grad_norm {metrics['grad_norm']:.3f}  lr {metrics['lr']:.2e}  "
-                f"{self.tokens_per_s():,.0f} tok/s  ETA {format_seconds(self.eta(step))}"
+                f"grad_norm {metrics['grad_norm']:.3f}  lr {metrics['lr']:.2e}  {self._rate(step)}"
             )
 
     def val(self, step: int, val_loss: float) -> None:
@@ -169,10 +175,7 @@ class Reporter:
 
     def _draw(self, step: int, loss: float) -> None:
         """The bar at ``step``; tqdm redraws it at most ten times a second."""
-        eta = format_seconds(self.eta(step))
-        self.bar.set_postfix_str(
-            f"loss {loss:.4f}  {self.tokens_per_s():,.0f} tok/s  ETA {eta}", refresh=False
-        )
+        self.bar.set_postfix_str(f"loss {loss:.4f}  {self._rate(step)}", refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

@@ -23,6 +23,16 @@ def test_format_seconds():
     assert progress.format_seconds(float("nan")) == "?"
 
 
+def test_the_first_steps_line_has_no_rate_rather_than_nan():
+    stream = io.StringIO()
+    reporter = progress.Reporter(None, 4, 100, stream, log_every=1)
+    reporter.train(1, METRICS, 5.0)  # the step that compiled: not timed
+    reporter.train(2, METRICS, 0.5)
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith("first step (compiled): no rate yet") and "nan" not in first
+    assert second.endswith("200 tok/s  ETA 1s")
+
+
 def test_log_lines_off_a_terminal_and_metrics_file(tmp_path):
     stream = io.StringIO()
     reporter = progress.Reporter(tmp_path, 4, 100, stream, log_every=2)
