@@ -201,7 +201,7 @@ def _place(
     rows, capacity = batch.tokens.shape[0], first_slots(batch)
     if mesh is None:
         return params, KVCache.init(config, rows, capacity)
-    meshes.check_divides(mesh, config, rows)
+    meshes.check_divides(mesh, config, rows, "prompts")
     at = meshes.ServeLayout.of(mesh, config)
     cache = jax.jit(lambda: KVCache.init(config, rows, capacity), out_shardings=at.cache)()
     return jax.device_put(params, at.params), cache

@@ -95,9 +95,12 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Me
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
-def check_divides(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> None:
+def check_divides(
+    mesh: Mesh, config: ModelConfig, batch: int | None = None, batch_name: str = "batch"
+) -> None:
     """InputError naming the axis and the size it does not divide: ``tensor`` must divide the query
-    heads N, the key/value heads K and the MLP width F; ``fsdp`` the width D; data x fsdp the batch."""
+    heads N, the key/value heads K and the MLP width F; ``fsdp`` the width D; data x fsdp the batch
+    (called ``batch_name`` in the message: what the user gave)."""
     n = dict(mesh.shape)
     checks = [
         (TENSOR, n[TENSOR], "n_heads", config.n_heads),
@@ -106,7 +109,7 @@ def check_divides(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> 
         (FSDP, n[FSDP], "d_model", config.d_model),
     ]
     if batch is not None:
-        checks.append(("data x fsdp", n[DATA] * n[FSDP], "batch", batch))
+        checks.append(("data x fsdp", n[DATA] * n[FSDP], batch_name, batch))
     for axis, size, name, value in checks:
         if value % size:
             raise InputError(f"mesh axis {axis}={size} does not divide {name}={value}")

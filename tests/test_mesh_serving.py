@@ -118,7 +118,7 @@ def test_an_engine_mesh_with_data_or_fsdp_is_one_line_naming_the_axis():
 
 def test_generate_on_a_mesh_that_does_not_divide_the_prompts_names_the_axis():
     params = init_params(CONFIG, jax.random.key(0))
-    with pytest.raises(ValueError, match="data x fsdp=4 does not divide batch=3"):
+    with pytest.raises(ValueError, match="data x fsdp=4 does not divide prompts=3"):
         generate(CONFIG, params, [[1, 2], [3], [4, 5, 6]], 2, mesh=_FakeMesh(data=4))  # pyright: ignore[reportArgumentType]
 
 
