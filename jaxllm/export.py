@@ -263,14 +263,16 @@ def shards(plan: list[Tensor], itemsize: int, max_bytes: int) -> list[list[Tenso
     return cut
 
 
-def _write_shard(path: Path, shard: list[Tensor], dtype: np.dtype) -> None:
-    """Read the tensors of ``shard``, cast them to ``dtype`` and write them to ``path``."""
+def _write_shard(path: Path, shard: list[Tensor], dtype: np.dtype, mode: int) -> None:
+    """Read the tensors of ``shard``, cast them to ``dtype`` and write them to ``path`` with the
+    permissions ``mode`` (safetensors writes its files readable by their owner alone)."""
     arrays = {}
     for tensor in shard:
         array = np.ascontiguousarray(tensor.read(), dtype=dtype)
         assert array.shape == tensor.shape, (tensor.name, array.shape, tensor.shape)
         arrays[tensor.name] = array
     save_file(arrays, str(path), metadata={"format": "pt"})
+    path.chmod(mode)
 
 
 def save(
@@ -289,15 +291,16 @@ def save(
     dtype = _checked_dtype(dtype or config.param_dtype)
     out, np_dtype = Path(out), jnp.dtype(dtype)
     (out / hf.CONFIG).write_text(json.dumps(hf_config(config, dtype, bos, eos), indent=2) + "\n")
+    mode = (out / hf.CONFIG).stat().st_mode & 0o777  # what the umask gives a new file
     plan = tensors(config, params)
     cut = shards(plan, np_dtype.itemsize, max_shard_bytes)
     if len(cut) == 1:
-        _write_shard(out / hf.SINGLE, plan, np_dtype)
+        _write_shard(out / hf.SINGLE, plan, np_dtype, mode)
         return
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(cut):
         name = f"model-{i + 1:05d}-of-{len(cut):05d}.safetensors"
-        _write_shard(out / name, shard, np_dtype)
+        _write_shard(out / name, shard, np_dtype, mode)
         weight_map |= {tensor.name: name for tensor in shard}
     count = sum(math.prod(t.shape) for t in plan)
     index = {

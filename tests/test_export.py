@@ -163,6 +163,9 @@ def test_shards_and_their_index(tmp_path):
         sizes.append(sum(a.nbytes for a in tensors.values()))
         assert sizes[-1] <= max_bytes or len(tensors) == 1
     assert all(a + b > max_bytes for a, b in itertools.pairwise(sizes))  # no two could merge
+    # Every file as readable as config.json (safetensors alone would write its own 0600).
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
     _, loaded = hf.load(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
