@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from jaxllm import analytic, experiment, phases
+from jaxllm import analytic, experiment
+from jaxllm import serve as serving
 from jaxllm.config import get_preset
 from jaxllm.measure import analyze_phase
 from jaxllm.tables import si
@@ -31,7 +32,7 @@ def presets_rows(presets: list[str], batch: int, xla_presets: set[str]) -> list[
         seq = min(cfg.max_len, 1024)
         train, serve = (
             analytic.train_memory(cfg, batch, seq),
-            phases.serving_memory(cfg, batch, seq),
+            serving.serving_memory(cfg, batch, seq),
         )
         row: experiment.Row = {"preset": preset, "batch": batch, "seq": seq}
         row |= {f"train_{k}": train[k] for k in (*TRAIN_PARTS, "total")}

@@ -95,7 +95,7 @@ def _seed(text: str) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from jaxllm import analytic, phases
+    from jaxllm import analytic, serve
     from jaxllm.model import count_params
 
     config = config_from_args(args)
@@ -107,7 +107,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "seq": seq,
         "train": analytic.train_memory(config, args.batch, seq),
-        "serve": phases.serving_memory(config, args.batch, seq),
+        "serve": serve.serving_memory(config, args.batch, seq),
     }
     kv_per_token = analytic.kv_bytes_per_token(config)
     if args.json:

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxllm import analytic, memory, serve, shard_memory
+from jaxllm import memory, serve, shard_memory
 from jaxllm import mesh as meshes
 from jaxllm.batching import bucket
 from jaxllm.cache import cache_dtype
@@ -421,11 +421,11 @@ def check_memory(config: ModelConfig, slots: int, capacity: int, mesh: Mesh | No
     ``capacity`` positions needs more memory than this process may use (``memory.available_bytes``):
     the served weights and the slot cache (on a mesh, one device's share of each)."""
     _check_sizes(config, slots, capacity)
-    served, kv = serve.serving_config(config, mesh), cache_dtype(config)
     if mesh is None:
-        need, each = analytic.serve_memory(served, slots, capacity, kv), ""
+        need, each = serve.serving_memory(config, slots, capacity), ""
     else:
-        sizes = dict(mesh.shape)
+        served, sizes = serve.serving_config(config, mesh), dict(mesh.shape)
+        kv = cache_dtype(served)
         need = shard_memory.serve_memory_per_device(served, sizes, slots, 1, capacity, kv)
         each = " per device"
     free = memory.available_bytes()

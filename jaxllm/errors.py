@@ -45,24 +45,32 @@ def positive_arg(text: str) -> int:
 
 
 def check_directory(name: str, path: str | Path) -> None:
-    """InputError naming ``name`` unless ``path`` is, or could be made, a directory: not empty,
-    not an existing file, and not below one (its first existing ancestor is a directory)."""
-    if not str(path).strip():
-        raise InputError(f"{name}: expected a directory, got an empty path")
-    full = Path(path).absolute()
-    existing = next(p for p in (full, *full.parents) if p.exists())
-    if not existing.is_dir():
-        reason = "it is a file" if existing == full else f"{existing} is a file"
-        raise InputError(f"{name} {str(path)!r} cannot be a directory: {reason}")
+    """InputError naming ``name`` unless ``path`` is, or could be made, a directory
+    (``_not_a_directory``)."""
+    problem = _not_a_directory(path)
+    if problem:
+        raise InputError(f"{name} {problem}")
 
 
 def directory_arg(text: str) -> str:
     """argparse type: ``check_directory``'s path (else one readable line naming the value)."""
-    try:
-        check_directory("the path", text)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("the path").lstrip(": ")) from None
+    problem = _not_a_directory(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def _not_a_directory(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a directory (empty, an existing file, or below one: its first
+    existing ancestor must be a directory), naming it; None if it can."""
+    if not str(path).strip():
+        return "expected a directory, got an empty path"
+    full = Path(path).absolute()
+    existing = next(p for p in (full, *full.parents) if p.exists())
+    if existing.is_dir():
+        return None
+    reason = "it is a file" if existing == full else f"{existing} is a file"
+    return f"{str(path)!r} cannot be a directory: {reason}"
 
 
 def file_arg(text: str) -> str:
@@ -83,10 +91,9 @@ def output_file_arg(text: str) -> str:
     path = Path(text)
     if not text.strip() or path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is not a file name")
-    try:
-        check_directory("its folder", path.absolute().parent)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {e}") from None
+    problem = _not_a_directory(path.absolute().parent)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: its folder {problem}")
     return text
 
 

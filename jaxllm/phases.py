@@ -62,14 +62,6 @@ def check_sizes(config: ModelConfig, phase: str, batch: int, seq: int) -> None:
         )
 
 
-def serving_memory(config: ModelConfig, batch: int, slots: int) -> dict[str, int]:
-    """``analytic.serve_memory`` of ``config`` as it is served (``serve.serving_config``: weights in
-    the compute dtype) with its cache in the dtype serving keeps it (``cache.cache_dtype``): what
-    the prefill and decode programs hold."""
-    served = serve.serving_config(config)
-    return analytic.serve_memory(served, batch, slots, cache_dtype(served))
-
-
 def cache_capacity(config: ModelConfig, phase: str, seq: int) -> int:
     """Cache slots of the analysed program: none (train), the prompt's (prefill), or for a decode
     step completing ``seq`` tokens, ``seq`` rounded up to a power of two, at most max_len (the

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxllm import analytic
 from jaxllm import mesh as meshes
-from jaxllm.cache import KVCache
+from jaxllm.cache import KVCache, cache_dtype
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.model import Params, Transformer, output_major, unstack_layers
@@ -216,6 +217,16 @@ def serving_config(config: ModelConfig, mesh: Mesh | None = None) -> ModelConfig
     return config.replace(
         scan_layers=False, param_dtype=config.dtype, remat="none", kernel_order=order
     )
+
+
+def serving_memory(
+    config: ModelConfig, batch: int, slots: int, mesh: Mesh | None = None
+) -> dict[str, int]:
+    """``analytic.serve_memory`` of ``config`` as it is served (``serving_config``: weights in the
+    compute dtype) with its cache in the dtype serving keeps it (``cache.cache_dtype``): what the
+    prefill and decode programs hold (on a mesh, in all: not one device's share)."""
+    served = serving_config(config, mesh)
+    return analytic.serve_memory(served, batch, slots, cache_dtype(served))
 
 
 def for_serving(

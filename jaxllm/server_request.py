@@ -25,14 +25,14 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 # OpenAI completion fields not implemented here, with the only value (besides null) that changes
 # nothing: any other would be answered as if the field were absent, so it is refused.
-UNSUPPORTED: dict[str, tuple[str, Any]] = {
-    "echo": ("false", False),
-    "logprobs": ("null", None),
-    "logit_bias": ("{}", {}),
-    "presence_penalty": ("0", 0),
-    "frequency_penalty": ("0", 0),
-    "best_of": ("1", 1),
-    "suffix": ("null", None),
+UNSUPPORTED: dict[str, Any] = {
+    "echo": False,
+    "logprobs": None,
+    "logit_bias": {},
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "best_of": 1,
+    "suffix": None,
 }
 
 
@@ -113,12 +113,12 @@ def parse_completion(body: bytes) -> Completion:
 
 def _refuse_unsupported(fields: dict[str, Any]) -> None:
     """ApiError 400 for the first ``UNSUPPORTED`` field set to anything but null or its no-op."""
-    for name, (shown, noop) in UNSUPPORTED.items():
+    for name, noop in UNSUPPORTED.items():
         value = fields.get(name)
         same_type = type(value) is type(noop) or (_is(value, float) and _is(noop, float))
         if value is not None and not (same_type and value == noop):
             got = json.dumps(value)[:60]
-            allowed = "" if shown == "null" else f" or set it to {shown}"
+            allowed = "" if noop is None else f" or set it to {json.dumps(noop)}"
             raise ApiError(400, f"{name} is not supported: leave it out{allowed} (got {got})", name)
 
 
